@@ -1,0 +1,162 @@
+"""DPC-KNN: density peak clustering with k-nearest-neighbour density (paper Eqs. 2-4).
+
+Exact and deterministic. Only the k-nearest-neighbour search looks at all N^2 token pairs, and it does
+so in row chunks so that memory stays bounded at detection sizes. The relative distance delta_i (distance
+to the nearest denser token) comes from the neighbour lists: every token closer than i's k-th neighbour
+is in the list, so if any listed neighbour is denser, the nearest denser token is listed too. Only the
+local density peaks (no denser neighbour listed) need a scan over all tokens, and they are few.
+"""
+import math
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# Row chunks keep one B x rows x N block of distances under this many elements (256 MB in fp32).
+_MAX_BLOCK_ELEMENTS = 64 * 1024 * 1024
+
+
+def _with_norms(x: Tensor, sq: Tensor) -> Tensor:
+    """[x, |x|^2]: B x N x (C+1), the right-hand side of _shifted_distances."""
+    return torch.cat([x, sq[:, :, None]], dim=-1)
+
+
+def _shifted_distances(a: Tensor, b_with_norms: Tensor) -> Tensor:
+    """|b|^2 - 2 a.b for a (B x R x C) and b (B x N x C): B x R x N from one batched matmul.
+
+    This is the squared distance minus |a|^2, a constant per row, so row-wise orderings need
+    nothing more; it is added to the few values kept.
+    """
+    left = torch.cat([a * -2, a.new_ones(a.shape[:2] + (1,))], dim=-1)
+    return torch.bmm(left, b_with_norms.transpose(1, 2))
+
+
+def _take(values: Tensor, index: Tensor) -> Tensor:
+    """values[b, index[b, ...]] for values B x N x C and index B x ...: B x ... x C."""
+    batch = torch.arange(values.shape[0], device=values.device).view(-1, *[1] * (index.dim() - 1))
+    return values[batch, index]
+
+
+def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor]) -> list:
+    step = max(1, _MAX_BLOCK_ELEMENTS // max(1, row_cost))
+    return [fn(slice(start, min(start + step, num_rows))) for start in range(0, num_rows, step)]
+
+
+@torch.no_grad()
+def cluster_dpc_knn(
+        x: Tensor,
+        num_clusters: int,
+        k: int = 5,
+        mask: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor]:
+    """Cluster tokens by density peaks (DPC-KNN). No gradient flows through it.
+
+    Distances are euclidean scaled by 1/sqrt(C). The local density of a token is
+    rho_i = exp(-mean of d_ij^2 over its k nearest tokens), the token itself included (as in the
+    reference implementations of TCFormer and HAFA). A token is denser than another when its rho is
+    higher, or equal with a lower token index: ties never depend on random noise. delta_i is the
+    distance to the nearest denser token; the densest token takes its distance to the farthest token,
+    which makes it the first centre. The M tokens with the highest rho * delta (ties: lower index) are
+    the centres; every other token joins its nearest centre (ties: lower cluster id).
+
+    Args:
+        x: tokens, B x N x C.
+        num_clusters: wanted number of clusters; M = min(num_clusters, N) clusters are made.
+        k: neighbours for the density, capped at N.
+        mask: optional B x N bool, True for padding tokens. Padding is nobody's neighbour and
+            becomes a centre only when an image has fewer real tokens than clusters.
+
+    Returns:
+        cluster_ids: B x N long in [0, M), cluster c being the c-th centre in token order.
+        centres: B x M long, the token index of each cluster's centre, ascending.
+    """
+    if x.dim() != 3:
+        raise ValueError(f"cluster_dpc_knn expects tokens of shape B x N x C, got {tuple(x.shape)}")
+    B, N, C = x.shape
+    if N == 0:
+        raise ValueError("cluster_dpc_knn needs at least one token")
+    num_clusters = max(1, min(int(num_clusters), N))
+    k = max(1, min(int(k), N))
+    x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    if mask is not None:
+        mask = mask.to(device=x.device, dtype=torch.bool).expand(B, N)
+    sq = x.pow(2).sum(-1)
+
+    x_with_norms = _with_norms(x, sq)
+
+    def exact_squared_distances(rows: slice, others: Tensor) -> Tensor:
+        """|x_i - x_j|^2 summed elementwise, for rows i and their B x R x K others j: B x R x K.
+
+        Neighbours are found with the fast matmul form; the distances kept are recomputed this way
+        so that d(i, j) == d(j, i) bit for bit and d(i, i) == 0, and equal densities tie exactly.
+        """
+        return (_take(x, others) - x[:, rows, None]).pow(2).sum(-1)
+
+    def knn_rows(rows: slice) -> Tuple[Tensor, Tensor]:
+        d2 = _shifted_distances(x[:, rows], x_with_norms)
+        if mask is not None:
+            d2.masked_fill_(mask[:, None, :], math.inf)
+        indices = torch.topk(d2, k, dim=-1, largest=False, sorted=True).indices
+        exact = exact_squared_distances(rows, indices)
+        if mask is not None:
+            exact.masked_fill_(mask.gather(1, indices.flatten(1)).view_as(indices), math.inf)
+        return exact, indices
+
+    chunks = _over_row_chunks(N, B * N + k * C, knn_rows)
+    knn_d2 = torch.cat([c[0] for c in chunks], dim=1)
+    knn_idx = torch.cat([c[1] for c in chunks], dim=1)
+
+    # Density, as the mean squared neighbour distance: lower is denser (rho = exp(-mean / C)).
+    if mask is None:
+        mean_d2 = knn_d2.mean(-1)
+    else:
+        finite = torch.isfinite(knn_d2)
+        mean_d2 = torch.where(finite, knn_d2, 0).sum(-1) / finite.sum(-1).clamp(min=1)
+        mean_d2 = mean_d2.masked_fill(mask, math.inf)
+    # rank 0 is the densest token; equal densities rank by token index.
+    order = torch.sort(mean_d2, dim=-1, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=x.device).expand(B, N))
+
+    # delta^2 from the neighbour lists, where a denser neighbour is listed.
+    denser = rank.gather(1, knn_idx.flatten(1)).view(B, N, k) < rank[:, :, None]
+    delta2 = knn_d2.masked_fill(~denser, math.inf).amin(-1)
+    is_peak = ~denser.any(-1)
+    if mask is not None:
+        is_peak &= ~mask
+
+    # Peaks scan all tokens (B x P x N, P the largest peak count in the batch) for their nearest
+    # denser token, or the farthest token for the densest one.
+    num_peaks = int(is_peak.sum(-1).max())
+    if num_peaks > 0:
+        peaks = torch.sort(is_peak.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :num_peaks]
+        peak_x, peak_rank = _take(x, peaks), rank.gather(1, peaks)
+
+        def peak_rows(rows: slice) -> Tensor:
+            d2 = _shifted_distances(peak_x[:, rows], x_with_norms)
+            lower = rank[:, None, :] < peak_rank[:, rows, None]
+            if mask is not None:
+                lower &= ~mask[:, None, :]
+            farthest = (d2 if mask is None else d2.masked_fill(mask[:, None, :], -math.inf)).argmax(-1)
+            nearest_denser = d2.masked_fill_(~lower, math.inf).argmin(-1)
+            return torch.where(lower.any(-1), nearest_denser, farthest)
+
+        partner = torch.cat(_over_row_chunks(num_peaks, B * N, peak_rows), dim=1)
+        peak_delta2 = (_take(x, partner) - peak_x).pow(2).sum(-1)
+        peak_delta2 = torch.where(is_peak.gather(1, peaks), peak_delta2, math.inf)
+        delta2 = delta2.scatter(1, peaks, torch.minimum(delta2.gather(1, peaks), peak_delta2))
+
+    # Centres: highest rho * delta, compared as log(rho * delta) so that nothing underflows.
+    log_score = -mean_d2 / C + 0.5 * torch.log(delta2 / C)
+    if mask is not None:
+        log_score = log_score.masked_fill(mask, -math.inf)
+    by_score = torch.sort(-log_score, dim=-1, stable=True).indices
+    if mask is not None:
+        by_score = by_score.gather(1, torch.sort(mask.gather(1, by_score).to(torch.uint8), dim=-1, stable=True).indices)
+    centres = torch.sort(by_score[:, :num_clusters], dim=-1).values
+
+    # Every token joins its nearest centre; every centre is its own cluster.
+    centres_with_norms = _take(x_with_norms, centres)
+    cluster_ids = torch.cat(_over_row_chunks(
+        N, B * num_clusters, lambda rows: _shifted_distances(x[:, rows], centres_with_norms).argmin(-1)), dim=1)
+    cluster_ids.scatter_(1, centres, torch.arange(num_clusters, device=x.device).expand(B, num_clusters))
+    return cluster_ids, centres

@@ -1,0 +1,118 @@
+"""The dictionary of paper Fig. 3: between merged tokens and feature maps.
+
+A dictionary is an index, B x (H*W), saying which token each cell of an H x W grid went into.
+Maps of another size than the grid are related to it by adaptive average pooling along each axis
+(output pixel o covers cells floor(o*H/Ho) .. ceil((o+1)*H/Ho) - 1), written as two small matrix
+products so that it exports and runs in any dtype.
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+Size = Tuple[int, int]
+
+
+def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
+    """size_out x size_in matrix of 1-D adaptive average pooling (each row sums to 1)."""
+    out = torch.arange(size_out, device=like.device)
+    start = torch.div(out * size_in, size_out, rounding_mode="floor")
+    end = torch.div((out + 1) * size_in + size_out - 1, size_out, rounding_mode="floor")
+    cells = torch.arange(size_in, device=like.device)
+    inside = (cells[None, :] >= start[:, None]) & (cells[None, :] < end[:, None])
+    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+
+
+def resize_map(feature_map: Tensor, size: Size) -> Tensor:
+    """Adaptive average pooling of B x C x H x W to B x C x size, as exportable matmuls."""
+    H, W = feature_map.shape[-2:]
+    if (H, W) != tuple(size):
+        if H != size[0]:
+            feature_map = torch.matmul(_pooling_matrix(H, size[0], feature_map), feature_map)
+        if W != size[1]:
+            feature_map = torch.matmul(feature_map, _pooling_matrix(W, size[1], feature_map).t())
+    return feature_map
+
+
+def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) -> Tensor:
+    """Paint tokens onto a feature map through the dictionary.
+
+    Args:
+        tokens: B x M x C.
+        index: B x (H*W) long, the token of every cell of the H x W grid (raster order).
+        grid_size: (H, W).
+        out_size: (Ho, Wo) of the map to make; an output pixel covering several cells averages them.
+
+    Returns:
+        B x C x Ho x Wo.
+    """
+    B, _, C = tokens.shape
+    cells = tokens.gather(1, index[:, :, None].expand(B, index.shape[1], C))
+    return resize_map(cells.transpose(1, 2).reshape(B, C, *grid_size), out_size)
+
+
+def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: int) -> Tensor:
+    """Average a feature map back over each token's cells.
+
+    Args:
+        feature_map: B x C x Hm x Wm, any size (brought to the grid by adaptive average pooling).
+        index: B x (H*W) long, as in token2map.
+        grid_size: (H, W).
+        num_tokens: M.
+
+    Returns:
+        B x M x C (a token with no cell gets zeros).
+    """
+    B, C = feature_map.shape[:2]
+    cells = resize_map(feature_map, grid_size).flatten(2).transpose(1, 2)
+    sums = cells.new_zeros(B, num_tokens, C).scatter_add(1, index[:, :, None].expand(B, index.shape[1], C), cells)
+    counts = cells.new_zeros(B, num_tokens).scatter_add(1, index, cells.new_ones(index.shape))
+    return sums / counts.clamp(min=1)[:, :, None]
+
+
+@dataclass
+class TokenLayout:
+    """Where a stage's tokens are: a plain grid in raster order, or clusters recorded in a dictionary.
+
+    map_size: (H, W) of the feature map the stage stands for (stride 4, 8, 16 or 32).
+    index: None for a plain grid (tokens are the map's pixels), else B x (Hg*Wg), the token of each
+        cell of the dictionary grid.
+    grid_size: (Hg, Wg) of the dictionary grid (the grid on which the first clustering ran).
+    num_tokens: number of tokens N.
+    """
+    map_size: Size
+    index: Optional[Tensor] = None
+    grid_size: Optional[Size] = None
+    num_tokens: Optional[int] = None
+
+    def __post_init__(self):
+        self.map_size = tuple(int(s) for s in self.map_size)
+        if self.index is None:
+            self.grid_size = self.map_size
+            self.num_tokens = self.map_size[0] * self.map_size[1]
+        elif self.grid_size is None or self.num_tokens is None:
+            raise ValueError("a clustered TokenLayout needs grid_size and num_tokens")
+
+    @property
+    def is_grid(self) -> bool:
+        return self.index is None
+
+    def to_map(self, tokens: Tensor, size: Optional[Size] = None) -> Tensor:
+        """B x N x C tokens -> B x C x H x W (H, W = size or map_size)."""
+        size = tuple(size or self.map_size)
+        if self.index is None:
+            B, _, C = tokens.shape
+            return resize_map(tokens.transpose(1, 2).reshape(B, C, *self.map_size), size)
+        return token2map(tokens, self.index, self.grid_size, size)
+
+    def to_tokens(self, feature_map: Tensor) -> Tensor:
+        """B x C x Hm x Wm map of any size -> B x N x C tokens."""
+        if self.index is None:
+            return resize_map(feature_map, self.map_size).flatten(2).transpose(1, 2)
+        return map2token(feature_map, self.index, self.grid_size, self.num_tokens)
+
+    def compose(self, cluster_ids: Tensor, num_clusters: int, map_size: Size) -> "TokenLayout":
+        """The layout after these tokens were clustered (cluster_ids: B x N) into a map of map_size."""
+        index = cluster_ids if self.index is None else cluster_ids.gather(1, self.index)
+        return TokenLayout(map_size, index, self.grid_size, num_clusters)
