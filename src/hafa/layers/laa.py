@@ -1,0 +1,106 @@
+"""LAA, Local Adaptive feature Aggregation (paper Sec. 3.2): a deformable downsampling layer.
+
+The sampling points P_E = P_I + O_f (Eq. 1) are read bilinearly with one F.grid_sample call and
+aggregated by the layer's weights with one matmul. That equals torchvision's deform_conv2d (the
+tests compare them) and is faster on CPU, autocasts, and exports to ONNX (GridSample, opset 16).
+"""
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
+
+IntPair = Union[int, Tuple[int, int]]
+
+
+def sampling_positions(offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair) -> Tensor:
+    """Absolute sampling positions (y, x) in input pixels: B x K x Ho x Wo x 2, K = kh * kw.
+
+    offsets: B x 2K x Ho x Wo in deform_conv2d's layout, (dy, dx) for each kernel point in raster order.
+    """
+    (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
+    B, _, Ho, Wo = offsets.shape
+    ky, kx = torch.meshgrid(torch.arange(kh, device=offsets.device), torch.arange(kw, device=offsets.device), indexing="ij")
+    oy = torch.arange(Ho, device=offsets.device) * sh - ph
+    ox = torch.arange(Wo, device=offsets.device) * sw - pw
+    base_y = (ky.reshape(-1, 1, 1) + oy.view(1, Ho, 1)).expand(-1, Ho, Wo)
+    base_x = (kx.reshape(-1, 1, 1) + ox.view(1, 1, Wo)).expand(-1, Ho, Wo)
+    base = torch.stack([base_y, base_x], dim=-1).to(offsets.dtype)
+    return base + offsets.view(B, kh * kw, 2, Ho, Wo).permute(0, 1, 3, 4, 2)
+
+
+def deformable_samples(x: Tensor, offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair) -> Tensor:
+    """Bilinear samples of x at the deformed kernel points, zero outside: B x C x K x Ho x Wo."""
+    B, C, H, W = x.shape
+    K, Ho, Wo = offsets.shape[1] // 2, offsets.shape[2], offsets.shape[3]
+    position = sampling_positions(offsets, kernel_size, stride, padding)
+    # grid_sample wants (x, y) normalised to [-1, 1] with align_corners=False: (2p + 1) / size - 1.
+    scale = position.new_tensor([2.0 / W, 2.0 / H])
+    grid = (position.flip(-1) * scale + (scale / 2 - 1)).view(B, K * Ho, Wo, 2)
+    samples = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    return samples.view(B, C, K, Ho, Wo)
+
+
+class ConvDownsample(nn.Module):
+    """Fixed-grid downsampling of the baseline: conv, then a channel norm.
+
+    B x Cin x H x W -> B x Ho x Wo x Cout (channels last, like timm's patch embeddings).
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: IntPair,
+            stride: IntPair,
+            padding: IntPair = 0,
+            norm_layer: Optional[Callable[[int], nn.Module]] = nn.LayerNorm,
+    ):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class LAA(ConvDownsample):
+    """Deformable form of a downsampling conv (same kernel, stride, padding, width and norm).
+
+    A conv of the same kernel and stride predicts a (dy, dx) offset for each kernel point of each
+    output position; it starts at exactly zero, so an untrained LAA computes what the conv computes
+    and a baseline checkpoint's `proj` and `norm` load unchanged.
+
+    B x Cin x H x W -> B x Ho x Wo x Cout, and the offsets (B x 2K x Ho x Wo) with return_offsets.
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: IntPair,
+            stride: IntPair,
+            padding: IntPair = 0,
+            norm_layer: Optional[Callable[[int], nn.Module]] = nn.LayerNorm,
+    ):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, norm_layer)
+        kh, kw = _pair(kernel_size)
+        self.offset = nn.Conv2d(in_channels, 2 * kh * kw, kernel_size, stride, padding)
+        self.reset_offsets()
+
+    def reset_offsets(self) -> None:
+        nn.init.zeros_(self.offset.weight)
+        nn.init.zeros_(self.offset.bias)
+
+    def forward(self, x: Tensor, return_offsets: bool = False):
+        proj = self.proj
+        offsets = self.offset(x)
+        samples = deformable_samples(x, offsets, proj.kernel_size, proj.stride, proj.padding)
+        B, _, _, Ho, Wo = samples.shape
+        out = torch.matmul(proj.weight.flatten(1), samples.view(B, -1, Ho * Wo))
+        out = out.transpose(1, 2).reshape(B, Ho, Wo, -1)
+        if proj.bias is not None:
+            out = out + proj.bias
+        out = self.norm(out)
+        return (out, offsets) if return_offsets else out

@@ -1,0 +1,79 @@
+"""SIA, Semantic Information Aggregation (paper Sec. 3.3): cluster, merge, and keep the grid for keys/values."""
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from torch import Tensor, nn
+
+from ..ops import TokenLayout, cluster_dpc_knn, merge_tokens
+from .attention import KeyValues
+
+
+@dataclass
+class SIAOutput:
+    """queries: B x M x C merged tokens; layout: their dictionary and stride-2 map size;
+    kv: the conv-encoded H/2 x W/2 grid for the first next-stage block (None with cluster_qkv);
+    scores: B x N importance scores of the input tokens; cluster_ids: B x N."""
+    queries: Tensor
+    layout: TokenLayout
+    kv: Optional[KeyValues]
+    scores: Tensor
+    cluster_ids: Tensor
+
+
+class SIA(nn.Module):
+    """Downsampling by clustering: stage-3 tokens (a grid or merged tokens) -> stage-4 queries.
+
+    1. Project to the new width: a token-wise linear plus a 3x3/s2 conv on the map, brought back to
+       the tokens (TCFormer's token conv); normalise.
+    2. Score each token's importance with a linear layer.
+    3. DPC-KNN into M = ceil(cluster_ratio * N) clusters (no gradient).
+    4. Merge each cluster, weighted by the softmax of its scores (Eq. 5): the queries.
+    5. Keys/values keep the spatial layout (Eq. 6): depthwise 5x5/s2 + pointwise conv (CvT's implicit
+       positional encoding) plus the 3x3/s2 map of step 1, on the H/2 x W/2 grid.
+    cluster_qkv=True clusters queries, keys and values alike (paper Table 5, first row).
+    """
+
+    def __init__(
+            self,
+            in_dim: int,
+            out_dim: int,
+            cluster_ratio: float = 0.25,
+            knn_k: int = 5,
+            cluster_qkv: bool = False,
+            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ):
+        super().__init__()
+        if not 0 < cluster_ratio <= 1:
+            raise ValueError(f"cluster_ratio must be in (0, 1], got {cluster_ratio}")
+        if knn_k < 1:
+            raise ValueError(f"knn_k must be at least 1, got {knn_k}")
+        self.cluster_ratio = cluster_ratio
+        self.knn_k = knn_k
+        self.cluster_qkv = cluster_qkv
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.conv = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.norm = norm_layer(out_dim)
+        self.score = nn.Linear(out_dim, 1)
+        if not cluster_qkv:
+            self.kv_dwconv = nn.Conv2d(in_dim, in_dim, 5, 2, 2, groups=in_dim)
+            self.kv_pwconv = nn.Conv2d(in_dim, out_dim, 1)
+
+    def num_clusters(self, num_tokens: int) -> int:
+        return max(1, math.ceil(self.cluster_ratio * num_tokens))
+
+    def forward(self, x: Tensor, layout: TokenLayout, mask: Optional[Tensor] = None) -> SIAOutput:
+        """x: B x N x Cin tokens with their layout; mask: B x N, True for padding (never a centre)."""
+        fmap = layout.to_map(x)
+        conv_map = self.conv(fmap)
+        tokens = self.norm(self.proj(x) + layout.to_tokens(conv_map))
+        scores = self.score(tokens).squeeze(-1)
+        num_clusters = self.num_clusters(tokens.shape[1])
+        cluster_ids, _ = cluster_dpc_knn(tokens, num_clusters, self.knn_k, mask)
+        queries = merge_tokens(tokens, cluster_ids, num_clusters, scores)
+        new_layout = layout.compose(cluster_ids, num_clusters, conv_map.shape[-2:])
+        kv = None
+        if not self.cluster_qkv:
+            kv_map = self.kv_pwconv(self.kv_dwconv(fmap)) + conv_map
+            kv = (kv_map.flatten(2).transpose(1, 2), TokenLayout(kv_map.shape[-2:]))
+        return SIAOutput(queries, new_layout, kv, scores, cluster_ids)
