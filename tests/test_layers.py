@@ -90,7 +90,7 @@ def test_sia_gradients_reach_projection_scores_and_kv_path():
     sia = SIA(16, 24)
     out = sia(torch.randn(2, 64, 16, requires_grad=True), TokenLayout((8, 8)))
     (out.queries.sum() + out.kv[0].sum()).backward()
-    for p in (sia.proj.weight, sia.conv.weight, sia.score.weight, sia.kv_dwconv.weight, sia.kv_pwconv.weight):
+    for p in (sia.proj.weight, sia.skip.weight, sia.score.weight, sia.kv_dwconv.weight, sia.kv_pwconv.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
 
 

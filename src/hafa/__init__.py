@@ -1,2 +1,9 @@
-"""HAFA: Hierarchy Aware Feature Aggregation for hierarchical vision transformers (ICCV 2023)."""
+"""HAFA: Hierarchy Aware Feature Aggregation for hierarchical vision transformers (ICCV 2023).
+
+`import hafa` registers the HAFA backbones with timm: timm.create_model("hafa_pvt_v2_b1", ...).
+"""
+from . import models
+from .pretrained import CheckpointMismatchError, LoadReport, load_pretrained
+
 __version__ = "0.1.0"
+__all__ = ["models", "load_pretrained", "LoadReport", "CheckpointMismatchError"]

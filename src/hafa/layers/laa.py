@@ -42,6 +42,12 @@ def deformable_samples(x: Tensor, offsets: Tensor, kernel_size: IntPair, stride:
     return samples.view(B, C, K, Ho, Wo)
 
 
+def zero_offsets_(offset_predictor: nn.Conv2d) -> None:
+    """Start an offset predictor at exactly zero offsets."""
+    nn.init.zeros_(offset_predictor.weight)
+    nn.init.zeros_(offset_predictor.bias)
+
+
 class ConvDownsample(nn.Module):
     """Fixed-grid downsampling of the baseline: conv, then a channel norm.
 
@@ -90,8 +96,7 @@ class LAA(ConvDownsample):
         self.reset_offsets()
 
     def reset_offsets(self) -> None:
-        nn.init.zeros_(self.offset.weight)
-        nn.init.zeros_(self.offset.bias)
+        zero_offsets_(self.offset)
 
     def forward(self, x: Tensor, return_offsets: bool = False):
         proj = self.proj

@@ -24,8 +24,8 @@ class SIAOutput:
 class SIA(nn.Module):
     """Downsampling by clustering: stage-3 tokens (a grid or merged tokens) -> stage-4 queries.
 
-    1. Project to the new width: a token-wise linear plus a 3x3/s2 conv on the map, brought back to
-       the tokens (TCFormer's token conv); normalise.
+    1. Project to the new width: a 3x3/s2 conv on the map (`proj`, PVT v2's own downsampling conv),
+       brought back to the tokens, plus a token-wise linear (`skip`), as TCFormer's token conv; normalise.
     2. Score each token's importance with a linear layer.
     3. DPC-KNN into M = ceil(cluster_ratio * N) clusters (no gradient).
     4. Merge each cluster, weighted by the softmax of its scores (Eq. 5): the queries.
@@ -51,8 +51,8 @@ class SIA(nn.Module):
         self.cluster_ratio = cluster_ratio
         self.knn_k = knn_k
         self.cluster_qkv = cluster_qkv
-        self.proj = nn.Linear(in_dim, out_dim)
-        self.conv = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.proj = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
+        self.skip = nn.Linear(in_dim, out_dim)
         self.norm = norm_layer(out_dim)
         self.score = nn.Linear(out_dim, 1)
         if not cluster_qkv:
@@ -65,8 +65,8 @@ class SIA(nn.Module):
     def forward(self, x: Tensor, layout: TokenLayout, mask: Optional[Tensor] = None) -> SIAOutput:
         """x: B x N x Cin tokens with their layout; mask: B x N, True for padding (never a centre)."""
         fmap = layout.to_map(x)
-        conv_map = self.conv(fmap)
-        tokens = self.norm(self.proj(x) + layout.to_tokens(conv_map))
+        conv_map = self.proj(fmap)
+        tokens = self.norm(self.skip(x) + layout.to_tokens(conv_map))
         scores = self.score(tokens).squeeze(-1)
         num_clusters = self.num_clusters(tokens.shape[1])
         cluster_ids, _ = cluster_dpc_knn(tokens, num_clusters, self.knn_k, mask)

@@ -1,0 +1,1 @@
+"""Command-line tools: benchmarks, FLOP counts, pictures, export."""
