@@ -33,8 +33,9 @@ def _shifted_distances(a: Tensor, b_with_norms: Tensor) -> Tensor:
 
 def _take(values: Tensor, index: Tensor) -> Tensor:
     """values[b, index[b, ...]] for values B x N x C and index B x ...: B x ... x C."""
-    batch = torch.arange(values.shape[0], device=values.device).view(-1, *[1] * (index.dim() - 1))
-    return values[batch, index]
+    B, N, C = values.shape
+    offsets = torch.arange(B, device=index.device).mul_(N).view(-1, *[1] * (index.dim() - 1))
+    return values.reshape(B * N, C).index_select(0, (index + offsets).flatten()).view(*index.shape, C)
 
 
 def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor]) -> list:
@@ -84,20 +85,22 @@ def cluster_dpc_knn(
 
     x_with_norms = _with_norms(x, sq)
 
-    def exact_squared_distances(rows: slice, others: Tensor) -> Tensor:
-        """|x_i - x_j|^2 summed elementwise, for rows i and their B x R x K others j: B x R x K.
+    def exact_squared_distances(anchors: Tensor, others: Tensor) -> Tensor:
+        """|x_i - x_j|^2 summed elementwise, for anchors x_i (B x R x C) and others j (B x R x K): B x R x K.
 
         Neighbours are found with the fast matmul form; the distances kept are recomputed this way
         so that d(i, j) == d(j, i) bit for bit and d(i, i) == 0, and equal densities tie exactly.
         """
-        return (_take(x, others) - x[:, rows, None]).pow(2).sum(-1)
+        diff = _take(x, others)
+        diff -= anchors[:, :, None]
+        return diff.square_().sum(-1)
 
     def knn_rows(rows: slice) -> Tuple[Tensor, Tensor]:
         d2 = _shifted_distances(x[:, rows], x_with_norms)
         if mask is not None:
             d2.masked_fill_(mask[:, None, :], math.inf)
         indices = torch.topk(d2, k, dim=-1, largest=False, sorted=True).indices
-        exact = exact_squared_distances(rows, indices)
+        exact = exact_squared_distances(x[:, rows], indices)
         if mask is not None:
             exact.masked_fill_(mask.gather(1, indices.flatten(1)).view_as(indices), math.inf)
         return exact, indices
@@ -141,7 +144,7 @@ def cluster_dpc_knn(
             return torch.where(lower.any(-1), nearest_denser, farthest)
 
         partner = torch.cat(_over_row_chunks(num_peaks, B * N, peak_rows), dim=1)
-        peak_delta2 = (_take(x, partner) - peak_x).pow(2).sum(-1)
+        peak_delta2 = exact_squared_distances(peak_x, partner[:, :, None]).squeeze(-1)
         peak_delta2 = torch.where(is_peak.gather(1, peaks), peak_delta2, math.inf)
         delta2 = delta2.scatter(1, peaks, torch.minimum(delta2.gather(1, peaks), peak_delta2))
 
