@@ -4,7 +4,7 @@ import json
 import timm
 import torch
 
-from ..cli import unknown_name
+from ..errors import unknown_name
 from ..models.table import BASELINE, PAPER
 from .flops import count_macs
 
