@@ -8,6 +8,8 @@ from .errors import UserError, unknown_name  # noqa: F401  (re-exported for the 
 # command -> ("module" or "module:attribute" with add_arguments(parser) and run(args), one-line help).
 # A command's module is imported only when that command runs, so that `hafa -h` is instant.
 COMMANDS = {
+    "train": ("hafa.tasks.classification:TRAIN", "train classifiers (default: HAFA vs baseline on the embedded MNIST-5k)"),
+    "eval": ("hafa.tasks.classification:EVAL", "evaluate a classifier checkpoint: top-1, top-5, loss"),
     "models": ("hafa.tools.models", "list the models: parameters, GMACs, the paper's numbers"),
 }
 

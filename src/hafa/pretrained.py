@@ -2,7 +2,8 @@
 
 Every weight with a counterpart is copied: the LAA convs take the baseline's downsampling weights
 (offsets stay zero), Swin's fused qkv is split for the blocks that attend over SIA's merged tokens.
-What has no counterpart keeps its fresh initialisation and is reported by name.
+What has no counterpart keeps its fresh initialisation and is reported by name, and so does a
+classifier sized for another number of classes (fine-tuning).
 """
 import logging
 import os
@@ -13,6 +14,7 @@ from typing import Dict, List
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
 from .layers import SIA
 
 _logger = logging.getLogger(__name__)
@@ -21,7 +23,7 @@ _logger = logging.getLogger(__name__)
 MIN_MATCHED_FRACTION = 0.5
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """The checkpoint does not belong to this model (another family or width)."""
 
 
@@ -105,14 +107,17 @@ def adapt_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> tuple:
     if any(k.startswith("layers.") for k in state_dict):
         state_dict = _swin_to_hafa(state_dict, model)
     targets = model.state_dict()
-    # SIA replaces a downsampling layer with layers of its own; a same-named tensor of another shape
-    # there is the baseline's layer, not a sign of another model.
-    sia_prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, SIA))
+    # SIA replaces a downsampling layer with layers of its own, and a classifier for another number of
+    # classes is replaced too: a same-named tensor of another shape there is not a sign of another model.
+    replaced = [f"{n}." for n, m in model.named_modules() if isinstance(m, SIA)]
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    replaced += [f"{classifier}."] if classifier else []
+    replaced = tuple(replaced)
     report = LoadReport()
     adapted, mismatched = {}, []
     for name, target in targets.items():
         source = state_dict.get(name)
-        if source is not None and source.shape != target.shape and name.startswith(sia_prefixes):
+        if source is not None and source.shape != target.shape and name.startswith(replaced):
             source = None
         if source is None:
             report.newly_initialised.append(name)

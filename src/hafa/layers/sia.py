@@ -54,7 +54,9 @@ class SIA(nn.Module):
         self.proj = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
         self.skip = nn.Linear(in_dim, out_dim)
         self.norm = norm_layer(out_dim)
-        self.score = nn.Linear(out_dim, 1)
+        # No bias: the softmax inside each cluster ignores a constant shift, so a bias would get only
+        # rounding noise as gradient (which Adam would then amplify).
+        self.score = nn.Linear(out_dim, 1, bias=False)
         if not cluster_qkv:
             self.kv_dwconv = nn.Conv2d(in_dim, in_dim, 5, 2, 2, groups=in_dim)
             self.kv_pwconv = nn.Conv2d(in_dim, out_dim, 1)

@@ -1,0 +1,553 @@
+"""Image classification: `hafa train` and `hafa eval`.
+
+The paper's recipe (Sec. 4.1) on timm's pipeline: RandAugment, random erasing, Mixup/CutMix, label
+smoothing, AdamW, a cosine schedule with warm-up, stochastic depth. One process, or several with
+`torchrun --nproc_per_node=N -m hafa train ...` (DistributedDataParallel). Without --data the
+embedded MNIST-5k trains a HAFA model and its baseline with a short recipe, side by side.
+"""
+import argparse
+import logging
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import accuracy
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from ..data.folder import ImageFolderDataset, collate_skipping
+from ..data.mnist import prepare_mnist5k
+from ..errors import UserError, unknown_name
+from ..models.table import BASELINE
+from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
+from .engine import (EpochSampler, Processes, RunLog, ShardSampler, StopOnSignal, all_sum, barrier, close_processes,
+                     gather_rng_states, init_processes, load_checkpoint, load_recipe, progress_bar, save_checkpoint,
+                     set_rng_state, setup_console_logging)
+
+_logger = logging.getLogger("hafa")
+
+DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
+
+# Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
+RECIPE_DEFAULTS = dict(
+    epochs=300, batch_size=128, lr=1e-3, lr_base_batch=128, min_lr=1e-5, warmup_epochs=5, warmup_lr=1e-6,
+    opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8, weight_decay=0.05, clip_grad=None,
+    img_size=224, crop_pct=0.875, interpolation="bicubic", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+    scale=[0.08, 1.0], ratio=[0.75, 1.3333], hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1,
+    drop_path=0.1, drop_rate=0.0, seed=0,
+)
+# options that may change on --resume without breaking exactness
+RESUME_FREE = ("workers", "device", "epochs")
+
+
+# ---------------------------------------------------------------- building blocks
+
+def create_classifier(name: str, num_classes: int, recipe: dict, model_args: dict) -> torch.nn.Module:
+    """A timm model (HAFA or baseline) for `num_classes`; UserError with suggestions for unknown names."""
+    if name not in timm.list_models():
+        raise unknown_name("model", name, timm.list_models())
+    kwargs = dict(num_classes=num_classes, drop_path_rate=recipe["drop_path"], drop_rate=recipe["drop_rate"])
+    kwargs.update(model_args if name.startswith("hafa_") else {})
+    try:
+        return timm.create_model(name, img_size=recipe["img_size"], **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(name, **kwargs)  # families that take any input size without it
+
+
+def build_optimizer(model: torch.nn.Module, recipe: dict, global_batch: int) -> torch.optim.Optimizer:
+    """AdamW (by default) with lr scaled linearly from lr_base_batch to the global batch; no weight
+    decay on biases, norms, position embeddings and class tokens (timm's filter + no_weight_decay)."""
+    lr = recipe["lr"] * global_batch / recipe["lr_base_batch"]
+    extra = dict(betas=tuple(recipe["opt_betas"]), eps=recipe["opt_eps"]) if "adam" in recipe["opt"] else {}
+    return create_optimizer_v2(model, opt=recipe["opt"], lr=lr, weight_decay=recipe["weight_decay"], **extra)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int):
+    """Cosine decay to min_lr after a linear warm-up, stepped every update."""
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched="cosine", num_epochs=recipe["epochs"], warmup_epochs=recipe["warmup_epochs"],
+        warmup_lr=recipe["warmup_lr"], min_lr=recipe["min_lr"], step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch)
+    return scheduler
+
+
+def build_mixup(recipe: dict, num_classes: int) -> Optional[Mixup]:
+    if recipe["mixup"] <= 0 and recipe["cutmix"] <= 0:
+        return None
+    return Mixup(mixup_alpha=recipe["mixup"], cutmix_alpha=recipe["cutmix"], prob=recipe["mixup_prob"],
+                 switch_prob=recipe["mixup_switch_prob"], label_smoothing=recipe["smoothing"], num_classes=num_classes)
+
+
+def build_criterion(recipe: dict, mixup: Optional[Mixup]) -> torch.nn.Module:
+    if mixup is not None:
+        return SoftTargetCrossEntropy()  # mixup makes the smoothed soft targets
+    if recipe["smoothing"] > 0:
+        return LabelSmoothingCrossEntropy(recipe["smoothing"])
+    return torch.nn.CrossEntropyLoss()
+
+
+def train_transform(recipe: dict):
+    return create_transform(
+        recipe["img_size"], is_training=True, scale=tuple(recipe["scale"]), ratio=tuple(recipe["ratio"]),
+        hflip=recipe["hflip"], color_jitter=recipe["color_jitter"], auto_augment=recipe["auto_augment"],
+        interpolation=recipe["interpolation"], mean=tuple(recipe["mean"]), std=tuple(recipe["std"]),
+        re_prob=recipe["reprob"], re_mode="pixel")
+
+
+def eval_transform(recipe: dict):
+    """Resize, then the center crop of the paper (crop_pct of the resized image)."""
+    return create_transform(recipe["img_size"], is_training=False, interpolation=recipe["interpolation"],
+                            mean=tuple(recipe["mean"]), std=tuple(recipe["std"]), crop_pct=recipe["crop_pct"])
+
+
+def autocast_context(amp: str, device: torch.device):
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ---------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, dataset, batch_size: int, workers: int, processes: Processes, amp: str = "none",
+             desc: str = "eval") -> dict:
+    """Loss, top-1 and top-5 (%) over the dataset, shared among the processes."""
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), processes),
+                        num_workers=workers, collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images, skipped files
+    for images, targets, skipped in progress_bar(loader, processes, desc=desc, leave=False):
+        sums[4] += skipped
+        if images is None:
+            continue
+        images, targets = images.to(processes.device), targets.to(processes.device)
+        with autocast_context(amp, processes.device):
+            logits = model(images)
+        logits = logits.float()
+        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
+        n = targets.shape[0]
+        sums[0] += F.cross_entropy(logits, targets, reduction="sum").item()
+        sums[1] += top1.item() * n / 100
+        sums[2] += top5.item() * n / 100
+        sums[3] += n
+    loss, hits1, hits5, count, skipped = all_sum(sums, processes)
+    if count == 0:
+        raise UserError("no readable validation images")
+    return dict(loss=loss / count, top1=100 * hits1 / count, top5=100 * hits5 / count, images=int(count),
+                skipped=int(skipped))
+
+
+# ---------------------------------------------------------------- training
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+@dataclass
+class EpochResult:
+    stopped: bool          # a stop was requested; the state says where
+    loss: float = float("nan")
+    images_per_s: float = 0.0
+    skipped: int = 0       # unreadable images replaced
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # epochs completed
+    step_in_epoch: int = 0    # batches of the current epoch done (a run stopped mid-epoch)
+    global_step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+
+
+def _checkpoint(model, optimizer, scheduler, scaler, state: TrainState, config: dict, classes, processes) -> dict:
+    return dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(), train_state=vars(state).copy(), rng=gather_rng_states(processes),
+                config=config, class_names=list(classes), model_name=config["model"])
+
+
+def train_one_model(config: dict, processes: Processes) -> dict:
+    """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
+    recipe = config["recipe"]
+    run_dir = config["run_dir"]
+    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
+    resume = config["resume"]
+    if resume and not os.path.isfile(last_path):
+        raise UserError(f"nothing to resume: {last_path} does not exist")
+    if not resume and os.path.isfile(last_path):
+        raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --output")
+
+    torch.manual_seed(recipe["seed"])
+    train_set = ImageFolderDataset(config["data"], "train", train_transform(recipe), replace_unreadable=True,
+                                   seed=recipe["seed"])
+    val_set = ImageFolderDataset(config["data"], "val", eval_transform(recipe), classes=train_set.classes)
+    classes = train_set.classes
+    if config["num_classes"] is not None and config["num_classes"] != len(classes):
+        raise UserError(f"--num-classes {config['num_classes']} but {config['data']} has {len(classes)} classes")
+    model = create_classifier(config["model"], len(classes), recipe, config["model_args"])
+    if config["init_from"]:
+        report = load_pretrained(model, config["init_from"], verbose=processes.is_main)
+        _logger.info("initialised from %s (%d tensors copied)", config["init_from"], len(report.copied))
+    if config["grad_checkpointing"]:
+        model.set_grad_checkpointing(True)
+    model.to(processes.device)
+
+    batch_size = recipe["batch_size"]
+    sampler = EpochSampler(len(train_set), batch_size, processes, seed=recipe["seed"])
+    optimizer = build_optimizer(model, recipe, sampler.global_batch)
+    scheduler = build_scheduler(optimizer, recipe, sampler.batches_per_epoch())
+    mixup = build_mixup(recipe, len(classes))
+    if mixup is not None and batch_size % 2:
+        raise UserError("mixup/cutmix need an even --batch-size per process")
+    criterion = build_criterion(recipe, mixup)
+    amp = config["amp"]
+    scaler = torch.amp.GradScaler(processes.device.type, enabled=amp == "fp16")
+
+    state = TrainState()
+    if resume:
+        saved = load_checkpoint(last_path)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["train_state"])
+        if len(saved["rng"]) != processes.world_size:
+            raise UserError(f"the run was saved by {len(saved['rng'])} processes; resume it with the same number")
+        set_rng_state(saved["rng"][processes.rank])
+        _logger.info("resuming %s at epoch %d, batch %d", config["model"], state.epoch + 1, state.step_in_epoch)
+    if processes.distributed:
+        model = DistributedDataParallel(model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None)
+
+    log = RunLog(run_dir, processes, resume)
+    epochs = recipe["epochs"]
+    status = "finished"
+    try:
+        with StopOnSignal(processes) as stopper:
+            while state.epoch < epochs:
+                result = _train_epoch(model, train_set, sampler, optimizer, scheduler, scaler, mixup, criterion,
+                                      state, config, processes, stopper)
+                if result.stopped:
+                    checkpoint = _checkpoint(model, optimizer, scheduler, scaler, state, config, classes, processes)
+                    if processes.is_main:
+                        save_checkpoint(last_path, checkpoint)
+                    status = "interrupted"
+                    break
+                metrics = evaluate(unwrap(model), val_set, batch_size, config["workers"], processes, amp,
+                                   desc=f"val {state.epoch + 1}/{epochs}")
+                state.epoch += 1
+                state.step_in_epoch = 0
+                scheduler.step(state.epoch)
+                is_best = metrics["top1"] > state.best_top1
+                if is_best:
+                    state.best_top1, state.best_epoch = metrics["top1"], state.epoch
+                checkpoint = _checkpoint(model, optimizer, scheduler, scaler, state, config, classes, processes)
+                if processes.is_main:
+                    save_checkpoint(last_path, checkpoint)
+                    if is_best:
+                        save_checkpoint(best_path, dict(model=checkpoint["model"], config=config, class_names=classes,
+                                                        model_name=config["model"], metrics=metrics, epoch=state.epoch))
+                    row = dict(epoch=state.epoch, train_loss=round(result.loss, 5),
+                               val_loss=round(metrics["loss"], 5), val_top1=round(metrics["top1"], 3),
+                               val_top5=round(metrics["top5"], 3), lr=optimizer.param_groups[0]["lr"],
+                               images_per_s=round(result.images_per_s, 1), skipped_images=result.skipped)
+                    log.epoch(row)
+                    _logger.info(
+                        "%s epoch %d/%d: train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  %.0f img/s%s",
+                        config["model"], state.epoch, epochs, row["train_loss"], row["val_loss"], row["val_top1"],
+                        row["val_top5"], row["images_per_s"],
+                        f"  ({row['skipped_images']} unreadable images skipped)" if row["skipped_images"] else "")
+    finally:
+        plot = log.plot({"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]})
+        log.close()
+    return dict(model=config["model"], status=status, best_top1=state.best_top1, best_epoch=state.best_epoch,
+                epochs_done=state.epoch, run_dir=run_dir, best_checkpoint=best_path, curves=plot, network=unwrap(model))
+
+
+def _train_epoch(model, dataset, sampler, optimizer, scheduler, scaler, mixup, criterion, state: TrainState,
+                 config: dict, processes: Processes, stopper: StopOnSignal) -> EpochResult:
+    """One epoch (or its rest after a resume), or less when a stop is requested."""
+    recipe = config["recipe"]
+    model.train()
+    dataset.set_epoch(state.epoch)
+    sampler.set_epoch(state.epoch, state.step_in_epoch)
+    # The loader's own generator: creating it must not draw from the global RNG, or a resumed run would
+    # drift from an uninterrupted one (sample augmentation is seeded per sample anyway).
+    loader = DataLoader(dataset, batch_size=recipe["batch_size"], sampler=sampler, num_workers=config["workers"],
+                        collate_fn=collate_skipping, pin_memory=processes.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(state.epoch))
+    total = sampler.batches_per_epoch()
+    progress = progress_bar(loader, processes, total=total, initial=state.step_in_epoch,
+                            desc=f"{config['model']} {state.epoch + 1}/{recipe['epochs']}")
+    loss_sum, loss_count, images_seen, skipped, speed, start = 0.0, 0, 0, 0, 0.0, time.perf_counter()
+    for images, targets, skipped_now in progress:
+        images = images.to(processes.device, non_blocking=True)
+        targets = targets.to(processes.device, non_blocking=True)
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        with autocast_context(config["amp"], processes.device):
+            loss = criterion(model(images), targets)
+        stop, nonfinite = stopper.requested(not torch.isfinite(loss).item())
+        if nonfinite:
+            raise NonFiniteLoss(
+                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1}; nothing "
+                f"was saved from this step (the last good checkpoint is {config['run_dir']}/last.pth). "
+                "Try a lower --lr, --amp none, or --clip-grad.")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if recipe["clip_grad"]:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
+        scaler.step(optimizer)
+        scaler.update()
+        state.global_step += 1
+        state.step_in_epoch += 1
+        scheduler.step_update(num_updates=state.global_step)
+        loss_sum += loss.item()
+        loss_count += 1
+        images_seen += images.shape[0] * processes.world_size
+        skipped += skipped_now
+        speed = images_seen / (time.perf_counter() - start)
+        progress.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
+                             img_s=f"{speed:.0f}")
+        if stop:
+            progress.close()
+            return EpochResult(stopped=True)
+    progress.close()
+    loss_mean, skipped_all = all_sum([loss_sum / max(loss_count, 1), float(skipped)], processes)
+    return EpochResult(False, loss_mean / processes.world_size, speed, int(skipped_all))
+
+
+# ---------------------------------------------------------------- commands
+
+def _add_model_options(parser) -> None:
+    group = parser.add_argument_group("HAFA model options (ignored for baselines)")
+    group.add_argument("--stage-aggregation", nargs=3, metavar=("T12", "T23", "T34"),
+                       help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4 (default laa laa sia)")
+    group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
+    group.add_argument("--cluster-ratio", type=float, help="clusters per token in SIA (default 0.25)")
+    group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
+
+
+def _model_args(args) -> dict:
+    model_args = {}
+    if args.stage_aggregation:
+        model_args["stage_aggregation"] = tuple(args.stage_aggregation)
+    if args.cluster_qkv:
+        model_args["cluster_qkv"] = True
+    if args.cluster_ratio is not None:
+        model_args["cluster_ratio"] = args.cluster_ratio
+    if args.knn_k is not None:
+        model_args["knn_k"] = args.knn_k
+    return model_args
+
+
+def _add_run_options(parser) -> None:
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="autocast: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)")
+
+
+class TrainCommand:
+    """hafa train"""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.description = __doc__
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.add_argument("--model", nargs="+", help=f"timm model name(s); default {' and '.join(DEMO_MODELS)} "
+                                                       "on the embedded data")
+        parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+        parser.add_argument("--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* "
+                                           "(default: the embedded MNIST-5k)")
+        parser.add_argument("--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, "
+                                             "mnist_demo without)")
+        parser.add_argument("--output", default=os.path.join("runs", "classification"),
+                            help="runs go to OUTPUT/<model> (default runs/classification)")
+        parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+        parser.add_argument("--init-from", metavar="CKPT", help="start from a (baseline) checkpoint: "
+                                                                "hafa.load_pretrained, classifier re-initialised")
+        parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
+        parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+        recipe = parser.add_argument_group("recipe overrides")
+        recipe.add_argument("--epochs", type=int)
+        recipe.add_argument("--batch-size", type=int, help="per process")
+        recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
+        recipe.add_argument("--img-size", type=int)
+        recipe.add_argument("--warmup-epochs", type=float)
+        recipe.add_argument("--drop-path", type=float)
+        recipe.add_argument("--clip-grad", type=float)
+        recipe.add_argument("--seed", type=int)
+        recipe.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                            help="any recipe setting, e.g. --set mixup=0 smoothing=0.0 (YAML values)")
+        _add_model_options(parser)
+        _add_run_options(parser)
+
+    @staticmethod
+    def run(args) -> int:
+        setup_console_logging()
+        processes = init_processes(args.device)
+        try:
+            return _train(args, processes)
+        finally:
+            close_processes()
+
+
+def _recipe_from_args(args) -> dict:
+    import yaml
+    recipe = load_recipe(args.recipe or ("mnist_demo" if args.data is None else "imagenet_hafa"), RECIPE_DEFAULTS)
+    for key in ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed"):
+        if getattr(args, key) is not None:
+            recipe[key] = getattr(args, key)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in RECIPE_DEFAULTS:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(RECIPE_DEFAULTS))}")
+        recipe[key] = yaml.safe_load(value)
+    return recipe
+
+
+def _check_resumable(config: dict, run_dir: str) -> None:
+    """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
+    saved = load_checkpoint(os.path.join(run_dir, "last.pth"))["config"]
+    differences = [key for key in ("model", "data", "model_args", "amp", "num_classes") if saved.get(key) != config.get(key)]
+    differences += [f"recipe.{k}" for k in config["recipe"]
+                    if k not in RESUME_FREE and saved["recipe"].get(k) != config["recipe"][k]]
+    if differences:
+        raise UserError(f"--resume with settings that differ from the saved run in {run_dir}: {', '.join(differences)}")
+
+
+def _train(args, processes: Processes) -> int:
+    data = args.data
+    if data is None:
+        if processes.is_main:
+            data = prepare_mnist5k()
+            print(f"data: the embedded MNIST-5k (4,000 train / 1,000 val real digits) in {data}")
+        barrier(processes)
+        data = prepare_mnist5k()
+    models = list(args.model or ([] if args.data else DEMO_MODELS))
+    if not models:
+        raise UserError("with --data, choose the model(s) with --model")
+    if args.baseline:
+        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    recipe = _recipe_from_args(args)
+    results = []
+    for name in models:
+        config = dict(model=name, data=os.path.abspath(data), recipe=recipe, run_dir=os.path.join(args.output, name),
+                      resume=args.resume, init_from=args.init_from, num_classes=args.num_classes,
+                      model_args=_model_args(args), grad_checkpointing=args.grad_checkpointing, amp=args.amp,
+                      workers=args.workers, device=args.device)
+        if args.resume and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
+            _check_resumable(config, config["run_dir"])
+        result = train_one_model(config, processes)
+        results.append(result)
+        if result["status"] == "interrupted":
+            break
+    if processes.is_main:
+        _print_summary(results, args)
+    return 130 if any(r["status"] == "interrupted" for r in results) else 0
+
+
+def _print_summary(results, args) -> None:
+    print("\n| model | best val top-1 (%) | at epoch | best checkpoint | curves |")
+    print("|---|---:|---:|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['best_top1']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
+    by_name = {r["model"]: r for r in results}
+    for r in results:
+        base = by_name.get(BASELINE.get(r["model"]))
+        if base is not None and r["best_epoch"] > 0 and base["best_epoch"] > 0:
+            print(f"{r['model']} vs {base['model']}: {r['best_top1'] - base['best_top1']:+.2f} points top-1")
+    interrupted = [r for r in results if r["status"] == "interrupted"]
+    if interrupted:
+        print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+
+
+class EvalCommand:
+    """hafa eval"""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa train, or a state dict")
+        parser.add_argument("--model", help="model name (default: the checkpoint's)")
+        parser.add_argument("--data", help="ROOT with ROOT/val/<class>/* (default: the checkpoint's training data)")
+        parser.add_argument("--num-classes", type=int, help="classes of a plain state dict (default: from the data)")
+        parser.add_argument("--batch-size", type=int, default=64)
+        parser.add_argument("--img-size", type=int, help="default: the checkpoint's recipe, else 224")
+        parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+        _add_model_options(parser)
+        _add_run_options(parser)
+
+    @staticmethod
+    def run(args) -> int:
+        setup_console_logging()
+        processes = init_processes(args.device)
+        try:
+            metrics = _evaluate_checkpoint(args, processes)
+        finally:
+            close_processes()
+        if processes.is_main:
+            print(f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+                  f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
+                  + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")"))
+            if args.json:
+                import json
+                with open(args.json, "w") as f:
+                    json.dump(metrics, f, indent=2)
+        return 0
+
+
+def _evaluate_checkpoint(args, processes: Processes) -> dict:
+    saved = load_checkpoint(args.checkpoint)
+    ours = isinstance(saved, dict) and "config" in saved and "model" in saved
+    config = saved["config"] if ours else {}
+    name = args.model or config.get("model")
+    if name is None:
+        raise UserError(f"{args.checkpoint} is a plain state dict: say which model it holds with --model")
+    if ours and args.model and args.model != saved["model_name"]:
+        raise UserError(f"{args.checkpoint} holds a {saved['model_name']}, not a {args.model}")
+    recipe = dict(config.get("recipe", RECIPE_DEFAULTS))
+    if args.img_size:
+        recipe["img_size"] = args.img_size
+    data = args.data or config.get("data")
+    if data is None:
+        raise UserError("say which data to evaluate on with --data")
+    if not os.path.isdir(data) and config.get("data") == data and os.path.basename(data) == "mnist5k":
+        data = prepare_mnist5k(data)
+    class_names = saved.get("class_names") if ours else None
+    dataset = ImageFolderDataset(data, "val", eval_transform(recipe), classes=class_names)
+    num_classes = len(dataset.classes)
+    if args.num_classes is not None and args.num_classes != num_classes:
+        raise UserError(f"--num-classes {args.num_classes}, but the checkpoint/data have {num_classes} classes")
+    model_args = config.get("model_args") or _model_args(args)
+    model = create_classifier(name, num_classes, dict(recipe, drop_path=0.0, drop_rate=0.0), model_args)
+    try:
+        state, _ = adapt_state_dict(saved["model"] if ours else saved, model)
+    except CheckpointMismatchError as error:
+        raise UserError(f"{args.checkpoint} does not fit {name} with {num_classes} classes: {error}") from error
+    model.load_state_dict(state)
+    model.to(processes.device)
+    metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)
+    return dict(metrics, model=name, data=data, checkpoint=args.checkpoint)
+
+
+TRAIN = TrainCommand()
+EVAL = EvalCommand()
