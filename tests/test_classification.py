@@ -12,7 +12,6 @@ import timm
 import torch
 from PIL import Image
 
-import hafa
 from hafa.cli import main
 from hafa.tasks import classification as cls
 from hafa.tasks.engine import load_recipe

@@ -6,11 +6,7 @@ smoothing, AdamW, a cosine schedule with warm-up, stochastic depth. One process,
 embedded MNIST-5k trains a HAFA model and its baseline with a short recipe, side by side.
 """
 import argparse
-import logging
 import os
-import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Optional
 
 import timm
@@ -21,7 +17,6 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from ..data.folder import ImageFolderDataset, collate_skipping
@@ -29,11 +24,9 @@ from ..data.mnist import prepare_mnist5k
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
 from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
-from .engine import (EpochSampler, Processes, RunLog, ShardSampler, StopOnSignal, all_sum, barrier, close_processes,
-                     gather_rng_states, init_processes, load_checkpoint, load_recipe, progress_bar, save_checkpoint,
-                     set_rng_state, setup_console_logging)
-
-_logger = logging.getLogger("hafa")
+from .engine import (EpochSampler, Processes, ShardSampler, Training, all_sum, autocast_context, barrier,
+                     check_run_dir, close_processes, init_processes, load_checkpoint, load_recipe, progress_bar,
+                     setup_console_logging, train)
 
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 
@@ -112,18 +105,6 @@ def eval_transform(recipe: dict):
                             mean=tuple(recipe["mean"]), std=tuple(recipe["std"]), crop_pct=recipe["crop_pct"])
 
 
-def autocast_context(amp: str, device: torch.device):
-    if amp == "none":
-        return nullcontext()
-    if amp == "fp16" and device.type != "cuda":
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
-    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 # ---------------------------------------------------------------- evaluation
 
 @torch.no_grad()
@@ -157,44 +138,10 @@ def evaluate(model, dataset, batch_size: int, workers: int, processes: Processes
 
 # ---------------------------------------------------------------- training
 
-class NonFiniteLoss(UserError):
-    pass
-
-
-@dataclass
-class EpochResult:
-    stopped: bool          # a stop was requested; the state says where
-    loss: float = float("nan")
-    images_per_s: float = 0.0
-    skipped: int = 0       # unreadable images replaced
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0            # epochs completed
-    step_in_epoch: int = 0    # batches of the current epoch done (a run stopped mid-epoch)
-    global_step: int = 0
-    best_top1: float = -1.0
-    best_epoch: int = -1
-
-
-def _checkpoint(model, optimizer, scheduler, scaler, state: TrainState, config: dict, classes, processes) -> dict:
-    return dict(model=unwrap(model).state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                scaler=scaler.state_dict(), train_state=vars(state).copy(), rng=gather_rng_states(processes),
-                config=config, class_names=list(classes), model_name=config["model"])
-
-
 def train_one_model(config: dict, processes: Processes) -> dict:
     """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
     recipe = config["recipe"]
-    run_dir = config["run_dir"]
-    last_path, best_path = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
-    resume = config["resume"]
-    if resume and not os.path.isfile(last_path):
-        raise UserError(f"nothing to resume: {last_path} does not exist")
-    if not resume and os.path.isfile(last_path):
-        raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --output")
-
+    check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
     train_set = ImageFolderDataset(config["data"], "train", train_transform(recipe), replace_unreadable=True,
                                    seed=recipe["seed"])
@@ -204,135 +151,36 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         raise UserError(f"--num-classes {config['num_classes']} but {config['data']} has {len(classes)} classes")
     model = create_classifier(config["model"], len(classes), recipe, config["model_args"])
     if config["init_from"]:
-        report = load_pretrained(model, config["init_from"], verbose=processes.is_main)
-        _logger.info("initialised from %s (%d tensors copied)", config["init_from"], len(report.copied))
+        load_pretrained(model, config["init_from"], verbose=processes.is_main)
     if config["grad_checkpointing"]:
         model.set_grad_checkpointing(True)
     model.to(processes.device)
 
-    batch_size = recipe["batch_size"]
-    sampler = EpochSampler(len(train_set), batch_size, processes, seed=recipe["seed"])
+    sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
-    scheduler = build_scheduler(optimizer, recipe, sampler.batches_per_epoch())
     mixup = build_mixup(recipe, len(classes))
-    if mixup is not None and batch_size % 2:
+    if mixup is not None and recipe["batch_size"] % 2:
         raise UserError("mixup/cutmix need an even --batch-size per process")
     criterion = build_criterion(recipe, mixup)
-    amp = config["amp"]
-    scaler = torch.amp.GradScaler(processes.device.type, enabled=amp == "fp16")
 
-    state = TrainState()
-    if resume:
-        saved = load_checkpoint(last_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["train_state"])
-        if len(saved["rng"]) != processes.world_size:
-            raise UserError(f"the run was saved by {len(saved['rng'])} processes; resume it with the same number")
-        set_rng_state(saved["rng"][processes.rank])
-        _logger.info("resuming %s at epoch %d, batch %d", config["model"], state.epoch + 1, state.step_in_epoch)
-    if processes.distributed:
-        model = DistributedDataParallel(model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None)
-
-    log = RunLog(run_dir, processes, resume)
-    epochs = recipe["epochs"]
-    status = "finished"
-    try:
-        with StopOnSignal(processes) as stopper:
-            while state.epoch < epochs:
-                result = _train_epoch(model, train_set, sampler, optimizer, scheduler, scaler, mixup, criterion,
-                                      state, config, processes, stopper)
-                if result.stopped:
-                    checkpoint = _checkpoint(model, optimizer, scheduler, scaler, state, config, classes, processes)
-                    if processes.is_main:
-                        save_checkpoint(last_path, checkpoint)
-                    status = "interrupted"
-                    break
-                metrics = evaluate(unwrap(model), val_set, batch_size, config["workers"], processes, amp,
-                                   desc=f"val {state.epoch + 1}/{epochs}")
-                state.epoch += 1
-                state.step_in_epoch = 0
-                scheduler.step(state.epoch)
-                is_best = metrics["top1"] > state.best_top1
-                if is_best:
-                    state.best_top1, state.best_epoch = metrics["top1"], state.epoch
-                checkpoint = _checkpoint(model, optimizer, scheduler, scaler, state, config, classes, processes)
-                if processes.is_main:
-                    save_checkpoint(last_path, checkpoint)
-                    if is_best:
-                        save_checkpoint(best_path, dict(model=checkpoint["model"], config=config, class_names=classes,
-                                                        model_name=config["model"], metrics=metrics, epoch=state.epoch))
-                    row = dict(epoch=state.epoch, train_loss=round(result.loss, 5),
-                               val_loss=round(metrics["loss"], 5), val_top1=round(metrics["top1"], 3),
-                               val_top5=round(metrics["top5"], 3), lr=optimizer.param_groups[0]["lr"],
-                               images_per_s=round(result.images_per_s, 1), skipped_images=result.skipped)
-                    log.epoch(row)
-                    _logger.info(
-                        "%s epoch %d/%d: train loss %.4f  val loss %.4f  top-1 %.2f%%  top-5 %.2f%%  %.0f img/s%s",
-                        config["model"], state.epoch, epochs, row["train_loss"], row["val_loss"], row["val_top1"],
-                        row["val_top5"], row["images_per_s"],
-                        f"  ({row['skipped_images']} unreadable images skipped)" if row["skipped_images"] else "")
-    finally:
-        plot = log.plot({"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]})
-        log.close()
-    return dict(model=config["model"], status=status, best_top1=state.best_top1, best_epoch=state.best_epoch,
-                epochs_done=state.epoch, run_dir=run_dir, best_checkpoint=best_path, curves=plot, network=unwrap(model))
-
-
-def _train_epoch(model, dataset, sampler, optimizer, scheduler, scaler, mixup, criterion, state: TrainState,
-                 config: dict, processes: Processes, stopper: StopOnSignal) -> EpochResult:
-    """One epoch (or its rest after a resume), or less when a stop is requested."""
-    recipe = config["recipe"]
-    model.train()
-    dataset.set_epoch(state.epoch)
-    sampler.set_epoch(state.epoch, state.step_in_epoch)
-    # The loader's own generator: creating it must not draw from the global RNG, or a resumed run would
-    # drift from an uninterrupted one (sample augmentation is seeded per sample anyway).
-    loader = DataLoader(dataset, batch_size=recipe["batch_size"], sampler=sampler, num_workers=config["workers"],
-                        collate_fn=collate_skipping, pin_memory=processes.device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(state.epoch))
-    total = sampler.batches_per_epoch()
-    progress = progress_bar(loader, processes, total=total, initial=state.step_in_epoch,
-                            desc=f"{config['model']} {state.epoch + 1}/{recipe['epochs']}")
-    loss_sum, loss_count, images_seen, skipped, speed, start = 0.0, 0, 0, 0, 0.0, time.perf_counter()
-    for images, targets, skipped_now in progress:
+    def loss(network, batch):
+        images, targets, skipped = batch
         images = images.to(processes.device, non_blocking=True)
         targets = targets.to(processes.device, non_blocking=True)
         if mixup is not None:
             images, targets = mixup(images, targets)
-        with autocast_context(config["amp"], processes.device):
-            loss = criterion(model(images), targets)
-        stop, nonfinite = stopper.requested(not torch.isfinite(loss).item())
-        if nonfinite:
-            raise NonFiniteLoss(
-                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1}; nothing "
-                f"was saved from this step (the last good checkpoint is {config['run_dir']}/last.pth). "
-                "Try a lower --lr, --amp none, or --clip-grad.")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if recipe["clip_grad"]:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_grad"])
-        scaler.step(optimizer)
-        scaler.update()
-        state.global_step += 1
-        state.step_in_epoch += 1
-        scheduler.step_update(num_updates=state.global_step)
-        loss_sum += loss.item()
-        loss_count += 1
-        images_seen += images.shape[0] * processes.world_size
-        skipped += skipped_now
-        speed = images_seen / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{loss_sum / loss_count:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}",
-                             img_s=f"{speed:.0f}")
-        if stop:
-            progress.close()
-            return EpochResult(stopped=True)
-    progress.close()
-    loss_mean, skipped_all = all_sum([loss_sum / max(loss_count, 1), float(skipped)], processes)
-    return EpochResult(False, loss_mean / processes.world_size, speed, int(skipped_all))
+        return criterion(network(images), targets), images.shape[0], skipped
+
+    training = Training(
+        name=config["model"], run_dir=config["run_dir"], model=model, train_set=train_set, collate_fn=collate_skipping,
+        sampler=sampler, workers=config["workers"], epochs=recipe["epochs"], optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, recipe, sampler.batches_per_epoch()), loss=loss,
+        evaluate=lambda network: evaluate(network, val_set, recipe["batch_size"], config["workers"], processes,
+                                          config["amp"]),
+        score="top1", resume=config["resume"], amp=config["amp"], clip_grad=recipe["clip_grad"],
+        checkpoint_extra=dict(config=config, class_names=classes, model_name=config["model"]),
+        curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]})
+    return dict(train(training, processes), model=config["model"])
 
 
 # ---------------------------------------------------------------- commands
@@ -470,12 +318,12 @@ def _print_summary(results, args) -> None:
     print("\n| model | best val top-1 (%) | at epoch | best checkpoint | curves |")
     print("|---|---:|---:|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['best_top1']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
+        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
     by_name = {r["model"]: r for r in results}
     for r in results:
         base = by_name.get(BASELINE.get(r["model"]))
         if base is not None and r["best_epoch"] > 0 and base["best_epoch"] > 0:
-            print(f"{r['model']} vs {base['model']}: {r['best_top1'] - base['best_top1']:+.2f} points top-1")
+            print(f"{r['model']} vs {base['model']}: {r['best_score'] - base['best_score']:+.2f} points top-1")
     interrupted = [r for r in results if r["status"] == "interrupted"]
     if interrupted:
         print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")

@@ -8,15 +8,19 @@ import os
 import random
 import signal
 import sys
-from dataclasses import dataclass
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.utils.data import Sampler
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
 from ..errors import UserError
@@ -327,3 +331,194 @@ def setup_console_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger().setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------- the training loop
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite."""
+
+
+def autocast_context(amp: str, device: torch.device):
+    """'none', 'bf16' (CPU or GPU) or 'fp16' (GPU, with a GradScaler)."""
+    if amp == "none":
+        return nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 on CPU")
+    return torch.autocast(device.type, dtype=torch.float16 if amp == "fp16" else torch.bfloat16)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@dataclass
+class Training:
+    """What a task hands to `train`: model, data, optimisation, and how to compute a loss and to evaluate.
+
+    loss(model, batch) -> (loss, images in the batch, unreadable files skipped), run under autocast.
+    evaluate(model) -> metrics on the validation data (the unwrapped model; every process calls it).
+    The best checkpoint is the one with the highest metrics[score].
+    """
+    name: str
+    run_dir: str
+    model: nn.Module
+    train_set: Dataset
+    collate_fn: Callable
+    sampler: EpochSampler
+    workers: int
+    epochs: int
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loss: Callable[[nn.Module, Any], Tuple[torch.Tensor, int, int]]
+    evaluate: Callable[[nn.Module], Dict[str, float]]
+    score: str
+    resume: bool = False
+    amp: str = "none"
+    clip_grad: Optional[float] = None
+    checkpoint_extra: dict = field(default_factory=dict)
+    curves: Dict[str, List[str]] = field(default_factory=dict)
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0            # epochs completed
+    step_in_epoch: int = 0    # batches of the current epoch done (a run stopped mid-epoch)
+    global_step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1
+
+
+@dataclass
+class _Epoch:
+    stopped: bool
+    loss: float = math.nan
+    images_per_s: float = 0.0
+    skipped: int = 0
+
+
+def check_run_dir(run_dir: str, resume: bool) -> None:
+    """A new run never overwrites an old one; --resume needs one to continue."""
+    last = os.path.join(run_dir, "last.pth")
+    if resume and not os.path.isfile(last):
+        raise UserError(f"nothing to resume: {last} does not exist")
+    if not resume and os.path.isfile(last):
+        raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --output")
+
+
+def train(t: Training, processes: Processes) -> dict:
+    """Run (or resume) a training: epochs of steps, evaluation and checkpoints after each epoch.
+
+    -> dict(status 'finished' or 'interrupted', best_score, best_epoch, epochs_done, run_dir,
+    best_checkpoint, curves, network (the trained model)).
+    """
+    check_run_dir(t.run_dir, t.resume)
+    last_path, best_path = os.path.join(t.run_dir, "last.pth"), os.path.join(t.run_dir, "best.pth")
+    scaler = torch.amp.GradScaler(processes.device.type, enabled=t.amp == "fp16")
+    state = TrainState()
+    if t.resume:
+        saved = load_checkpoint(last_path)
+        t.model.load_state_dict(saved["model"])
+        t.optimizer.load_state_dict(saved["optimizer"])
+        t.scheduler.load_state_dict(saved["scheduler"])
+        scaler.load_state_dict(saved["scaler"])
+        state = TrainState(**saved["train_state"])
+        if len(saved["rng"]) != processes.world_size:
+            raise UserError(f"the run was saved by {len(saved['rng'])} processes; resume it with the same number")
+        set_rng_state(saved["rng"][processes.rank])
+        _logger.info("resuming %s at epoch %d, batch %d", t.name, state.epoch + 1, state.step_in_epoch)
+    model = t.model
+    if processes.distributed:
+        model = DistributedDataParallel(model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None)
+
+    def checkpoint() -> dict:  # every process takes part (RNG states are gathered)
+        return dict(model=t.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
+                    scaler=scaler.state_dict(), train_state=vars(state).copy(), rng=gather_rng_states(processes),
+                    **t.checkpoint_extra)
+
+    log = RunLog(t.run_dir, processes, t.resume)
+    status = "finished"
+    try:
+        with StopOnSignal(processes) as stopper:
+            while state.epoch < t.epochs:
+                epoch = _train_epoch(t, model, scaler, state, processes, stopper)
+                if epoch.stopped:
+                    saved = checkpoint()
+                    if processes.is_main:
+                        save_checkpoint(last_path, saved)
+                    status = "interrupted"
+                    break
+                metrics = t.evaluate(t.model)
+                state.epoch += 1
+                state.step_in_epoch = 0
+                t.scheduler.step(state.epoch)
+                is_best = metrics[t.score] > state.best_score
+                if is_best:
+                    state.best_score, state.best_epoch = metrics[t.score], state.epoch
+                saved = checkpoint()
+                if processes.is_main:
+                    save_checkpoint(last_path, saved)
+                    if is_best:
+                        save_checkpoint(best_path, dict(model=saved["model"], metrics=metrics, epoch=state.epoch,
+                                                        **t.checkpoint_extra))
+                    row = dict(epoch=state.epoch, train_loss=round(epoch.loss, 5), lr=t.optimizer.param_groups[0]["lr"],
+                               images_per_s=round(epoch.images_per_s, 1), skipped_images=epoch.skipped,
+                               **{f"val_{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
+                    log.epoch(row)
+                    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+                    _logger.info("%s epoch %d/%d: train loss %.4f  val %s  %.0f img/s%s", t.name, state.epoch, t.epochs,
+                                 epoch.loss, shown, epoch.images_per_s,
+                                 f"  ({epoch.skipped} unreadable images skipped)" if epoch.skipped else "")
+    finally:
+        curves = log.plot(t.curves) if t.curves else None
+        log.close()
+    return dict(status=status, best_score=state.best_score, best_epoch=state.best_epoch, epochs_done=state.epoch,
+                run_dir=t.run_dir, best_checkpoint=best_path, curves=curves, network=t.model)
+
+
+def _train_epoch(t: Training, model: nn.Module, scaler, state: TrainState, processes: Processes,
+                 stopper: StopOnSignal) -> _Epoch:
+    """One epoch (or its rest after a resume), or less when a stop is requested."""
+    model.train()
+    t.train_set.set_epoch(state.epoch)
+    t.sampler.set_epoch(state.epoch, state.step_in_epoch)
+    # The loader's own generator: creating it must not draw from the global RNG, or a resumed run would
+    # drift from an uninterrupted one (augmentation is seeded per sample).
+    loader = DataLoader(t.train_set, batch_size=t.sampler.batch_size, sampler=t.sampler, num_workers=t.workers,
+                        collate_fn=t.collate_fn, pin_memory=processes.device.type == "cuda", drop_last=True,
+                        generator=torch.Generator().manual_seed(state.epoch))
+    progress = progress_bar(loader, processes, total=t.sampler.batches_per_epoch(), initial=state.step_in_epoch,
+                            desc=f"{t.name} {state.epoch + 1}/{t.epochs}")
+    loss_sum, steps, images_seen, skipped, speed, start = 0.0, 0, 0, 0, 0.0, time.perf_counter()
+    for batch in progress:
+        with autocast_context(t.amp, processes.device):
+            loss, images, skipped_now = t.loss(model, batch)
+        stop, nonfinite = stopper.requested(not torch.isfinite(loss).item())
+        if nonfinite:
+            raise NonFiniteLoss(
+                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1}; nothing "
+                f"was saved from this step (the last good checkpoint is {t.run_dir}/last.pth). "
+                "Try a lower --lr, --amp none, or --clip-grad.")
+        t.optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if t.clip_grad:
+            scaler.unscale_(t.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
+        scaler.step(t.optimizer)
+        scaler.update()
+        state.global_step += 1
+        state.step_in_epoch += 1
+        t.scheduler.step_update(num_updates=state.global_step)
+        loss_sum += loss.item()
+        steps += 1
+        images_seen += images * processes.world_size
+        skipped += skipped_now
+        speed = images_seen / (time.perf_counter() - start)
+        progress.set_postfix(loss=f"{loss_sum / steps:.4f}", lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
+                             img_s=f"{speed:.0f}")
+        if stop:
+            progress.close()
+            return _Epoch(stopped=True)
+    progress.close()
+    loss_mean, skipped_all = all_sum([loss_sum / max(steps, 1), float(skipped)], processes)
+    return _Epoch(False, loss_mean / processes.world_size, speed, int(skipped_all))
