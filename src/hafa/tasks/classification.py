@@ -20,7 +20,7 @@ from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
 from ..data.folder import ImageFolderDataset, collate_skipping
-from ..data.mnist import prepare_mnist5k
+from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
 from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
@@ -378,8 +378,8 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
     data = args.data or config.get("data")
     if data is None:
         raise UserError("say which data to evaluate on with --data")
-    if not os.path.isdir(data) and config.get("data") == data and os.path.basename(data) == "mnist5k":
-        data = prepare_mnist5k(data)
+    if data == os.path.abspath(default_data_root()):
+        data = prepare_mnist5k(data)  # the embedded set, written again if the cache was cleared
     class_names = saved.get("class_names") if ours else None
     dataset = ImageFolderDataset(data, "val", eval_transform(recipe), classes=class_names)
     num_classes = len(dataset.classes)
