@@ -103,9 +103,10 @@ class LAA(ConvDownsample):
         offsets = self.offset(x)
         samples = deformable_samples(x, offsets, proj.kernel_size, proj.stride, proj.padding)
         B, _, _, Ho, Wo = samples.shape
-        out = torch.matmul(proj.weight.flatten(1), samples.view(B, -1, Ho * Wo))
-        out = out.transpose(1, 2).reshape(B, Ho, Wo, -1)
-        if proj.bias is not None:
-            out = out + proj.bias
-        out = self.norm(out)
+        # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout): the output comes channels last and the bias is added
+        # in the same call, with no transposed copy of the samples or of the output.
+        columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
+        weight = proj.weight.flatten(1).t().expand(B, -1, -1)
+        out = torch.bmm(columns, weight) if proj.bias is None else torch.baddbmm(proj.bias, columns, weight)
+        out = self.norm(out.view(B, Ho, Wo, -1))
         return (out, offsets) if return_offsets else out
