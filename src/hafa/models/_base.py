@@ -36,10 +36,19 @@ def grid_downsample(kind: str, in_dim: int, out_dim: int, kernel: int, stride: i
     return layer(in_dim, out_dim, kernel, stride, padding, norm_layer=norm_layer)
 
 
-def run_downsample(module: nn.Module, x: Tensor, layout: TokenLayout) -> Tuple[Tensor, TokenLayout, Optional[KeyValues]]:
-    """Apply a transition to B x N x C tokens: -> new tokens, their layout, and separate keys/values (SIA)."""
+def padding_tokens(layout: TokenLayout, padding_mask: Tensor) -> Tensor:
+    """B x N bool: the tokens whose cells lie wholly in the padding of a batch of padded images
+    (padding_mask: B x H x W over the input images, True for padding)."""
+    image_share = layout.to_tokens((~padding_mask).unsqueeze(1).float())  # B x N x 1
+    return image_share.squeeze(-1) == 0
+
+
+def run_downsample(module: nn.Module, x: Tensor, layout: TokenLayout, padding_mask: Optional[Tensor] = None,
+                   ) -> Tuple[Tensor, TokenLayout, Optional[KeyValues]]:
+    """Apply a transition to B x N x C tokens: -> new tokens, their layout, and separate keys/values (SIA).
+    padding_mask (B x H x W, True for padding of the input images): SIA makes no padding token a centre."""
     if isinstance(module, SIA):
-        out = module(x, layout)
+        out = module(x, layout, None if padding_mask is None else padding_tokens(layout, padding_mask))
         return out.queries, out.layout, out.kv
     fmap = module(layout.to_map(x))  # B x H x W x C
     return fmap.flatten(1, 2), TokenLayout(fmap.shape[1:3]), None
@@ -112,9 +121,13 @@ class HafaBackbone(nn.Module):
             stop_early: bool = False,
             output_fmt: str = "NCHW",
             intermediates_only: bool = False,
+            padding_mask: Optional[Tensor] = None,
     ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
         """Stage feature maps (strides 4, 8, 16, 32), B x C x H x W each; after SIA painted through the
-        dictionary. Returns the maps, or (final tokens, maps)."""
+        dictionary. Returns the maps, or (final tokens, maps).
+
+        padding_mask: B x H x W bool, True where x is padding (detection batches pad images to a
+        common size): tokens wholly in the padding never become SIA's cluster centres."""
         if output_fmt != "NCHW":
             raise ValueError("HAFA backbones return NCHW feature maps")
         stages = self.stage_list
@@ -123,7 +136,7 @@ class HafaBackbone(nn.Module):
         x, layout = self.stem(x)
         last = max_index if stop_early or intermediates_only else len(stages) - 1
         for i, stage in enumerate(stages[:last + 1]):
-            x, layout = stage(x, layout)
+            x, layout = stage(x, layout, padding_mask)
             if i in take_indices:
                 intermediates.append(self.stage_output(i, x, layout, norm))
         if intermediates_only:

@@ -59,13 +59,14 @@ class PvtStage(nn.Module):
             grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
         return torch.cat([prefix, grid], dim=1)
 
-    def forward(self, x: Tensor, layout: Optional[TokenLayout]) -> Tuple[Tensor, TokenLayout]:
+    def forward(self, x: Tensor, layout: Optional[TokenLayout], padding_mask: Optional[Tensor] = None,
+                ) -> Tuple[Tensor, TokenLayout]:
         """x: images (first stage) or the previous stage's tokens -> tokens (class token first, last stage)."""
         if layout is None:
             x = self.patch_embed(x)
             x, layout, kv = x.flatten(1, 2), TokenLayout(x.shape[1:3]), None
         else:
-            x, layout, kv = run_downsample(self.patch_embed, x, layout)
+            x, layout, kv = run_downsample(self.patch_embed, x, layout, padding_mask)
         if self.cls_token is not None:
             cls_token = self.cls_token.expand(x.shape[0], -1, -1)
             x = torch.cat([cls_token, x], dim=1)

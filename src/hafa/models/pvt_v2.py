@@ -7,7 +7,7 @@ After SIA the blocks' spatial-reduction attention and depthwise-conv MLP see a f
 the dictionary.
 """
 import math
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 from timm.layers import LayerNorm, calculate_drop_path_rates, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -36,10 +36,10 @@ class PvtV2Stage(nn.Module):
             for i in range(depth)])
         self.norm = LayerNorm(dim_out)
 
-    def forward(self, x: Tensor, layout: TokenLayout) -> Tuple[Tensor, TokenLayout]:
+    def forward(self, x: Tensor, layout: TokenLayout, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, TokenLayout]:
         kv = None
         if self.downsample is not None:
-            x, layout, kv = run_downsample(self.downsample, x, layout)
+            x, layout, kv = run_downsample(self.downsample, x, layout, padding_mask)
         x = run_blocks(self.blocks, x, layout, kv, self.grad_checkpointing)
         return self.norm(x), layout
 

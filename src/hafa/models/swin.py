@@ -13,7 +13,7 @@ there anyway; the merged stage holds a quarter of the tokens, which keeps global
 detection sizes. Those blocks have separate q and kv projections (for SIA's keys/values); a
 checkpoint's fused qkv is split into them on loading.
 """
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -96,10 +96,10 @@ class SwinStage(nn.Module):
                       dwconv_mlp=False)
                 for i in range(depth)])
 
-    def forward(self, x: Tensor, layout: TokenLayout) -> Tuple[Tensor, TokenLayout]:
+    def forward(self, x: Tensor, layout: TokenLayout, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, TokenLayout]:
         kv = None
         if self.downsample is not None:
-            x, layout, kv = run_downsample(self.downsample, x, layout)
+            x, layout, kv = run_downsample(self.downsample, x, layout, padding_mask)
         if not self.windowed:
             return run_blocks(self.blocks, x, layout, kv, self.grad_checkpointing), layout
         x = x.view(x.shape[0], *layout.map_size, x.shape[-1])
