@@ -11,6 +11,9 @@ COMMANDS = {
     "train": ("hafa.tasks.classification:TRAIN", "train classifiers (default: HAFA vs baseline on the embedded MNIST-5k)"),
     "eval": ("hafa.tasks.classification:EVAL", "evaluate a classifier checkpoint: top-1, top-5, loss"),
     "models": ("hafa.tools.models", "list the models: parameters, GMACs, the paper's numbers"),
+    "bench": ("hafa.tools.bench", "time, size and memory of HAFA models beside their baselines; --modules: LAA / SIA"),
+    "visualize": ("hafa.tools.visualize", "one PNG: an image, SIA's clusters and LAA's sampling points"),
+    "export": ("hafa.tools.export", "ONNX export with a dynamic batch, checked by onnxruntime; --compile: torch.compile check"),
 }
 
 

@@ -146,11 +146,15 @@ def cluster_dpc_knn(
         is_peak &= ~mask
 
     # Peaks scan all tokens (B x P x N, P the largest peak count in the batch) for their nearest
-    # denser token, or the farthest token for the densest one. While exporting, P = N: a graph's
-    # shapes cannot depend on the data, and non-peaks in the list change nothing.
-    num_peaks = N if torch.compiler.is_exporting() else int(is_peak.sum(-1).max())
-    if num_peaks > 0:
+    # denser token, or the farthest token for the densest one. While exporting, every token is in the
+    # list: a graph's shapes cannot depend on the data, and non-peaks in the list change nothing.
+    if torch.compiler.is_exporting():
+        peaks = torch.arange(N, device=x.device).expand(B, N)
+    else:
+        num_peaks = int(is_peak.sum(-1).max())
         peaks = torch.sort(is_peak.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :num_peaks]
+    num_peaks = peaks.shape[1]
+    if num_peaks > 0:
         peak_left, peak_rank = _take(left, peaks), rank.gather(1, peaks)
 
         def peak_rows(rows: slice) -> Tensor:

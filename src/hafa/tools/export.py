@@ -1,0 +1,146 @@
+"""`hafa export`: a HAFA model to ONNX with a dynamic batch axis, checked by onnxruntime; `--compile`
+checks torch.compile against eager mode.
+
+The export goes through torch.export (torch.onnx.export(..., dynamo=True), opset 18). What was hard:
+
+- Deformable sampling (LAA): torchvision's deform_conv2d has no ONNX form. LAA is written as one
+  F.grid_sample (ONNX GridSample, bilinear, zero padding) and one batched matmul with the layer's
+  weights, which is the eager path too; no separate export path.
+- DPC-KNN's data-dependent shapes: the number of local density peaks, which eager mode reads with
+  int() to scan only those tokens, would make the graph's shapes depend on the data. While exporting
+  (torch.compiler.is_exporting()) every token takes the peak path (non-peaks in it change nothing), and
+  the row chunking that bounds memory is one chunk, so no loop depends on the batch size. topk, the
+  stable sorts, gather and argmin map to TopK, GatherElements and ArgMin.
+- Scatters: merging and the dictionary use scatter_add / scatter_reduce(amax), which become
+  ScatterElements with reduction add / max (opset 18), exact with duplicate indices; index_add_, which
+  exports wrongly with duplicates, is not used. The dictionary's adaptive pooling is matrices built by
+  a scatter and applied with one batched matmul, so no AdaptiveAvgPool appears.
+"""
+import time
+from collections import Counter
+from pathlib import Path
+from typing import List
+
+import timm
+import torch
+
+from ..errors import UserError, unknown_name
+from ..models.table import BASELINE
+
+OPSET = 18
+
+
+def add_arguments(parser):
+    parser.add_argument("--model", default="hafa_pvt_v2_b0", help="HAFA (or baseline) model (default hafa_pvt_v2_b0)")
+    parser.add_argument("--checkpoint", help="weights to load with hafa.load_pretrained (default: random weights)")
+    parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
+    parser.add_argument("--batch", type=int, default=2, help="batch of the example input that is traced (default 2)")
+    parser.add_argument("--check-batches", type=int, nargs="+", default=[1, 3],
+                        help="batches run by onnxruntime besides the traced one (default 1 3)")
+    parser.add_argument("--output", "-o", help="ONNX file to write (default MODEL.onnx)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also compare torch.compile(model) with eager mode (outputs and time)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (with --compile)")
+
+
+def build_model(name: str, checkpoint: str = None) -> torch.nn.Module:
+    known = set(BASELINE) | set(BASELINE.values())
+    if name not in known:
+        raise unknown_name("model", name, sorted(known))
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    if checkpoint:
+        from ..pretrained import load_pretrained
+        if not Path(checkpoint).is_file():
+            raise UserError(f"no checkpoint at {checkpoint}")
+        load_pretrained(model, checkpoint)
+    return model
+
+
+def _stable_sort(self, stable=None, dim: int = -1, descending: bool = False):
+    """aten::sort.stable as an ONNX TopK over the whole axis; TopK orders equal values by index, so it
+    is stable (the exporter's own table has only the unstable overload)."""
+    from onnxscript import opset18 as op
+
+    size = op.Reshape(op.Gather(op.Shape(self), op.Constant(value_int=dim), axis=0), op.Constant(value_ints=[1]))
+    return op.TopK(self, size, axis=dim, largest=descending, sorted=True)
+
+
+def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> None:
+    """Write model to path as ONNX (opset 18) with a dynamic batch axis named 'batch'."""
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
+                                    dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True, verbose=False,
+                                    custom_translation_table={torch.ops.aten.sort.stable: _stable_sort})
+    program.save(path)
+
+
+def onnxruntime_differences(path: str, model: torch.nn.Module, inputs: List[torch.Tensor]) -> List[float]:
+    """Max |onnxruntime - PyTorch| of the outputs, for each input."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    differences = []
+    for x in inputs:
+        with torch.no_grad():
+            expected = model(x)
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        differences.append(float((got - expected).abs().max()))
+    return differences
+
+
+def onnx_op_counts(path: str) -> Counter:
+    import onnx
+
+    return Counter(node.op_type for node in onnx.load(path, load_external_data=False).graph.node)
+
+
+def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dict:
+    """torch.compile(model) against eager: max |difference|, compile seconds, median eager and compiled ms."""
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        start = time.perf_counter()
+        out = compiled(x)
+        compile_s = time.perf_counter() - start
+        expected = model(x)
+
+        def median_ms(fn) -> float:
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                fn(x)
+                times.append(time.perf_counter() - start)
+            return sorted(times)[len(times) // 2] * 1e3
+
+        eager_ms, compiled_ms = median_ms(model), median_ms(compiled)
+    return dict(max_abs_difference=float((out - expected).abs().max()), compile_s=compile_s,
+                eager_ms=eager_ms, compiled_ms=compiled_ms)
+
+
+def run(args) -> int:
+    if args.batch < 1 or min(args.check_batches) < 1 or args.img_size < 32:
+        raise UserError("batches must be >= 1 and --img-size >= 32")
+    model = build_model(args.model, args.checkpoint)
+    size = (3, args.img_size, args.img_size)
+    torch.manual_seed(1)
+    example = torch.randn(args.batch, *size)
+    if not args.no_onnx:
+        path = args.output or f"{args.model}.onnx"
+        start = time.perf_counter()
+        export_onnx(model, example, path)
+        print(f"wrote {path} ({Path(path).stat().st_size / 2 ** 20:.1f} MB, opset {OPSET}, dynamic batch) "
+              f"in {time.perf_counter() - start:.0f} s")
+        ops = onnx_op_counts(path)
+        notable = [op for op in ("GridSample", "TopK", "ScatterElements", "GatherElements", "ArgMin", "ArgMax") if op in ops]
+        print("ops: " + ", ".join(f"{op} x{ops[op]}" for op in notable) + f"; {sum(ops.values())} nodes in all")
+        batches = [args.batch] + [b for b in args.check_batches if b != args.batch]
+        inputs = [example] + [torch.randn(b, *size) for b in batches[1:]]
+        for b, difference in zip(batches, onnxruntime_differences(path, model, inputs)):
+            print(f"onnxruntime vs PyTorch, batch {b}: max abs difference {difference:.2e}")
+    if args.compile:
+        result = compile_check(model, example)
+        print(f"torch.compile vs eager, batch {args.batch}: max abs difference {result['max_abs_difference']:.2e}; "
+              f"compiled in {result['compile_s']:.0f} s; {result['eager_ms']:.1f} ms eager, {result['compiled_ms']:.1f} ms compiled")
+    return 0
