@@ -10,6 +10,9 @@ from .errors import UserError, unknown_name  # noqa: F401  (re-exported for the 
 COMMANDS = {
     "train": ("hafa.tasks.classification:TRAIN", "train classifiers (default: HAFA vs baseline on the embedded MNIST-5k)"),
     "eval": ("hafa.tasks.classification:EVAL", "evaluate a classifier checkpoint: top-1, top-5, loss"),
+    "seg-train": ("hafa.tasks.segmentation:TRAIN", "train Semantic FPN segmenters (default: HAFA vs baseline on the "
+                                                  "embedded scenes)"),
+    "seg-eval": ("hafa.tasks.segmentation:EVAL", "evaluate a segmentation checkpoint: mIoU, per-class IoU, pixel accuracy"),
     "models": ("hafa.tools.models", "list the models: parameters, GMACs, the paper's numbers"),
     "bench": ("hafa.tools.bench", "time, size and memory of HAFA models beside their baselines; --modules: LAA / SIA"),
     "visualize": ("hafa.tools.visualize", "one PNG: an image, SIA's clusters and LAA's sampling points"),

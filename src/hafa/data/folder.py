@@ -60,6 +60,12 @@ def read_rgb(path: str) -> Optional[Image.Image]:
         return None
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for the augmentation of one sample in one epoch of a run seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+
+
 @contextmanager
 def _seeded(seed: int):
     """Seed torch, numpy and random for one sample's augmentation, then restore their states."""
@@ -101,8 +107,7 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def _sample_seed(self, index: int) -> int:
-        digest = hashlib.blake2b(f"{self.seed}/{self.epoch}/{index}".encode(), digest_size=8).digest()
-        return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+        return sample_seed(self.seed, self.epoch, index)
 
     def __getitem__(self, index: int):
         skipped = 0

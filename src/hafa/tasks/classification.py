@@ -25,8 +25,8 @@ from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
 from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
 from .engine import (EpochSampler, Processes, ShardSampler, Training, all_sum, autocast_context, barrier,
-                     check_run_dir, close_processes, init_processes, load_checkpoint, load_recipe, progress_bar,
-                     setup_console_logging, train)
+                     check_run_dir, close_processes, init_processes, load_checkpoint, load_recipe, override_recipe,
+                     progress_bar, setup_console_logging, train)
 
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 
@@ -260,17 +260,9 @@ class TrainCommand:
 
 
 def _recipe_from_args(args) -> dict:
-    import yaml
     recipe = load_recipe(args.recipe or ("mnist_demo" if args.data is None else "imagenet_hafa"), RECIPE_DEFAULTS)
-    for key in ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed"):
-        if getattr(args, key) is not None:
-            recipe[key] = getattr(args, key)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in RECIPE_DEFAULTS:
-            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(RECIPE_DEFAULTS))}")
-        recipe[key] = yaml.safe_load(value)
-    return recipe
+    keys = ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed")
+    return override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
 
 
 def _check_resumable(config: dict, run_dir: str) -> None:

@@ -243,6 +243,17 @@ def load_recipe(name_or_path: str, defaults: dict) -> dict:
     return {**defaults, **values}
 
 
+def override_recipe(recipe: dict, options: Dict[str, Any], settings: List[str]) -> dict:
+    """The recipe with command-line values (None: not given) and `--set KEY=VALUE` items (YAML values)."""
+    recipe = {**recipe, **{k: v for k, v in options.items() if v is not None}}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in recipe:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
+        recipe[key] = yaml.safe_load(value)
+    return recipe
+
+
 # ---------------------------------------------------------------- logs
 
 class RunLog:

@@ -1,0 +1,377 @@
+"""Semantic segmentation: `hafa seg-train` and `hafa seg-eval` (Semantic FPN on a HAFA or baseline backbone).
+
+The paper's ADE20K recipe (configs/ade20k_semantic_fpn.yaml): AdamW, poly decay over 40k iterations at a
+global batch of 16, random rescale / crop 512 / flip / photometric jitter, whole-image evaluation with
+the short side at 512 (sliding windows as an option); mIoU, mean class accuracy, pixel accuracy and
+per-class IoU. One process, or several with `torchrun --nproc_per_node=N -m hafa seg-train ...`.
+Without data options the embedded scenes train a HAFA model and its baseline side by side.
+
+Data: --data ROOT in the ADE20K layout (ROOT/images/{training,validation}, ROOT/annotations/...;
+mask value 0 ignored, 1..K -> classes 0..K-1), or --images DIR --masks DIR --val-images DIR
+--val-masks DIR with masks holding the classes 0..K-1 (255 = ignore).
+"""
+import argparse
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from timm.scheduler import PolyLRScheduler
+
+from ..data.folder import read_rgb
+from ..data.scenes import SEGMENTATION_CLASSES, default_scenes_root, prepare_scenes
+from ..data.segmentation import (IGNORE_INDEX, EvalTransform, LabelMapping, SegmentationDataset, TrainTransform,
+                                 collate_segmentation, data_pairs)
+from ..errors import UserError
+from ..models.semantic_fpn import SemanticFPN, backbone_network, create_semantic_fpn
+from ..models.table import BASELINE
+from ..pretrained import CheckpointMismatchError, load_pretrained
+from .classification import _add_model_options, _add_run_options, _check_resumable, _model_args, build_optimizer
+from .engine import (EpochSampler, Processes, Training, barrier, check_run_dir, close_processes, init_processes,
+                     load_checkpoint, load_recipe, override_recipe, setup_console_logging, train)
+from .segmentation_metrics import evaluate_segmentation, infer_logits
+
+DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
+ADE20K_CLASSES = 150
+
+# Every recipe setting (the paper's values); a recipe file overrides some, options override it.
+RECIPE_DEFAULTS = dict(
+    iterations=40000, batch_size=16, lr=1e-4, lr_base_batch=16, min_lr=0.0, poly_power=0.9,
+    opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8, weight_decay=1e-4, clip_grad=None,
+    scale=[2048, 512], ratio_range=[0.5, 2.0], crop_size=[512, 512], cat_max_ratio=0.75, hflip=0.5,
+    color_jitter=[0.125, 0.5, 0.5, 0.1], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
+    drop_path=0.1, head_dropout=0.1, eval_mode="whole", eval_crop=[512, 512], eval_stride=[341, 341], seed=0,
+)
+
+
+# ---------------------------------------------------------------- training
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy averaged over the labelled pixels; 0 (with gradients) when a batch has none."""
+    labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, total_iterations: int) -> PolyLRScheduler:
+    """Poly decay, lr = min_lr + (lr - min_lr) * (1 - t / total) ** poly_power, stepped every iteration."""
+    return PolyLRScheduler(optimizer, t_initial=total_iterations, power=recipe["poly_power"], lr_min=recipe["min_lr"],
+                           t_in_epochs=False)
+
+
+def _evaluate(network, dataset, config: dict, processes: Processes, desc: str = "eval") -> dict:
+    recipe = config["recipe"]
+    return evaluate_segmentation(network, dataset, config["class_names"], processes, config["workers"], config["amp"],
+                                 recipe["eval_mode"], recipe["eval_crop"], recipe["eval_stride"], desc)
+
+
+def train_one_model(config: dict, processes: Processes) -> dict:
+    """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
+    recipe = config["recipe"]
+    check_run_dir(config["run_dir"], config["resume"])
+    torch.manual_seed(recipe["seed"])
+    labels = LabelMapping(config["num_classes"], config["reduce_zero_label"])
+    train_set = SegmentationDataset(data_pairs(config["data"], "train"), TrainTransform(recipe), labels,
+                                    replace_unreadable=True, seed=recipe["seed"])
+    val_set = SegmentationDataset(data_pairs(config["data"], "val"), EvalTransform(recipe), labels)
+    model = create_semantic_fpn(config["model"], config["num_classes"], config["model_args"], recipe["drop_path"],
+                                recipe["head_dropout"])
+    if config["backbone_checkpoint"]:
+        _load_backbone(model, config["backbone_checkpoint"], processes.is_main)
+    model.to(processes.device)
+
+    sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
+    epochs = max(1, round(recipe["iterations"] / sampler.batches_per_epoch()))
+    optimizer = build_optimizer(model, recipe, sampler.global_batch)
+    scheduler = build_scheduler(optimizer, recipe, epochs * sampler.batches_per_epoch())
+
+    def loss(network, batch):
+        batch.check()
+        images = batch.images.to(processes.device, non_blocking=True)
+        targets = batch.labels.to(processes.device, non_blocking=True)
+        return segmentation_loss(network(images), targets), images.shape[0], batch.skipped
+
+    training = Training(
+        name=config["model"], run_dir=config["run_dir"], model=model, train_set=train_set,
+        collate_fn=collate_segmentation, sampler=sampler, workers=config["workers"], epochs=epochs,
+        optimizer=optimizer, scheduler=scheduler, loss=loss,
+        evaluate=lambda network: _evaluate(network, val_set, config, processes),
+        score="mIoU", resume=config["resume"], amp=config["amp"], clip_grad=recipe["clip_grad"],
+        checkpoint_extra=dict(task="segmentation", config=config, class_names=config["class_names"],
+                              model_name=config["model"]),
+        curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]})
+    if processes.is_main and not config["resume"]:
+        print(f"{config['model']}: {len(train_set)} training / {len(val_set)} validation images, "
+              f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}")
+    return dict(train(training, processes), model=config["model"])
+
+
+def _load_backbone(model: SemanticFPN, path: str, verbose: bool) -> None:
+    """An ImageNet (or `hafa train`) checkpoint into the backbone; its classifier is left out."""
+    if not os.path.isfile(path):
+        raise UserError(f"backbone checkpoint not found: {path}")
+    try:
+        load_pretrained(backbone_network(model.backbone), path, verbose=verbose)
+    except CheckpointMismatchError as error:
+        raise UserError(f"{path} does not fit the backbone: {error}") from error
+
+
+# ---------------------------------------------------------------- data options
+
+def _add_data_options(parser, training: bool) -> None:
+    split = "training " if training else ""
+    group = parser.add_argument_group("data (default: the embedded scenes)" if training else "data (default: the "
+                                      "checkpoint's validation data)")
+    group.add_argument("--data", metavar="ROOT", help="ADE20K layout: ROOT/images/{training,validation}/*.jpg, "
+                                                      "ROOT/annotations/{training,validation}/*.png")
+    group.add_argument("--images", metavar="DIR", help=f"{split}images (with --masks); masks match by file name")
+    group.add_argument("--masks", metavar="DIR", help=f"{split}masks: one class id per pixel, 255 = ignore")
+    if training:
+        group.add_argument("--val-images", metavar="DIR", help="validation images (with --images)")
+        group.add_argument("--val-masks", metavar="DIR", help="validation masks (with --images)")
+        group.add_argument("--num-classes", type=int, help=f"classes (default {ADE20K_CLASSES} with --data; "
+                                                           "needed with --images)")
+        group.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
+                           help="mask value 0 = ignore, v -> class v-1 (default: on with --data, off with --images)")
+        group.add_argument("--class-names", metavar="FILE", help="class names, one a line (for logs and legends)")
+
+
+def _data_from_args(args) -> dict:
+    """-> dict(data, num_classes, reduce_zero_label, class_names) for seg-train."""
+    folders = [args.images, args.masks, args.val_images, args.val_masks]
+    if any(folders):
+        if args.data or not all(folders):
+            raise UserError("give either --data ROOT (ADE20K layout) or all of --images, --masks, --val-images and "
+                            "--val-masks")
+        if args.num_classes is None:
+            raise UserError("with --images / --masks, say how many classes the masks hold with --num-classes")
+        data = dict(layout="folders", train=[os.path.abspath(args.images), os.path.abspath(args.masks)],
+                    val=[os.path.abspath(args.val_images), os.path.abspath(args.val_masks)])
+        num_classes, reduce_zero_label, names = args.num_classes, bool(args.reduce_zero_label), None
+    elif args.data:
+        data = dict(layout="ade20k", root=os.path.abspath(args.data))
+        num_classes = args.num_classes or ADE20K_CLASSES
+        reduce_zero_label = args.reduce_zero_label is not False
+        names = None
+    else:
+        data = dict(layout="ade20k", root=os.path.join(default_scenes_root(), "ade"))
+        num_classes, reduce_zero_label, names = len(SEGMENTATION_CLASSES), True, list(SEGMENTATION_CLASSES)
+        if args.num_classes not in (None, num_classes) or args.reduce_zero_label is False:
+            raise UserError(f"the embedded scenes have {num_classes} classes in the ADE20K convention; "
+                            "--num-classes and --no-reduce-zero-label are for your own data")
+    if args.class_names:
+        names = _read_class_names(args.class_names, num_classes)
+    return dict(data=data, num_classes=num_classes, reduce_zero_label=reduce_zero_label,
+                class_names=names or [f"class_{i}" for i in range(num_classes)])
+
+
+def _read_class_names(path: str, num_classes: int) -> List[str]:
+    if not os.path.isfile(path):
+        raise UserError(f"class names file not found: {path}")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if len(names) != num_classes:
+        raise UserError(f"{path} names {len(names)} classes, but there are {num_classes}")
+    return names
+
+
+def _is_scenes(data: dict) -> bool:
+    return data["layout"] == "ade20k" and data["root"] == os.path.join(default_scenes_root(), "ade")
+
+
+def _ensure_scenes(data: dict, processes: Processes) -> None:
+    """Write the embedded scenes when they are the data and not there yet (rank 0 writes, all wait)."""
+    if _is_scenes(data):
+        if processes.is_main:
+            prepare_scenes()
+        barrier(processes)
+
+
+# ---------------------------------------------------------------- seg-train
+
+class TrainCommand:
+    """hafa seg-train"""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.description = __doc__
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.add_argument("--model", nargs="+", help=f"timm backbone name(s); default {' and '.join(DEMO_MODELS)} "
+                                                       "on the embedded scenes")
+        parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+        _add_data_options(parser, training=True)
+        parser.add_argument("--recipe", help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
+                                             "data options, scenes_semantic_fpn without)")
+        parser.add_argument("--output", default=os.path.join("runs", "segmentation"),
+                            help="runs go to OUTPUT/<model> (default runs/segmentation)")
+        parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+        parser.add_argument("--backbone-checkpoint", "--init-from", dest="backbone_checkpoint", metavar="CKPT",
+                            help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)")
+        recipe = parser.add_argument_group("recipe overrides")
+        recipe.add_argument("--iterations", type=int, help="rounded to whole epochs")
+        recipe.add_argument("--batch-size", type=int, help="per process")
+        recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
+        recipe.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
+        recipe.add_argument("--eval-mode", choices=("whole", "slide"))
+        recipe.add_argument("--seed", type=int)
+        recipe.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                            help="any recipe setting, e.g. --set scale=[1024,256] (YAML values)")
+        _add_model_options(parser)
+        _add_run_options(parser)
+
+    @staticmethod
+    def run(args) -> int:
+        setup_console_logging()
+        processes = init_processes(args.device)
+        try:
+            return _train(args, processes)
+        finally:
+            close_processes()
+
+
+def _train(args, processes: Processes) -> int:
+    data = _data_from_args(args)
+    own_data = not _is_scenes(data["data"])
+    models = list(args.model or ([] if own_data else DEMO_MODELS))
+    if not models:
+        raise UserError("with your own data, choose the backbone(s) with --model")
+    if args.baseline:
+        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    recipe = load_recipe(args.recipe or ("ade20k_semantic_fpn" if own_data else "scenes_semantic_fpn"), RECIPE_DEFAULTS)
+    options = dict(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop_size,
+                   eval_mode=args.eval_mode, seed=args.seed)
+    recipe = override_recipe(recipe, options, args.set)
+    _ensure_scenes(data["data"], processes)
+    if processes.is_main and not own_data:
+        print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {data['data']['root']}")
+    results = []
+    for name in models:
+        config = dict(data, model=name, recipe=recipe, run_dir=os.path.join(args.output, name), resume=args.resume,
+                      backbone_checkpoint=args.backbone_checkpoint, model_args=_model_args(args), amp=args.amp,
+                      workers=args.workers, device=args.device)
+        if args.resume and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
+            _check_resumable(config, config["run_dir"])
+        result = train_one_model(config, processes)
+        results.append(result)
+        if result["status"] == "interrupted":
+            break
+    if processes.is_main:
+        _print_summary(results)
+    return 130 if any(r["status"] == "interrupted" for r in results) else 0
+
+
+def _print_summary(results) -> None:
+    print("\n| backbone | best val mIoU (%) | at epoch | best checkpoint | curves |")
+    print("|---|---:|---:|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
+    by_name = {r["model"]: r for r in results}
+    for r in results:
+        base = by_name.get(BASELINE.get(r["model"]))
+        if base is not None and r["best_epoch"] > 0 and base["best_epoch"] > 0:
+            print(f"{r['model']} vs {base['model']}: {r['best_score'] - base['best_score']:+.2f} points mIoU")
+    interrupted = [r for r in results if r["status"] == "interrupted"]
+    if interrupted:
+        print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+
+
+# ---------------------------------------------------------------- checkpoints -> models
+
+def load_segmenter(checkpoint: str) -> tuple:
+    """A `hafa seg-train` checkpoint -> (SemanticFPN in eval mode on the CPU, its training config)."""
+    saved = load_checkpoint(checkpoint)
+    if not isinstance(saved, dict) or saved.get("task") != "segmentation":
+        raise UserError(f"{checkpoint} is not a checkpoint of hafa seg-train")
+    config = saved["config"]
+    model = create_semantic_fpn(config["model"], config["num_classes"], config["model_args"])
+    model.load_state_dict(saved["model"])
+    return model.eval(), config
+
+
+# ---------------------------------------------------------------- seg-eval
+
+class EvalCommand:
+    """hafa seg-eval"""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa seg-train")
+        _add_data_options(parser, training=False)
+        parser.add_argument("--eval-mode", choices=("whole", "slide"), help="default: the checkpoint's recipe")
+        parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+        _add_run_options(parser)
+
+    @staticmethod
+    def run(args) -> int:
+        setup_console_logging()
+        processes = init_processes(args.device)
+        try:
+            metrics = _evaluate_checkpoint(args, processes)
+        finally:
+            close_processes()
+        if processes.is_main:
+            _print_metrics(metrics)
+            if args.json:
+                import json
+                with open(args.json, "w") as f:
+                    json.dump(metrics, f, indent=2)
+        return 0
+
+
+def _evaluate_checkpoint(args, processes: Processes) -> dict:
+    model, config = load_segmenter(args.checkpoint)
+    if args.data and (args.images or args.masks):
+        raise UserError("give either --data ROOT or --images DIR --masks DIR")
+    if args.images or args.masks:
+        if not (args.images and args.masks):
+            raise UserError("--images and --masks go together")
+        data = dict(layout="folders", val=[os.path.abspath(args.images), os.path.abspath(args.masks)])
+    elif args.data:
+        data = dict(layout="ade20k", root=os.path.abspath(args.data))
+    else:
+        data = config["data"]
+        _ensure_scenes(data, processes)
+    labels = LabelMapping(config["num_classes"], config["reduce_zero_label"])
+    dataset = SegmentationDataset(data_pairs(data, "val"), EvalTransform(config["recipe"]), labels)
+    recipe = dict(config["recipe"], eval_mode=args.eval_mode or config["recipe"]["eval_mode"])
+    model.to(processes.device)
+    metrics = _evaluate(model, dataset, dict(config, recipe=recipe, workers=args.workers, amp=args.amp), processes)
+    return dict(metrics, model=config["model"], data=data, checkpoint=args.checkpoint, eval_mode=recipe["eval_mode"])
+
+
+def _print_metrics(metrics: dict) -> None:
+    print(f"{metrics['model']} ({metrics['eval_mode']}): mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
+          f"pixel accuracy {metrics['aAcc']:.2f}%  ({metrics['images']} images"
+          + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")"))
+    print("| class | IoU (%) |\n|---|---:|")
+    for name, iou in metrics["per_class_IoU"].items():
+        print(f"| {name} | {'-' if np.isnan(iou) else f'{iou:.2f}'} |")
+
+
+# ---------------------------------------------------------------- one image
+
+@torch.no_grad()
+def predict_segmentation(checkpoint: str, image_path: str, output_png: str, device: str = "cpu",
+                         eval_mode: Optional[str] = None, alpha: float = 0.5) -> dict:
+    """Segment one image with a `hafa seg-train` checkpoint and write the image with the classes
+    tinted and a legend as a PNG. -> dict(output, labels [H, W] int64 array, class_shares {name: %})."""
+    from ..tools.segmentation_overlay import draw_segmentation
+    model, config = load_segmenter(checkpoint)
+    image = read_rgb(image_path)
+    if image is None:
+        raise UserError(f"cannot read the image {image_path}")
+    recipe = config["recipe"]
+    pixels = EvalTransform(recipe).image_tensor(image)
+    model.to(device)
+    logits = infer_logits(model, pixels[None].to(device), eval_mode or recipe["eval_mode"], recipe["eval_crop"],
+                          recipe["eval_stride"])
+    logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
+    labels = logits.argmax(1)[0].cpu().numpy()
+    draw_segmentation(image, labels, config["class_names"], alpha).save(output_png)
+    shares = np.bincount(labels.ravel(), minlength=len(config["class_names"])) / labels.size
+    return dict(output=output_png, labels=labels,
+                class_shares={n: 100 * float(s) for n, s in zip(config["class_names"], shares) if s > 0})
+
+
+TRAIN = TrainCommand()
+EVAL = EvalCommand()
