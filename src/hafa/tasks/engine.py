@@ -126,14 +126,27 @@ def _as_tuples(value):
     return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def gather_objects(value: Any, processes: Processes) -> list:
+    """Every process's `value` (any picklable object), in rank order, on every process."""
+    if not processes.distributed:
+        return [value]
+    values = [None] * processes.world_size
+    dist.all_gather_object(values, value)
+    return values
+
+
+def broadcast_object(value: Any, processes: Processes) -> Any:
+    """The main process's `value` (any picklable object) on every process."""
+    if not processes.distributed:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 def gather_rng_states(processes: Processes) -> List[dict]:
     """Every process's RNG state, in rank order (for the checkpoint rank 0 writes)."""
-    state = rng_state()
-    if not processes.distributed:
-        return [state]
-    states = [None] * processes.world_size
-    dist.all_gather_object(states, state)
-    return states
+    return gather_objects(rng_state(), processes)
 
 
 # ---------------------------------------------------------------- stopping

@@ -1,0 +1,108 @@
+"""Mask R-CNN (He et al. 2017) on a timm backbone, as in the paper's COCO experiments: torchvision's
+MaskRCNN with its FeaturePyramidNetwork and LastLevelMaxPool.
+
+The backbone's four maps (strides 4, 8, 16, 32) go through the FPN (256 channels by default) plus a
+stride-64 level made by max pooling. torchvision's GeneralizedRCNNTransform resizes every image
+(shorter side min_size, longer side at most max_size), normalises it with the backbone's mean and
+std and pads the batch at the bottom and right to a multiple of 32. A HAFA backbone is told where
+that padding is, so that SIA never picks a padding token as a cluster centre.
+"""
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import timm
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection import MaskRCNN
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+
+from ..errors import UserError, unknown_name
+from ..pretrained import load_pretrained
+from ._base import HafaBackbone
+
+STRIDES = [4, 8, 16, 32]
+
+
+def batch_padding_mask(images: Tensor, image_sizes: Sequence[Tuple[int, int]]) -> Tensor:
+    """B x H x W bool, True outside each image's (height, width) at the top left of the padded batch."""
+    B, _, H, W = images.shape
+    rows = torch.arange(H, device=images.device).view(1, H, 1)
+    cols = torch.arange(W, device=images.device).view(1, 1, W)
+    heights = torch.tensor([size[0] for size in image_sizes], device=images.device).view(B, 1, 1)
+    widths = torch.tensor([size[1] for size in image_sizes], device=images.device).view(B, 1, 1)
+    return (rows >= heights) | (cols >= widths)
+
+
+class FeaturePyramidBackbone(nn.Module):
+    """A timm backbone's four stage maps through an FPN: images B x 3 x H x W -> OrderedDict of
+    B x out_channels maps '0'..'3' (strides 4..32) and 'pool' (stride 64), as torchvision's MaskRCNN
+    expects (it reads `out_channels`)."""
+
+    def __init__(self, body: nn.Module, out_channels: int = 256):
+        super().__init__()
+        reductions = [info["reduction"] for info in body.feature_info]
+        if reductions != STRIDES:
+            raise UserError(f"{type(body).__name__} gives maps at strides {reductions}; Mask R-CNN here needs {STRIDES}")
+        self.indices = list(range(len(STRIDES)))
+        body.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
+        self.body = body
+        self.knows_padding = isinstance(body, HafaBackbone)
+        self.fpn = FeaturePyramidNetwork([info["num_chs"] for info in body.feature_info], out_channels,
+                                         extra_blocks=LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, images: Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, Tensor]:
+        """images: B x 3 x H x W; image_sizes: (height, width) of each image inside the padded batch."""
+        extra = {}
+        if self.knows_padding and image_sizes is not None:
+            extra["padding_mask"] = batch_padding_mask(images, image_sizes)
+        maps = self.body.forward_intermediates(images, indices=self.indices, norm=True, output_fmt="NCHW",
+                                               intermediates_only=True, **extra)
+        return self.fpn(OrderedDict((str(i), fmap) for i, fmap in enumerate(maps)))
+
+
+class PaddingAwareMaskRCNN(MaskRCNN):
+    """torchvision's MaskRCNN whose backbone also receives the sizes of the images inside the padded batch.
+
+    forward(images: list of 3 x H_i x W_i in [0, 1], targets) -> the loss dict in training, else a list
+    of dicts (boxes N x 4 xyxy, labels N, scores N, masks N x 1 x H_i x W_i probabilities).
+    """
+
+    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+        if self.training and targets is None:
+            raise ValueError("targets are needed in training mode")
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        batch, targets = self.transform(images, targets)
+        features = self.backbone(batch.tensors, batch.image_sizes)
+        proposals, proposal_losses = self.rpn(batch, features, targets)
+        detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
+        if self.training:
+            return {**detector_losses, **proposal_losses}
+        return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
+
+
+def create_backbone_body(name: str, model_args: Optional[dict] = None, drop_path: float = 0.0) -> nn.Module:
+    """The timm model (HAFA or baseline) whose stage maps feed the FPN; any input size."""
+    if name not in timm.list_models():
+        raise unknown_name("model", name, timm.list_models())
+    kwargs = dict(num_classes=0, drop_path_rate=drop_path, **((model_args or {}) if name.startswith("hafa_") else {}))
+    try:
+        return timm.create_model(name, strict_img_size=False, **kwargs)  # timm's Swin checks the input size otherwise
+    except TypeError as error:
+        if "strict_img_size" not in str(error):
+            raise
+        return timm.create_model(name, **kwargs)
+
+
+def create_mask_rcnn(name: str, num_classes: int, model_args: Optional[dict] = None, drop_path: float = 0.0,
+                     fpn_channels: int = 256, init_from: Optional[str] = None, verbose: bool = True,
+                     **rcnn_options) -> PaddingAwareMaskRCNN:
+    """Mask R-CNN for `num_classes` object classes (torchvision adds the background class 0) on the
+    timm backbone `name`; init_from: an ImageNet (baseline or HAFA) checkpoint for the backbone.
+    rcnn_options go to torchvision's MaskRCNN (min_size, max_size, rpn_*, box_* ...)."""
+    body = create_backbone_body(name, model_args, drop_path)
+    if init_from:
+        load_pretrained(body, init_from, verbose=verbose)
+    cfg = body.pretrained_cfg
+    return PaddingAwareMaskRCNN(FeaturePyramidBackbone(body, fpn_channels), num_classes=num_classes + 1,
+                                image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), **rcnn_options)

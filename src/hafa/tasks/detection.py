@@ -1,0 +1,320 @@
+"""Object detection and instance segmentation: `hafa det-train` and `hafa det-eval`.
+
+Mask R-CNN with an FPN on a HAFA or baseline backbone (torchvision's model), trained with the
+paper's COCO 1x recipe (mmdetection's schedule): AdamW, lr 1e-4 at a batch of 16, weight decay
+1e-4, 12 epochs, lr x0.1 after epochs 8 and 11, a linear warm-up over 500 iterations, images
+resized to a shorter side of 800 (longer at most 1333), horizontal flips, the backbone initialised
+from an ImageNet checkpoint (--init-from). Box and mask AP from COCOeval after every epoch. One
+process, or several with `torchrun --nproc_per_node=N -m hafa det-train ...`. Without --data, the
+embedded scenes train a HAFA model and its baseline with a short recipe, side by side.
+"""
+import argparse
+import logging
+import os
+from typing import Optional, Tuple
+
+import torch
+from timm.scheduler import MultiStepLRScheduler
+
+from ..data.coco import CocoInstances, collate_detection, find_split
+from ..data.folder import read_rgb
+from ..data.scenes import prepare_scenes
+from ..errors import UserError
+from ..models.mask_rcnn import PaddingAwareMaskRCNN, create_mask_rcnn
+from ..models.table import BASELINE
+from .classification import DEMO_MODELS, _add_model_options, _add_run_options, _check_resumable, _model_args, build_optimizer
+from .detection_metrics import METRICS, evaluate_detection
+from .engine import (EpochSampler, Processes, Training, barrier, check_run_dir, close_processes, init_processes,
+                     load_checkpoint, load_recipe, override_recipe, setup_console_logging, train)
+
+_logger = logging.getLogger("hafa")
+
+# torchvision MaskRCNN settings a recipe may set (the image sizes, proposals and sampled RoIs).
+RCNN_OPTIONS = ("min_size", "max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
+                "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
+                "box_batch_size_per_image", "box_detections_per_img")
+
+# Every recipe setting, with the paper's values (coco_mask_rcnn_1x); recipe files override some.
+RECIPE_DEFAULTS = dict(
+    epochs=12, batch_size=2, lr=1e-4, lr_base_batch=16, opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8,
+    weight_decay=1e-4, clip_grad=None, lr_steps=[8, 11], lr_step_rate=0.1, warmup_iters=500, warmup_ratio=0.001,
+    min_size=800, max_size=1333, hflip=0.5, filter_empty=True, fpn_channels=256, drop_path=0.1,
+    rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
+    rpn_post_nms_top_n_test=1000, rpn_batch_size_per_image=256, box_batch_size_per_image=512,
+    box_detections_per_img=100, eval_batch_size=2, seed=0,
+)
+
+
+# ---------------------------------------------------------------- building blocks
+
+def build_step_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int) -> MultiStepLRScheduler:
+    """mmdetection's step schedule, stepped every update: lr rises linearly from warmup_ratio * lr over
+    the first warmup_iters updates, then is multiplied by lr_step_rate after each epoch in lr_steps."""
+    lr = optimizer.param_groups[0]["lr"]
+    # timm applies milestone m from schedule index m - 1, and index u - 1 sets the lr of update u:
+    # the first update of epoch e + 1 is update e * updates_per_epoch + 1.
+    return MultiStepLRScheduler(
+        optimizer, decay_t=[e * updates_per_epoch + 1 for e in recipe["lr_steps"]], decay_rate=recipe["lr_step_rate"],
+        warmup_t=recipe["warmup_iters"], warmup_lr_init=lr * recipe["warmup_ratio"], warmup_prefix=False,
+        t_in_epochs=False)
+
+
+def detector_for(config: dict, num_classes: int, init_from: Optional[str] = None,
+                 verbose: bool = True) -> PaddingAwareMaskRCNN:
+    recipe = config["recipe"]
+    return create_mask_rcnn(config["model"], num_classes, config["model_args"], recipe["drop_path"],
+                            recipe["fpn_channels"], init_from, verbose, **{k: recipe[k] for k in RCNN_OPTIONS})
+
+
+def default_data() -> str:
+    return os.path.join(prepare_scenes(), "coco")
+
+
+# ---------------------------------------------------------------- training
+
+def train_one_model(config: dict, processes: Processes) -> dict:
+    """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
+    recipe = config["recipe"]
+    check_run_dir(config["run_dir"], config["resume"])
+    torch.manual_seed(recipe["seed"])
+    train_set = CocoInstances(config["data"], config["train_split"], train=True, hflip=recipe["hflip"],
+                              filter_empty=recipe["filter_empty"], seed=recipe["seed"])
+    val_set = CocoInstances(config["data"], config["val_split"], train=False, categories=train_set.categories)
+    if processes.is_main:
+        for message in train_set.dropped.messages(recipe["filter_empty"]):
+            _logger.warning("%s: %s", train_set.path, message)
+    model = detector_for(config, len(train_set.class_names), config["init_from"], processes.is_main)
+    model.to(processes.device)
+    sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
+    optimizer = build_optimizer(model, recipe, sampler.global_batch)
+
+    def loss(network, batch):
+        images, targets, skipped = batch
+        images = [image.to(processes.device, non_blocking=True) for image in images]
+        targets = [{k: v.to(processes.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+                   for t in targets]
+        return sum(network(images, targets).values()), len(images), skipped
+
+    training = Training(
+        name=config["model"], run_dir=config["run_dir"], model=model, train_set=train_set,
+        collate_fn=collate_detection, sampler=sampler, workers=config["workers"], epochs=recipe["epochs"],
+        optimizer=optimizer, scheduler=build_step_scheduler(optimizer, recipe, sampler.batches_per_epoch()), loss=loss,
+        evaluate=lambda network: evaluate_detection(network, val_set, recipe["eval_batch_size"], config["workers"],
+                                                    processes, config["amp"]),
+        score="bbox_AP", resume=config["resume"], amp=config["amp"], clip_grad=recipe["clip_grad"],
+        checkpoint_extra=dict(task="detection", config=config, class_names=train_set.class_names,
+                              category_ids=train_set.category_ids, model_name=config["model"]),
+        curves={"loss": ["train_loss"], "box AP (%)": ["val_bbox_AP", "val_bbox_AP50", "val_bbox_AP75"],
+                "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"]})
+    return dict(train(training, processes), model=config["model"])
+
+
+# ---------------------------------------------------------------- commands
+
+def _add_recipe_options(parser) -> None:
+    recipe = parser.add_argument_group("recipe overrides")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int, help="per process")
+    recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
+    recipe.add_argument("--min-size", type=int, help="shorter image side")
+    recipe.add_argument("--max-size", type=int, help="longest image side")
+    recipe.add_argument("--warmup-iters", type=int)
+    recipe.add_argument("--clip-grad", type=float)
+    recipe.add_argument("--seed", type=int)
+    recipe.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                        help="any recipe setting, e.g. --set lr_steps=[16,22] filter_empty=false (YAML values)")
+
+
+class TrainCommand:
+    """hafa det-train"""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.description = __doc__
+        parser.formatter_class = argparse.RawDescriptionHelpFormatter
+        parser.add_argument("--model", nargs="+", help=f"timm backbone name(s); default {' and '.join(DEMO_MODELS)} "
+                                                       "on the embedded scenes")
+        parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+        parser.add_argument("--data", help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
+                                           "ROOT/{train,val}[2017]/ (default: the embedded scenes)")
+        parser.add_argument("--train-split", help="default: train, else train2017")
+        parser.add_argument("--val-split", help="default: val, else val2017")
+        parser.add_argument("--recipe", help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, "
+                                             "scenes_mask_rcnn without)")
+        parser.add_argument("--output", default=os.path.join("runs", "detection"),
+                            help="runs go to OUTPUT/<model> (default runs/detection)")
+        parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+        parser.add_argument("--init-from", metavar="CKPT", help="backbone weights from an ImageNet checkpoint "
+                                                                "(baseline or HAFA; hafa.load_pretrained)")
+        _add_recipe_options(parser)
+        _add_model_options(parser)
+        _add_run_options(parser)
+
+    @staticmethod
+    def run(args) -> int:
+        setup_console_logging()
+        processes = init_processes(args.device)
+        try:
+            return _train(args, processes)
+        finally:
+            close_processes()
+
+
+def _recipe_from_args(args) -> dict:
+    recipe = load_recipe(args.recipe or ("scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"),
+                         RECIPE_DEFAULTS)
+    keys = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
+    return override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
+
+
+def _train(args, processes: Processes) -> int:
+    data = args.data
+    if data is None:
+        if processes.is_main:
+            data = default_data()
+            print(f"data: the embedded scenes (48 train / 16 val images, COCO json) in {data}")
+        barrier(processes)
+        data = default_data()
+    models = list(args.model or ([] if args.data else DEMO_MODELS))
+    if not models:
+        raise UserError("with --data, choose the backbone(s) with --model")
+    if args.baseline:
+        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    recipe = _recipe_from_args(args)
+    data = os.path.abspath(data)
+    splits = dict(train_split=args.train_split or find_split(data, "train"),
+                  val_split=args.val_split or find_split(data, "val"))
+    results = []
+    for name in models:
+        config = dict(model=name, data=data, **splits, recipe=recipe, run_dir=os.path.join(args.output, name),
+                      resume=args.resume, init_from=args.init_from, model_args=_model_args(args), amp=args.amp,
+                      workers=args.workers, device=args.device)
+        if args.resume and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
+            _check_resumable(config, config["run_dir"])
+        result = train_one_model(config, processes)
+        results.append(result)
+        if result["status"] == "interrupted":
+            break
+    if processes.is_main:
+        _print_summary(results)
+    return 130 if any(r["status"] == "interrupted" for r in results) else 0
+
+
+def _print_summary(results) -> None:
+    print("\n| model | box AP | AP50 | AP75 | APs | APm | APl | mask AP | AP50 | AP75 | APs | APm | APl | at epoch |")
+    print("|---|" + "---:|" * 13)
+    best = {}
+    for r in results:
+        if r["best_epoch"] > 0:
+            best[r["model"]] = metrics = load_checkpoint(r["best_checkpoint"])["metrics"]
+            cells = " | ".join(f"{metrics[f'{kind}_{name}']:.1f}" for kind in ("bbox", "segm") for name in METRICS)
+            print(f"| {r['model']} | {cells} | {r['best_epoch']} |")
+    for name, metrics in best.items():
+        base = best.get(BASELINE.get(name))
+        if base is not None:
+            print(f"{name} vs {BASELINE[name]}: {metrics['bbox_AP'] - base['bbox_AP']:+.1f} box AP, "
+                  f"{metrics['segm_AP'] - base['segm_AP']:+.1f} mask AP")
+    for r in results:
+        print(f"{r['model']}: best checkpoint {r['best_checkpoint']}, curves {r['curves']}")
+    interrupted = [r for r in results if r["status"] == "interrupted"]
+    if interrupted:
+        print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+
+
+def load_detector(path: str, overrides: Optional[dict] = None) -> Tuple[PaddingAwareMaskRCNN, dict]:
+    """The Mask R-CNN of a det-train checkpoint (best.pth / last.pth), in eval mode, and the checkpoint;
+    overrides: recipe values to change (e.g. min_size)."""
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or saved.get("task") != "detection":
+        raise UserError(f"{path} is not a checkpoint of hafa det-train")
+    config = dict(saved["config"], recipe={**saved["config"]["recipe"], **(overrides or {})})
+    saved["config"] = config
+    model = detector_for(config, len(saved["class_names"]), verbose=False)
+    model.load_state_dict(saved["model"])
+    return model.eval(), saved
+
+
+class EvalCommand:
+    """hafa det-eval"""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa det-train")
+        parser.add_argument("--data", help="COCO ROOT (default: the checkpoint's training data)")
+        parser.add_argument("--split", help="default: val, else val2017 (the checkpoint's validation split)")
+        parser.add_argument("--batch-size", type=int, default=2)
+        parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
+        parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
+        parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+        _add_run_options(parser)
+
+    @staticmethod
+    def run(args) -> int:
+        setup_console_logging()
+        processes = init_processes(args.device)
+        try:
+            metrics = _evaluate_checkpoint(args, processes)
+        finally:
+            close_processes()
+        if processes.is_main:
+            print(f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
+                  + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):"))
+            for kind, title in (("bbox", "box "), ("segm", "mask")):
+                print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
+            if args.json:
+                import json
+                with open(args.json, "w") as f:
+                    json.dump(metrics, f, indent=2)
+        return 0
+
+
+def _evaluate_checkpoint(args, processes: Processes) -> dict:
+    overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
+    model, saved = load_detector(args.checkpoint, overrides)
+    config = saved["config"]
+    data = args.data or config["data"]
+    if args.data is None and not os.path.isdir(data) and data.endswith(os.path.join("scenes", "coco")):
+        data = default_data()  # the embedded scenes, written again after the cache was cleared
+    split = args.split or (config["val_split"] if args.data is None else find_split(data, "val"))
+    categories = list(zip(saved["category_ids"], saved["class_names"]))
+    dataset = CocoInstances(data, split, train=False, categories=categories)
+    model.to(processes.device)
+    metrics = evaluate_detection(model, dataset, args.batch_size, args.workers, processes, args.amp)
+    return dict(metrics, model=saved["model_name"], data=data, split=split, checkpoint=args.checkpoint)
+
+
+# ---------------------------------------------------------------- one image
+
+PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+
+
+@torch.no_grad()
+def predict_detection(checkpoint: str, image_path: str, output_png: str, score_threshold: float = 0.5,
+                      device: str = "cpu") -> dict:
+    """Detect in one image with a det-train checkpoint and write it as a PNG with the boxes, class names,
+    scores and masks (> 0.5) drawn. -> dict(output, detections: [(class name, score, [x1, y1, x2, y2])])."""
+    from torchvision.transforms.v2 import functional as TF
+    from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    model, saved = load_detector(checkpoint)
+    image = read_rgb(image_path)
+    if image is None:
+        raise UserError(f"cannot read image {image_path}")
+    pixels = TF.pil_to_tensor(image)
+    detection = model.to(device)([TF.to_dtype(pixels, torch.float32, scale=True).to(device)])[0]
+    keep = detection["scores"] >= score_threshold
+    boxes, labels, scores = detection["boxes"][keep].cpu(), detection["labels"][keep].cpu(), detection["scores"][keep].cpu()
+    masks = detection["masks"][keep, 0].cpu() > 0.5
+    names = [saved["class_names"][label - 1] for label in labels.tolist()]
+    colors = [PALETTE[(label - 1) % len(PALETTE)] for label in labels.tolist()]
+    drawn = draw_segmentation_masks(pixels, masks, alpha=0.45, colors=colors) if len(masks) else pixels
+    drawn = draw_bounding_boxes(drawn, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
+                                colors=colors, width=2)
+    os.makedirs(os.path.dirname(os.path.abspath(output_png)), exist_ok=True)
+    TF.to_pil_image(drawn).save(output_png, format="PNG")
+    return dict(output=output_png, detections=[(n, s, b) for n, s, b in zip(names, scores.tolist(), boxes.tolist())])
+
+
+TRAIN = TrainCommand()
+EVAL = EvalCommand()
