@@ -77,6 +77,7 @@ def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor]
     return [fn(slice(start, min(start + step, num_rows))) for start in range(0, num_rows, step)]
 
 
+@torch.compiler.disable(reason="reads the number of density peaks from the data; runs eagerly between compiled graphs")
 @torch.no_grad()
 def cluster_dpc_knn(
         x: Tensor,

@@ -65,6 +65,9 @@ def add_arguments(parser):
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall time, or the process's CPU time: with --threads 1 it barely feels other processes "
+                             "on a shared machine (CPU only; default wall)")
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--quick", action="store_true", help="a quick look: 2 repetitions, 1 warm-up, batches 1 and 8")
@@ -105,25 +108,30 @@ class Timing:
     @classmethod
     def of(cls, seconds: Sequence[float]) -> "Timing":
         ms = [s * 1e3 for s in seconds]
-        spread = (statistics.quantiles(ms, n=4)[2] - statistics.quantiles(ms, n=4)[0]) / 2 if len(ms) > 1 else 0.0
+        quartiles = statistics.quantiles(ms, n=4) if len(ms) > 1 else [ms[0]] * 3
+        spread = (quartiles[2] - quartiles[0]) / 2
         return cls(round(statistics.median(ms), 3), round(spread, 3), [round(m, 3) for m in ms])
 
     def __str__(self) -> str:
         return f"{self.median_ms:.1f} ± {self.spread_ms:.1f}"
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
 def interleaved_timings(calls: Dict[str, Callable[[], object]], device: torch.device, warmup: int, reps: int,
-                        progress: Optional[tqdm] = None) -> Dict[str, Timing]:
+                        progress: Optional[tqdm] = None, clock: str = "wall") -> Dict[str, Timing]:
     """Run every call `warmup` times, then `reps` timed times, taking the calls in turn each round."""
     seconds = {name: [] for name in calls}
+    now = CLOCKS[clock]
     for round_index in range(warmup + reps):
         for name, call in calls.items():
             _synchronize(device)
-            start = time.perf_counter()
+            start = now()
             call()
             _synchronize(device)
             if round_index >= warmup:
-                seconds[name].append(time.perf_counter() - start)
+                seconds[name].append(now() - start)
             if progress is not None:
                 progress.update()
     return {name: Timing.of(s) for name, s in seconds.items()}
@@ -188,7 +196,8 @@ def measure_models(names: List[str], args, device: torch.device) -> List[dict]:
     with tqdm(total=len(kinds) * len(names) * (args.warmup + args.reps), desc="timing", unit="run", disable=None) as bar:
         for kind, make_call in kinds:
             bar.set_postfix_str(kind)
-            timings = interleaved_timings({n: make_call(s) for n, s in subjects.items()}, device, args.warmup, args.reps, bar)
+            timings = interleaved_timings({n: make_call(s) for n, s in subjects.items()}, device, args.warmup, args.reps,
+                                          bar, args.clock)
             for n, timing in timings.items():
                 rows[n][kind] = asdict(timing)
     for n, s in tqdm(subjects.items(), desc="params, MACs, memory", disable=None):
@@ -212,6 +221,7 @@ def pair_ratios(hafa: dict, baseline: dict) -> dict:
     for kind in ("latency", "forward", "train_step"):
         if kind in hafa:
             ratios[kind] = _ratio(hafa[kind]["median_ms"], baseline[kind]["median_ms"])
+    ratios["throughput"] = _ratio(hafa["throughput_img_s"], baseline["throughput_img_s"])
     for kind in hafa.get("memory_mb", {}):
         ratios[f"memory_{kind}"] = _ratio(hafa["memory_mb"][kind], baseline["memory_mb"][kind])
     ratios["paper"] = {key: _ratio(hafa["paper"][key], baseline["paper"][key]) for key in ("params_m", "gflops", "gpu_latency_ms")}
@@ -246,7 +256,7 @@ def models_markdown(rows: List[dict], ratios: List[dict], args) -> str:
 
     def ratio_cells(r: dict) -> List[str]:
         cells = ["**HAFA / baseline**"] + [_cell(r.get(k), "**{:.3f}**") for k in ("params", "gmacs", "latency", "forward")]
-        cells.append(_cell(_ratio(by_name[r["baseline"]]["forward"]["median_ms"], by_name[r["model"]]["forward"]["median_ms"]), "{:.3f}"))
+        cells.append(_cell(r["throughput"], "{:.3f}"))
         if not args.no_train:
             cells.append(_cell(r.get("train_step"), "**{:.3f}**"))
         if not args.no_memory:
@@ -270,10 +280,19 @@ def target_lines(ratios: List[dict]) -> List[str]:
     return lines
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def settings(args, device: torch.device) -> dict:
-    return dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+    return dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
                 threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-                img_size=args.img_size, batch_sizes=list(args.batch_sizes), reps=args.reps, warmup=args.warmup)
+                img_size=args.img_size, batch_sizes=list(args.batch_sizes), reps=args.reps, warmup=args.warmup,
+                clock=args.clock)
 
 
 # --- module mode -----------------------------------------------------------------------------------
@@ -310,7 +329,7 @@ def measure_transitions(name: str, args, device: torch.device, bar: tqdm) -> Lis
             modules = {"hafa": transition(hafa.stage_list[i]), "baseline": transition(baseline.stage_list[i])}
             with torch.inference_mode():
                 timings = interleaved_timings({k: (lambda m=m: run_downsample(m, tokens, layout)) for k, m in modules.items()},
-                                              device, args.warmup, args.reps, bar)
+                                              device, args.warmup, args.reps, bar, args.clock)
             rows.append(dict(model=name, input=label, batch=batch, transition=f"{i}->{i + 1}",
                              layer=type(modules["hafa"]).__name__, baseline_layer=type(modules["baseline"]).__name__,
                              tokens=f"{height}x{width}x{channels}", hafa=asdict(timings["hafa"]),
@@ -402,10 +421,12 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep torch.profiler's start-up chatter off the screen
     device = resolve_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise UserError("--clock cpu measures CPU time: use it with --device cpu")
     result = dict(settings=settings(args, device))
     print(f"device {result['settings']['device']} ({result['settings']['device_name']}), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; median ± half the interquartile range of {args.reps} interleaved runs "
-          f"after {args.warmup} warm-up")
+          f"torch {torch.__version__}; {args.clock} clock, median ± half the interquartile range of {args.reps} "
+          f"interleaved runs after {args.warmup} warm-up")
     if args.modules:
         with tqdm(total=len(args.models) * 3 * 3 * (args.warmup + args.reps), desc="layers", unit="run", disable=None) as bar:
             rows = [row for name in args.models for row in measure_transitions(name, args, device, bar)]
