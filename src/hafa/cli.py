@@ -15,6 +15,7 @@ COMMANDS = {
     "seg-eval": ("hafa.tasks.segmentation:EVAL", "evaluate a segmentation checkpoint: mIoU, per-class IoU, pixel accuracy"),
     "det-train": ("hafa.tasks.detection:TRAIN", "train Mask R-CNN detectors (default: HAFA vs baseline on the embedded scenes)"),
     "det-eval": ("hafa.tasks.detection:EVAL", "evaluate a detection checkpoint: box and mask AP (COCOeval)"),
+    "predict": ("hafa.tasks.predict", "one image through a classification, segmentation or detection checkpoint -> PNG"),
     "models": ("hafa.tools.models", "list the models: parameters, GMACs, the paper's numbers"),
     "bench": ("hafa.tools.bench", "time, size and memory of HAFA models beside their baselines; --modules: LAA / SIA"),
     "visualize": ("hafa.tools.visualize", "one PNG: an image, SIA's clusters and LAA's sampling points"),

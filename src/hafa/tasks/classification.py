@@ -19,7 +19,7 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
-from ..data.folder import ImageFolderDataset, collate_skipping
+from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
@@ -387,6 +387,39 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
     model.to(processes.device)
     metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=name, data=data, checkpoint=args.checkpoint)
+
+
+@torch.no_grad()
+def predict_classification(checkpoint: str, image_path: str, output_png: str, top_k: int = 5,
+                           device: str = "cpu") -> dict:
+    """Classify one image with a `hafa train` checkpoint and write it as a PNG titled with the top
+    classes. -> dict(output, top: [(class name, probability %)])."""
+    saved = load_checkpoint(checkpoint)
+    if not (isinstance(saved, dict) and "config" in saved and "class_names" in saved):
+        raise UserError(f"{checkpoint} is not a checkpoint of hafa train")
+    config, classes = saved["config"], saved["class_names"]
+    recipe = config["recipe"]
+    model = create_classifier(config["model"], len(classes), dict(recipe, drop_path=0.0, drop_rate=0.0),
+                              config["model_args"])
+    model.load_state_dict(adapt_state_dict(saved["model"], model)[0])
+    image = read_rgb(image_path)
+    if image is None:
+        raise UserError(f"cannot read the image {image_path}")
+    logits = model.eval().to(device)(eval_transform(recipe)(image)[None].to(device))[0]
+    probabilities, indices = logits.float().softmax(-1).topk(min(top_k, len(classes)))
+    top = [(classes[i], 100 * p) for p, i in zip(probabilities.tolist(), indices.tolist())]
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(4, 4.6))
+    axis.imshow(image)
+    axis.set_axis_off()
+    axis.set_title("\n".join(f"{name}: {p:.1f}%" for name, p in top[:3]), fontsize=10)
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(output_png)), exist_ok=True)
+    figure.savefig(output_png, dpi=100)
+    plt.close(figure)
+    return dict(output=output_png, top=top)
 
 
 TRAIN = TrainCommand()
