@@ -58,7 +58,8 @@ def _by_stem(directory: str, what: str) -> dict:
 def pair_folders(images_dir: str, masks_dir: str) -> List[Pair]:
     """(image, mask) pairs of two folders, matched by name; unmatched files are left out with a warning."""
     images, masks = _by_stem(images_dir, "image"), _by_stem(masks_dir, "mask")
-    for missing, present, other in ((set(images) - set(masks), images, "mask"), (set(masks) - set(images), masks, "image")):
+    unmatched = ((set(images) - set(masks), images, "mask"), (set(masks) - set(images), masks, "image"))
+    for missing, present, other in unmatched:
         if missing:
             names = ", ".join(os.path.basename(present[s]) for s in sorted(missing)[:5])
             _logger.warning("leaving out %d files with no %s of the same name (%s%s)", len(missing), other,

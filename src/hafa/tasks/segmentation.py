@@ -37,7 +37,8 @@ ADE20K_CLASSES = 150
 
 # Every recipe setting (the paper's values); a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
-    iterations=40000, batch_size=16, lr=1e-4, lr_base_batch=16, min_lr=0.0, poly_power=0.9,
+    iterations=40000, batch_size=16, lr=1e-4, lr_base_batch=16, min_lr=0.0, poly_power=0.9, warmup_iterations=0,
+    warmup_lr=1e-6,
     opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8, weight_decay=1e-4, clip_grad=None,
     scale=[2048, 512], ratio_range=[0.5, 2.0], crop_size=[512, 512], cat_max_ratio=0.75, hflip=0.5,
     color_jitter=[0.125, 0.5, 0.5, 0.1], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
@@ -54,9 +55,10 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, total_iterations: int) -> PolyLRScheduler:
-    """Poly decay, lr = min_lr + (lr - min_lr) * (1 - t / total) ** poly_power, stepped every iteration."""
+    """Poly decay, lr = min_lr + (lr - min_lr) * (1 - t / total) ** poly_power, stepped every iteration
+    (after a linear warm-up from warmup_lr over warmup_iterations, when there is one)."""
     return PolyLRScheduler(optimizer, t_initial=total_iterations, power=recipe["poly_power"], lr_min=recipe["min_lr"],
-                           t_in_epochs=False)
+                           warmup_t=recipe["warmup_iterations"], warmup_lr_init=recipe["warmup_lr"], t_in_epochs=False)
 
 
 def _evaluate(network, dataset, config: dict, processes: Processes, desc: str = "eval") -> dict:
@@ -313,8 +315,10 @@ class EvalCommand:
             _print_metrics(metrics)
             if args.json:
                 import json
+                # null: a class neither in the ground truth nor predicted
+                per_class = {k: None if np.isnan(v) else v for k, v in metrics["per_class_IoU"].items()}
                 with open(args.json, "w") as f:
-                    json.dump(metrics, f, indent=2)
+                    json.dump(dict(metrics, per_class_IoU=per_class), f, indent=2)
         return 0
 
 

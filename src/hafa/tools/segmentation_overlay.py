@@ -14,7 +14,8 @@ def class_colours(num_classes: int) -> np.ndarray:
     return (np.array(colours) * 255).round().astype(np.uint8)
 
 
-def draw_segmentation(image: Image.Image, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5) -> Image.Image:
+def draw_segmentation(image: Image.Image, labels: np.ndarray, class_names: Sequence[str],
+                      alpha: float = 0.5) -> Image.Image:
     """image (RGB, W x H), labels [H, W] class ids -> RGB image of the overlay plus a legend panel."""
     colours = class_colours(len(class_names))
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
