@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
-from ..errors import unknown_name
+from ..errors import UserError, unknown_name
 
 PATCH_SIZE = 4
 
@@ -81,7 +81,8 @@ def create_backbone(name: str, model_args: dict, drop_path: float) -> nn.Module:
         kwargs["strict_img_size"] = False  # timm's Swin pads windows itself when allowed other sizes
     backbone = timm.create_model(name, **kwargs)
     if backbone.feature_info.reduction() != [4, 8, 16, 32]:
-        raise ValueError(f"{name} gives maps at strides {backbone.feature_info.reduction()}, not 4, 8, 16, 32")
+        raise UserError(f"{name}'s first four maps are at strides {backbone.feature_info.reduction()}; Semantic FPN "
+                        "here takes the hierarchical transformers whose maps are at strides 4, 8, 16, 32")
     return backbone
 
 
