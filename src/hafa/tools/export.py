@@ -122,6 +122,8 @@ def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dic
 def run(args) -> int:
     if args.batch < 1 or min(args.check_batches) < 1 or args.img_size < 32:
         raise UserError("batches must be >= 1 and --img-size >= 32")
+    if args.no_onnx and not args.compile:
+        raise UserError("--no-onnx leaves nothing to do without --compile")
     model = build_model(args.model, args.checkpoint)
     size = (3, args.img_size, args.img_size)
     torch.manual_seed(1)
