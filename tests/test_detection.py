@@ -99,6 +99,16 @@ def test_mask_rcnn_trains_and_detects_on_images_of_different_sizes():
         assert detections[1]["masks"].shape[1:] == (1, 97, 66)
 
 
+def test_backbone_initialised_from_an_imagenet_baseline_checkpoint(tmp_path):
+    baseline = timm.create_model("pvt_v2_b0")
+    path = str(tmp_path / "pvt_v2_b0.pth")
+    torch.save(baseline.state_dict(), path)
+    model = create_mask_rcnn("hafa_pvt_v2_b0", 3, fpn_channels=32, init_from=path, verbose=False)
+    body = model.backbone.body
+    assert torch.equal(body.patch_embed.proj.weight, baseline.patch_embed.proj.weight)
+    assert torch.equal(body.stages[1].blocks[0].attn.q.weight, baseline.stages[1].blocks[0].attn.q.weight)
+
+
 def test_step_schedule_warms_up_then_steps_after_the_milestone_epochs():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = build_step_scheduler(optimizer, dict(lr_steps=[2, 3], lr_step_rate=0.1, warmup_iters=4,
@@ -250,6 +260,8 @@ def test_det_train_eval_and_predict_end_to_end(tiny_coco, tmp_path, capsys):
     with Image.open(png) as drawn:
         assert drawn.size == (90, 66)
     assert all(name in SHAPES for name, _, _ in result["detections"])
+    nothing = predict_detection(best, os.path.join(tiny_coco, "val", "img1.png"), png, score_threshold=1.1)
+    assert nothing["detections"] == [] and os.path.isfile(png)
 
 
 def test_det_train_resumes_exactly(tiny_coco, tmp_path):

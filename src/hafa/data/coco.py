@@ -106,7 +106,8 @@ def read_instances(path: str) -> dict:
     annotations = content["annotations"]
     unknown_images = {a["image_id"] for a in annotations} - image_ids
     if unknown_images:
-        raise UserError(f"{path}: annotations refer to image ids that are not in its images: {_first(sorted(unknown_images))}")
+        raise UserError(f"{path}: annotations refer to image ids that are not in its images: "
+                        f"{_first(sorted(unknown_images))}")
     unknown_categories = {a["category_id"] for a in annotations} - category_ids
     if unknown_categories:
         raise UserError(f"{path}: annotations use category ids that are not in its categories "
@@ -201,10 +202,11 @@ class CocoInstances(Dataset):
         if not os.path.isdir(self.image_dir):
             raise UserError(f"image folder not found: {self.image_dir} (the images of {self.path})")
         present = set(os.listdir(self.image_dir))
-        missing = [image["file_name"] for image in self.coco.dataset["images"]
-                   if image["file_name"] not in present and not os.path.isfile(os.path.join(self.image_dir, image["file_name"]))]
+        names = [image["file_name"] for image in self.coco.dataset["images"]]
+        missing = [n for n in names if n not in present and not os.path.isfile(os.path.join(self.image_dir, n))]
         if missing:
-            raise UserError(f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: {_first(missing)}")
+            raise UserError(f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: "
+                            f"{_first(missing)}")
 
     def _training_objects(self) -> Dict[int, List[dict]]:
         """image id -> its usable annotations (boxes clipped to the image, as x1, y1, x2, y2)."""
@@ -266,7 +268,8 @@ class CocoInstances(Dataset):
             skipped += 1
         else:
             if self.train:
-                raise UserError(f"{skipped} images in a row cannot be read, starting at {self.image_path(self.image_ids[index])}")
+                raise UserError(f"{skipped} images in a row cannot be read, "
+                                f"starting at {self.image_path(self.image_ids[index])}")
             return None, dict(image_id=self.image_ids[index]), skipped
         if not self.train:
             return image, dict(image_id=image_id), skipped

@@ -42,7 +42,8 @@ class FeaturePyramidBackbone(nn.Module):
         super().__init__()
         reductions = [info["reduction"] for info in body.feature_info]
         if reductions != STRIDES:
-            raise UserError(f"{type(body).__name__} gives maps at strides {reductions}; Mask R-CNN here needs {STRIDES}")
+            raise UserError(f"{type(body).__name__} gives maps at strides {reductions}; "
+                            f"Mask R-CNN here needs {STRIDES}")
         self.indices = list(range(len(STRIDES)))
         body.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
         self.body = body

@@ -22,7 +22,8 @@ from ..data.scenes import prepare_scenes
 from ..errors import UserError
 from ..models.mask_rcnn import PaddingAwareMaskRCNN, create_mask_rcnn
 from ..models.table import BASELINE
-from .classification import DEMO_MODELS, _add_model_options, _add_run_options, _check_resumable, _model_args, build_optimizer
+from .classification import (DEMO_MODELS, _add_model_options, _add_run_options, _check_resumable, _model_args,
+                             build_optimizer)
 from .detection_metrics import METRICS, evaluate_detection
 from .engine import (EpochSampler, Processes, Training, barrier, check_run_dir, close_processes, init_processes,
                      load_checkpoint, load_recipe, override_recipe, setup_console_logging, train)
@@ -47,7 +48,8 @@ RECIPE_DEFAULTS = dict(
 
 # ---------------------------------------------------------------- building blocks
 
-def build_step_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int) -> MultiStepLRScheduler:
+def build_step_scheduler(optimizer: torch.optim.Optimizer, recipe: dict,
+                         updates_per_epoch: int) -> MultiStepLRScheduler:
     """mmdetection's step schedule, stepped every update: lr rises linearly from warmup_ratio * lr over
     the first warmup_iters updates, then is multiplied by lr_step_rate after each epoch in lr_steps."""
     lr = optimizer.param_groups[0]["lr"]
@@ -242,7 +244,8 @@ class EvalCommand:
         parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa det-train")
         parser.add_argument("--data", help="COCO ROOT (default: the checkpoint's training data)")
         parser.add_argument("--split", help="default: val, else val2017 (the checkpoint's validation split)")
-        parser.add_argument("--batch-size", type=int, default=2)
+        parser.add_argument("--batch-size", type=int, help="images per batch (default: the recipe's eval_batch_size; "
+                                                           "batches are padded, so it can change the result slightly)")
         parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
         parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
         parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
@@ -279,7 +282,8 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
     categories = list(zip(saved["category_ids"], saved["class_names"]))
     dataset = CocoInstances(data, split, train=False, categories=categories)
     model.to(processes.device)
-    metrics = evaluate_detection(model, dataset, args.batch_size, args.workers, processes, args.amp)
+    batch_size = args.batch_size or config["recipe"]["eval_batch_size"]
+    metrics = evaluate_detection(model, dataset, batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=saved["model_name"], data=data, split=split, checkpoint=args.checkpoint)
 
 
@@ -304,13 +308,15 @@ def predict_detection(checkpoint: str, image_path: str, output_png: str, score_t
     pixels = TF.pil_to_tensor(image)
     detection = model.to(device)([TF.to_dtype(pixels, torch.float32, scale=True).to(device)])[0]
     keep = detection["scores"] >= score_threshold
-    boxes, labels, scores = detection["boxes"][keep].cpu(), detection["labels"][keep].cpu(), detection["scores"][keep].cpu()
+    boxes, labels, scores = (detection[key][keep].cpu() for key in ("boxes", "labels", "scores"))
     masks = detection["masks"][keep, 0].cpu() > 0.5
     names = [saved["class_names"][label - 1] for label in labels.tolist()]
     colors = [PALETTE[(label - 1) % len(PALETTE)] for label in labels.tolist()]
-    drawn = draw_segmentation_masks(pixels, masks, alpha=0.45, colors=colors) if len(masks) else pixels
-    drawn = draw_bounding_boxes(drawn, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
-                                colors=colors, width=2)
+    drawn = pixels
+    if len(boxes):
+        drawn = draw_segmentation_masks(drawn, masks, alpha=0.45, colors=colors)
+        drawn = draw_bounding_boxes(drawn, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
+                                    colors=colors, width=2)
     os.makedirs(os.path.dirname(os.path.abspath(output_png)), exist_ok=True)
     TF.to_pil_image(drawn).save(output_png, format="PNG")
     return dict(output=output_png, detections=[(n, s, b) for n, s, b in zip(names, scores.tolist(), boxes.tolist())])

@@ -33,7 +33,8 @@ def detections_to_coco(detections: Sequence[Dict[str, Tensor]], image_ids: Seque
         boxes[:, 2:] -= boxes[:, :2]
         masks = (detection["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
         rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0))) if len(masks) else []
-        for box, label, score, rle in zip(boxes.tolist(), detection["labels"].tolist(), detection["scores"].tolist(), rles):
+        labels, scores = detection["labels"].tolist(), detection["scores"].tolist()
+        for box, label, score, rle in zip(boxes.tolist(), labels, scores, rles):
             rle["counts"] = rle["counts"].decode("ascii")
             results.append(dict(image_id=int(image_id), category_id=category_ids[label - 1], bbox=box, score=score,
                                 segmentation=rle))
