@@ -62,6 +62,22 @@ def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
     import json
     metrics = json.load(open(tmp_path / "m.json"))
     assert metrics["top1"] == pytest.approx(best["metrics"]["top1"]) and metrics["images"] == 12
+    png = tmp_path / "prediction.png"
+    assert main(["predict", "--checkpoint", str(out / "hafa_pvt_v2_b0" / "best.pth"),
+                 "--image", str(data / "val" / "square" / "0.png"), "--output", str(png)]) == 0
+    printed = capsys.readouterr().out
+    assert "classification: square" in printed and Image.open(png).size == (400, 460)
+
+
+def test_set_reads_numbers_as_numbers_and_refuses_unknown_keys():
+    from hafa.errors import UserError
+    from hafa.tasks.engine import override_recipe
+    recipe = override_recipe(dict(lr=0.1, epochs=3, auto_augment="x"), {}, ["lr=1e-3", "epochs=5", "auto_augment=None"])
+    assert recipe == dict(lr=1e-3, epochs=5, auto_augment="None")
+    with pytest.raises(UserError, match="expected a number"):
+        override_recipe(dict(lr=0.1), {}, ["lr=fast"])
+    with pytest.raises(UserError, match="KEY one of lr"):
+        override_recipe(dict(lr=0.1), {}, ["learning_rate=1"])
 
 
 def test_grayscale_rgba_and_corrupt_images(tmp_path, caplog):

@@ -11,7 +11,6 @@ import timm
 import torch
 from PIL import Image
 
-import hafa  # noqa: F401  (registers the models)
 from hafa.cli import main
 from hafa.data.coco import CocoInstances, collate_detection
 from hafa.data.scenes import SHAPES, make_scene
@@ -262,6 +261,9 @@ def test_det_train_eval_and_predict_end_to_end(tiny_coco, tmp_path, capsys):
     assert all(name in SHAPES for name, _, _ in result["detections"])
     nothing = predict_detection(best, os.path.join(tiny_coco, "val", "img1.png"), png, score_threshold=1.1)
     assert nothing["detections"] == [] and os.path.isfile(png)
+    assert main(["predict", "--checkpoint", best, "--image", os.path.join(tiny_coco, "val", "img1.png"),
+                 "--output", str(tmp_path / "cli.png"), "--score-threshold", "1.1"]) == 0
+    assert capsys.readouterr().out.startswith("detection: 0 detections") and os.path.isfile(tmp_path / "cli.png")
 
 
 def test_det_train_resumes_exactly(tiny_coco, tmp_path):

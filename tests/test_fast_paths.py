@@ -4,7 +4,9 @@ import math
 
 import torch
 
-from hafa.ops import clustering, map2token, token2map
+import pytest
+
+from hafa.ops import clustering, map2token, token2map, token_map
 from hafa.ops.token_map import map2token_matrix, token2map_matrix
 from reference import dpc_knn_reference
 
@@ -51,3 +53,19 @@ def test_dictionary_in_bfloat16():
     assert fmap.dtype == torch.bfloat16 and fmap.shape == (1, 4, 2, 2)
     assert map2token(fmap, index, (3, 4), 5).dtype == torch.bfloat16
     assert math.isfinite(float(fmap.float().sum()))
+
+
+@pytest.mark.parametrize("grid,size", [((7, 9), (4, 5)), ((7, 9), (7, 9)), ((5, 6), (11, 13)), ((8, 8), (3, 8))])
+def test_dictionary_by_gather_and_scatter_equals_the_matrices(monkeypatch, grid, size):
+    """Beyond DENSE_LIMIT (large maps of many tokens) both directions gather and scatter instead."""
+    M = 13
+    index = torch.randint(0, M, (2, grid[0] * grid[1]), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randn(2, M, 3, dtype=torch.float64, requires_grad=True)
+    fmap = torch.randn(2, 3, *size, dtype=torch.float64, requires_grad=True)
+    dense = token2map(tokens, index, grid, size), map2token(fmap, index, grid, M)
+    dense_grads = torch.autograd.grad(sum(x.square().sum() for x in dense), (tokens, fmap))
+    monkeypatch.setattr(token_map, "DENSE_LIMIT", 0)
+    sparse = token2map(tokens, index, grid, size), map2token(fmap, index, grid, M)
+    sparse_grads = torch.autograd.grad(sum(x.square().sum() for x in sparse), (tokens, fmap))
+    for a, b in zip(dense + dense_grads, sparse + sparse_grads):
+        torch.testing.assert_close(a, b)

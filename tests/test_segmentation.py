@@ -178,6 +178,10 @@ def test_train_eval_and_predict_on_the_ade20k_layout(tmp_path, capsys):
     overlay = Image.open(tmp_path / "overlay.png")
     assert overlay.height >= 70 and overlay.width > 101 and result["labels"].shape == (70, 101)
     assert sum(result["class_shares"].values()) == pytest.approx(100.0)
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(best), "--image", str(data / "images" / "validation" / "img_0.jpg"),
+                 "--output", str(tmp_path / "cli.png")]) == 0
+    assert capsys.readouterr().out.startswith("segmentation: ") and (tmp_path / "cli.png").exists()
 
 
 def test_folder_layout_with_unpaired_corrupt_and_empty_masks(tmp_path, caplog):
@@ -232,7 +236,7 @@ def test_data_option_mistakes(tmp_path, capsys):
     assert main(["seg-train", "--model", "pvt_v2_b0", "--data", str(data), *common]) == 2
     assert "not in the ADE20K layout" in capsys.readouterr().err
     assert main(["seg-train", "--data", str(data), *common]) == 2
-    assert "choose the backbone" in capsys.readouterr().err
+    assert "choose the model(s) with --model" in capsys.readouterr().err
     assert main(["seg-eval", "--checkpoint", str(data / "images" / "train" / "0.png")]) == 2
     assert "cannot read checkpoint" in capsys.readouterr().err
 
@@ -242,7 +246,7 @@ def test_recipe_file_gives_the_papers_settings():
     assert recipe == seg.RECIPE_DEFAULTS  # the defaults are the paper's recipe
     assert (recipe["lr"], recipe["weight_decay"], recipe["poly_power"], recipe["iterations"]) == (1e-4, 1e-4, 0.9, 40000)
     model = create_semantic_fpn("hafa_pvt_v2_b0", 150)
-    from hafa.tasks.classification import build_optimizer
+    from hafa.tasks.engine import build_optimizer
     optimizer = build_optimizer(model, recipe, global_batch=16)
     assert type(optimizer).__name__ == "AdamW" and optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     scheduler = seg.build_scheduler(optimizer, recipe, total_iterations=1000)

@@ -3,7 +3,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError, unknown_name  # noqa: F401  (re-exported for the command modules)
+from .errors import UserError
 
 # command -> ("module" or "module:attribute" with add_arguments(parser) and run(args), one-line help).
 # A command's module is imported only when that command runs, so that `hafa -h` is instant.

@@ -11,7 +11,6 @@ right to a multiple of 4 (the patch size every backbone here starts with) and th
 from typing import List
 
 import timm
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork

@@ -4,8 +4,10 @@ A dictionary is an index, B x (H*W), saying which token each cell of an H x W gr
 Maps of another size than the grid are related to it by adaptive average pooling along each axis
 (output pixel o covers cells floor(o*H/Ho) .. ceil((o+1)*H/Ho) - 1). Both directions are one batched
 matrix product with a B x (Ho*Wo) x M (or M x (Ho*Wo)) matrix built by a scatter from the index: a
-few fast passes instead of a gather, a resize and a scatter over every cell and channel, and it
-exports and runs in any dtype.
+few fast passes instead of a gather, a resize and a scatter over every cell and channel. That matrix
+grows with the square of the image area, so where it would exceed DENSE_LIMIT elements per image
+(SIA at an early transition on detection-size images) the same averages are taken with a gather and
+a scatter over the cells instead. Both ways export and run in any dtype.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -14,6 +16,9 @@ import torch
 from torch import Tensor
 
 Size = Tuple[int, int]
+
+# Largest (Ho*Wo) x M dictionary matrix per image (16 MB in fp32); beyond it, gather and scatter.
+DENSE_LIMIT = 1 << 22
 
 
 def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> Tuple[Tensor, Tensor]:
@@ -64,6 +69,12 @@ def token2map_matrix(index: Tensor, grid_size: Size, out_size: Size, num_tokens:
     return matrix.scatter_add_(1, position, weights.flatten().expand(B, -1)).view(B, num_pixels, num_tokens)
 
 
+def _cells_per_token(index: Tensor, num_tokens: int) -> Tensor:
+    """B x M float32: how many grid cells each token holds (at least 1, so that empty tokens divide safely)."""
+    counts = torch.zeros(index.shape[0], num_tokens, device=index.device)
+    return counts.scatter_add_(1, index, torch.ones(index.shape, device=index.device)).clamp(min=1)
+
+
 def map2token_matrix(index: Tensor, grid_size: Size, map_size: Size, num_tokens: int) -> Tensor:
     """B x M x (Hm*Wm) float32: token m is the average over its cells of the map pooled to the grid."""
     pixels, weights = _pooling_taps_2d(map_size, grid_size, index.device)
@@ -71,8 +82,7 @@ def map2token_matrix(index: Tensor, grid_size: Size, map_size: Size, num_tokens:
     position = (index[:, :, None] * num_pixels + pixels).flatten(1)
     sums = torch.zeros(B, num_tokens * num_pixels, device=index.device)
     sums = sums.scatter_add_(1, position, weights.flatten().expand(B, -1)).view(B, num_tokens, num_pixels)
-    counts = torch.zeros(B, num_tokens, device=index.device).scatter_add_(1, index, torch.ones(index.shape, device=index.device))
-    return sums / counts.clamp(min=1)[:, :, None]
+    return sums / _cells_per_token(index, num_tokens)[:, :, None]
 
 
 def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) -> Tensor:
@@ -88,8 +98,15 @@ def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) ->
         B x C x Ho x Wo (channels-last memory layout).
     """
     B, M, C = tokens.shape
-    matrix = token2map_matrix(index, grid_size, out_size, M).to(tokens.dtype)
-    return torch.bmm(matrix, tokens).transpose(1, 2).view(B, C, *out_size)
+    num_pixels = out_size[0] * out_size[1]
+    if num_pixels * M <= DENSE_LIMIT:
+        painted = torch.bmm(token2map_matrix(index, grid_size, out_size, M).to(tokens.dtype), tokens)
+    else:
+        cells, weights = _pooling_taps_2d(grid_size, out_size, index.device)
+        token_of_tap = index.index_select(1, cells.flatten())
+        taps = tokens.gather(1, token_of_tap[:, :, None].expand(-1, -1, C)).view(B, num_pixels, -1, C)
+        painted = (taps * weights[:, :, None].to(tokens.dtype)).sum(2)
+    return painted.transpose(1, 2).view(B, C, *out_size)
 
 
 def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: int) -> Tensor:
@@ -104,8 +121,17 @@ def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: i
     Returns:
         B x M x C (a token with no cell gets zeros).
     """
-    matrix = map2token_matrix(index, grid_size, feature_map.shape[-2:], num_tokens).to(feature_map.dtype)
-    return torch.bmm(matrix, feature_map.flatten(2).transpose(1, 2))
+    B, C, Hm, Wm = feature_map.shape
+    pixels = feature_map.flatten(2).transpose(1, 2)
+    if Hm * Wm * num_tokens <= DENSE_LIMIT:
+        matrix = map2token_matrix(index, grid_size, (Hm, Wm), num_tokens).to(feature_map.dtype)
+        return torch.bmm(matrix, pixels)
+    taps, weights = _pooling_taps_2d((Hm, Wm), grid_size, index.device)
+    cells = pixels.index_select(1, taps.flatten()).view(B, index.shape[1], -1, C)
+    cells = (cells * weights[:, :, None].to(feature_map.dtype)).sum(2)
+    sums = cells.new_zeros(B, num_tokens, C, dtype=torch.float32)  # many cells per token: sum in fp32
+    sums = sums.scatter_add(1, index[:, :, None].expand(-1, -1, C), cells.float())
+    return (sums / _cells_per_token(index, num_tokens)[:, :, None]).to(feature_map.dtype)
 
 
 @dataclass

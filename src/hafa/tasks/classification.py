@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
@@ -22,13 +21,12 @@ from torch.utils.data import DataLoader
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError, unknown_name
-from ..models.table import BASELINE
 from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
-from .engine import (EpochSampler, Processes, ShardSampler, Training, all_sum, autocast_context, barrier,
-                     check_run_dir, close_processes, init_processes, load_checkpoint, load_recipe, override_recipe,
-                     progress_bar, setup_console_logging, train)
-
-DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
+from .commands import (DEMO_MODELS, add_model_options, add_run_options, add_set_option, add_training_options,
+                       finish_training, model_args, models_to_train, prepare_on_main, print_best_scores,
+                       run_in_processes, train_models, write_json)
+from .engine import (EpochSampler, Processes, ShardSampler, Training, all_sum, autocast_context, build_optimizer,
+                     check_run_dir, load_checkpoint, load_recipe, override_recipe, progress_bar, train)
 
 # Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
@@ -39,8 +37,6 @@ RECIPE_DEFAULTS = dict(
     reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1,
     drop_path=0.1, drop_rate=0.0, seed=0,
 )
-# options that may change on --resume without breaking exactness
-RESUME_FREE = ("workers", "device", "epochs")
 
 
 # ---------------------------------------------------------------- building blocks
@@ -57,14 +53,6 @@ def create_classifier(name: str, num_classes: int, recipe: dict, model_args: dic
         if "img_size" not in str(error):
             raise
         return timm.create_model(name, **kwargs)  # families that take any input size without it
-
-
-def build_optimizer(model: torch.nn.Module, recipe: dict, global_batch: int) -> torch.optim.Optimizer:
-    """AdamW (by default) with lr scaled linearly from lr_base_batch to the global batch; no weight
-    decay on biases, norms, position embeddings and class tokens (timm's filter + no_weight_decay)."""
-    lr = recipe["lr"] * global_batch / recipe["lr_base_batch"]
-    extra = dict(betas=tuple(recipe["opt_betas"]), eps=recipe["opt_eps"]) if "adam" in recipe["opt"] else {}
-    return create_optimizer_v2(model, opt=recipe["opt"], lr=lr, weight_decay=recipe["weight_decay"], **extra)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int):
@@ -185,52 +173,16 @@ def train_one_model(config: dict, processes: Processes) -> dict:
 
 # ---------------------------------------------------------------- commands
 
-def _add_model_options(parser) -> None:
-    group = parser.add_argument_group("HAFA model options (ignored for baselines)")
-    group.add_argument("--stage-aggregation", nargs=3, metavar=("T12", "T23", "T34"),
-                       help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4 (default laa laa sia)")
-    group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
-    group.add_argument("--cluster-ratio", type=float, help="clusters per token in SIA (default 0.25)")
-    group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
-
-
-def _model_args(args) -> dict:
-    model_args = {}
-    if args.stage_aggregation:
-        model_args["stage_aggregation"] = tuple(args.stage_aggregation)
-    if args.cluster_qkv:
-        model_args["cluster_qkv"] = True
-    if args.cluster_ratio is not None:
-        model_args["cluster_ratio"] = args.cluster_ratio
-    if args.knn_k is not None:
-        model_args["knn_k"] = args.knn_k
-    return model_args
-
-
-def _add_run_options(parser) -> None:
-    parser.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                        help="autocast: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)")
-
-
 class TrainCommand:
     """hafa train"""
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.description = __doc__
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.add_argument("--model", nargs="+", help=f"timm model name(s); default {' and '.join(DEMO_MODELS)} "
-                                                       "on the embedded data")
-        parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+        add_training_options(parser, __doc__, "model", "classification")
         parser.add_argument("--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* "
                                            "(default: the embedded MNIST-5k)")
         parser.add_argument("--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, "
                                              "mnist_demo without)")
-        parser.add_argument("--output", default=os.path.join("runs", "classification"),
-                            help="runs go to OUTPUT/<model> (default runs/classification)")
-        parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
         parser.add_argument("--init-from", metavar="CKPT", help="start from a (baseline) checkpoint: "
                                                                 "hafa.load_pretrained, classifier re-initialised")
         parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
@@ -244,19 +196,13 @@ class TrainCommand:
         recipe.add_argument("--drop-path", type=float)
         recipe.add_argument("--clip-grad", type=float)
         recipe.add_argument("--seed", type=int)
-        recipe.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
-                            help="any recipe setting, e.g. --set mixup=0 smoothing=0.0 (YAML values)")
-        _add_model_options(parser)
-        _add_run_options(parser)
+        add_set_option(recipe, "mixup=0 smoothing=0.0")
+        add_model_options(parser)
+        add_run_options(parser)
 
     @staticmethod
     def run(args) -> int:
-        setup_console_logging()
-        processes = init_processes(args.device)
-        try:
-            return _train(args, processes)
-        finally:
-            close_processes()
+        return run_in_processes(_train, args)
 
 
 def _recipe_from_args(args) -> dict:
@@ -265,60 +211,23 @@ def _recipe_from_args(args) -> dict:
     return override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
 
 
-def _check_resumable(config: dict, run_dir: str) -> None:
-    """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
-    saved = load_checkpoint(os.path.join(run_dir, "last.pth"))["config"]
-    differences = [key for key in ("model", "data", "model_args", "amp", "num_classes") if saved.get(key) != config.get(key)]
-    differences += [f"recipe.{k}" for k in config["recipe"]
-                    if k not in RESUME_FREE and saved["recipe"].get(k) != config["recipe"][k]]
-    if differences:
-        raise UserError(f"--resume with settings that differ from the saved run in {run_dir}: {', '.join(differences)}")
-
-
 def _train(args, processes: Processes) -> int:
     data = args.data
     if data is None:
+        data = prepare_on_main(prepare_mnist5k, processes)
         if processes.is_main:
-            data = prepare_mnist5k()
             print(f"data: the embedded MNIST-5k (4,000 train / 1,000 val real digits) in {data}")
-        barrier(processes)
-        data = prepare_mnist5k()
-    models = list(args.model or ([] if args.data else DEMO_MODELS))
-    if not models:
-        raise UserError("with --data, choose the model(s) with --model")
-    if args.baseline:
-        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     recipe = _recipe_from_args(args)
-    results = []
-    for name in models:
-        config = dict(model=name, data=os.path.abspath(data), recipe=recipe, run_dir=os.path.join(args.output, name),
-                      resume=args.resume, init_from=args.init_from, num_classes=args.num_classes,
-                      model_args=_model_args(args), grad_checkpointing=args.grad_checkpointing, amp=args.amp,
-                      workers=args.workers, device=args.device)
-        if args.resume and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
-            _check_resumable(config, config["run_dir"])
-        result = train_one_model(config, processes)
-        results.append(result)
-        if result["status"] == "interrupted":
-            break
-    if processes.is_main:
-        _print_summary(results, args)
-    return 130 if any(r["status"] == "interrupted" for r in results) else 0
 
+    def config_for(name: str) -> dict:
+        return dict(model=name, data=os.path.abspath(data), recipe=recipe, run_dir=os.path.join(args.output, name),
+                    resume=args.resume, init_from=args.init_from, num_classes=args.num_classes,
+                    model_args=model_args(args), grad_checkpointing=args.grad_checkpointing, amp=args.amp,
+                    workers=args.workers, device=args.device)
 
-def _print_summary(results, args) -> None:
-    print("\n| model | best val top-1 (%) | at epoch | best checkpoint | curves |")
-    print("|---|---:|---:|---|---|")
-    for r in results:
-        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
-    by_name = {r["model"]: r for r in results}
-    for r in results:
-        base = by_name.get(BASELINE.get(r["model"]))
-        if base is not None and r["best_epoch"] > 0 and base["best_epoch"] > 0:
-            print(f"{r['model']} vs {base['model']}: {r['best_score'] - base['best_score']:+.2f} points top-1")
-    interrupted = [r for r in results if r["status"] == "interrupted"]
-    if interrupted:
-        print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+    results = train_models(models, config_for, train_one_model, processes)
+    return finish_training(results, processes, lambda done: print_best_scores(done, "top-1"))
 
 
 class EvalCommand:
@@ -333,26 +242,23 @@ class EvalCommand:
         parser.add_argument("--batch-size", type=int, default=64)
         parser.add_argument("--img-size", type=int, help="default: the checkpoint's recipe, else 224")
         parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-        _add_model_options(parser)
-        _add_run_options(parser)
+        add_model_options(parser)
+        add_run_options(parser)
 
     @staticmethod
     def run(args) -> int:
-        setup_console_logging()
-        processes = init_processes(args.device)
-        try:
-            metrics = _evaluate_checkpoint(args, processes)
-        finally:
-            close_processes()
-        if processes.is_main:
-            print(f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-                  f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
-                  + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")"))
-            if args.json:
-                import json
-                with open(args.json, "w") as f:
-                    json.dump(metrics, f, indent=2)
-        return 0
+        return run_in_processes(_evaluate_and_report, args)
+
+
+def _evaluate_and_report(args, processes: Processes) -> int:
+    metrics = _evaluate_checkpoint(args, processes)
+    if processes.is_main:
+        print(f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+              f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
+              + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")"))
+        if args.json:
+            write_json(args.json, metrics)
+    return 0
 
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:
@@ -377,8 +283,8 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
     num_classes = len(dataset.classes)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UserError(f"--num-classes {args.num_classes}, but the checkpoint/data have {num_classes} classes")
-    model_args = config.get("model_args") or _model_args(args)
-    model = create_classifier(name, num_classes, dict(recipe, drop_path=0.0, drop_rate=0.0), model_args)
+    model = create_classifier(name, num_classes, dict(recipe, drop_path=0.0, drop_rate=0.0),
+                              config.get("model_args") or model_args(args))
     try:
         state, _ = adapt_state_dict(saved["model"] if ours else saved, model)
     except CheckpointMismatchError as error:

@@ -21,12 +21,12 @@ from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
 from ..errors import UserError
 from ..models.mask_rcnn import PaddingAwareMaskRCNN, create_mask_rcnn
-from ..models.table import BASELINE
-from .classification import (DEMO_MODELS, _add_model_options, _add_run_options, _check_resumable, _model_args,
-                             build_optimizer)
+from .commands import (DEMO_MODELS, add_model_options, add_run_options, add_set_option, add_training_options,
+                       baseline_pairs, finish_training, model_args, models_to_train, prepare_on_main,
+                       run_in_processes, train_models, write_json)
 from .detection_metrics import METRICS, evaluate_detection
-from .engine import (EpochSampler, Processes, Training, barrier, check_run_dir, close_processes, init_processes,
-                     load_checkpoint, load_recipe, override_recipe, setup_console_logging, train)
+from .engine import (EpochSampler, Processes, Training, build_optimizer, check_run_dir, load_checkpoint, load_recipe,
+                     override_recipe, train)
 
 _logger = logging.getLogger("hafa")
 
@@ -123,8 +123,7 @@ def _add_recipe_options(parser) -> None:
     recipe.add_argument("--warmup-iters", type=int)
     recipe.add_argument("--clip-grad", type=float)
     recipe.add_argument("--seed", type=int)
-    recipe.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
-                        help="any recipe setting, e.g. --set lr_steps=[16,22] filter_empty=false (YAML values)")
+    add_set_option(recipe, "lr_steps=[16,22] filter_empty=false")
 
 
 class TrainCommand:
@@ -132,34 +131,22 @@ class TrainCommand:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.description = __doc__
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.add_argument("--model", nargs="+", help=f"timm backbone name(s); default {' and '.join(DEMO_MODELS)} "
-                                                       "on the embedded scenes")
-        parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+        add_training_options(parser, __doc__, "backbone", "detection")
         parser.add_argument("--data", help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
                                            "ROOT/{train,val}[2017]/ (default: the embedded scenes)")
         parser.add_argument("--train-split", help="default: train, else train2017")
         parser.add_argument("--val-split", help="default: val, else val2017")
         parser.add_argument("--recipe", help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, "
                                              "scenes_mask_rcnn without)")
-        parser.add_argument("--output", default=os.path.join("runs", "detection"),
-                            help="runs go to OUTPUT/<model> (default runs/detection)")
-        parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
         parser.add_argument("--init-from", metavar="CKPT", help="backbone weights from an ImageNet checkpoint "
                                                                 "(baseline or HAFA; hafa.load_pretrained)")
         _add_recipe_options(parser)
-        _add_model_options(parser)
-        _add_run_options(parser)
+        add_model_options(parser)
+        add_run_options(parser)
 
     @staticmethod
     def run(args) -> int:
-        setup_console_logging()
-        processes = init_processes(args.device)
-        try:
-            return _train(args, processes)
-        finally:
-            close_processes()
+        return run_in_processes(_train, args)
 
 
 def _recipe_from_args(args) -> dict:
@@ -172,55 +159,39 @@ def _recipe_from_args(args) -> dict:
 def _train(args, processes: Processes) -> int:
     data = args.data
     if data is None:
+        data = prepare_on_main(default_data, processes)
         if processes.is_main:
-            data = default_data()
             print(f"data: the embedded scenes (48 train / 16 val images, COCO json) in {data}")
-        barrier(processes)
-        data = default_data()
-    models = list(args.model or ([] if args.data else DEMO_MODELS))
-    if not models:
-        raise UserError("with --data, choose the backbone(s) with --model")
-    if args.baseline:
-        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     recipe = _recipe_from_args(args)
     data = os.path.abspath(data)
     splits = dict(train_split=args.train_split or find_split(data, "train"),
                   val_split=args.val_split or find_split(data, "val"))
-    results = []
-    for name in models:
-        config = dict(model=name, data=data, **splits, recipe=recipe, run_dir=os.path.join(args.output, name),
-                      resume=args.resume, init_from=args.init_from, model_args=_model_args(args), amp=args.amp,
-                      workers=args.workers, device=args.device)
-        if args.resume and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
-            _check_resumable(config, config["run_dir"])
-        result = train_one_model(config, processes)
-        results.append(result)
-        if result["status"] == "interrupted":
-            break
-    if processes.is_main:
-        _print_summary(results)
-    return 130 if any(r["status"] == "interrupted" for r in results) else 0
+
+    def config_for(name: str) -> dict:
+        return dict(model=name, data=data, **splits, recipe=recipe, run_dir=os.path.join(args.output, name),
+                    resume=args.resume, init_from=args.init_from, model_args=model_args(args), amp=args.amp,
+                    workers=args.workers, device=args.device)
+
+    results = train_models(models, config_for, train_one_model, processes)
+    return finish_training(results, processes, _print_summary)
 
 
 def _print_summary(results) -> None:
     print("\n| model | box AP | AP50 | AP75 | APs | APm | APl | mask AP | AP50 | AP75 | APs | APm | APl | at epoch |")
     print("|---|" + "---:|" * 13)
-    best = {}
+    best = {r["model"]: load_checkpoint(r["best_checkpoint"])["metrics"] for r in results if r["best_epoch"] > 0}
     for r in results:
-        if r["best_epoch"] > 0:
-            best[r["model"]] = metrics = load_checkpoint(r["best_checkpoint"])["metrics"]
-            cells = " | ".join(f"{metrics[f'{kind}_{name}']:.1f}" for kind in ("bbox", "segm") for name in METRICS)
+        if r["model"] in best:
+            cells = " | ".join(f"{best[r['model']][f'{kind}_{name}']:.1f}" for kind in ("bbox", "segm")
+                               for name in METRICS)
             print(f"| {r['model']} | {cells} | {r['best_epoch']} |")
-    for name, metrics in best.items():
-        base = best.get(BASELINE.get(name))
-        if base is not None:
-            print(f"{name} vs {BASELINE[name]}: {metrics['bbox_AP'] - base['bbox_AP']:+.1f} box AP, "
-                  f"{metrics['segm_AP'] - base['segm_AP']:+.1f} mask AP")
+    for hafa, base in baseline_pairs(results):
+        ours, theirs = best[hafa["model"]], best[base["model"]]
+        print(f"{hafa['model']} vs {base['model']}: {ours['bbox_AP'] - theirs['bbox_AP']:+.1f} box AP, "
+              f"{ours['segm_AP'] - theirs['segm_AP']:+.1f} mask AP")
     for r in results:
         print(f"{r['model']}: best checkpoint {r['best_checkpoint']}, curves {r['curves']}")
-    interrupted = [r for r in results if r["status"] == "interrupted"]
-    if interrupted:
-        print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
 
 
 def load_detector(path: str, overrides: Optional[dict] = None) -> Tuple[PaddingAwareMaskRCNN, dict]:
@@ -249,26 +220,23 @@ class EvalCommand:
         parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
         parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
         parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-        _add_run_options(parser)
+        add_run_options(parser)
 
     @staticmethod
     def run(args) -> int:
-        setup_console_logging()
-        processes = init_processes(args.device)
-        try:
-            metrics = _evaluate_checkpoint(args, processes)
-        finally:
-            close_processes()
-        if processes.is_main:
-            print(f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
-                  + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):"))
-            for kind, title in (("bbox", "box "), ("segm", "mask")):
-                print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
-            if args.json:
-                import json
-                with open(args.json, "w") as f:
-                    json.dump(metrics, f, indent=2)
-        return 0
+        return run_in_processes(_evaluate_and_report, args)
+
+
+def _evaluate_and_report(args, processes: Processes) -> int:
+    metrics = _evaluate_checkpoint(args, processes)
+    if processes.is_main:
+        print(f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
+              + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):"))
+        for kind, title in (("bbox", "box "), ("segm", "mask")):
+            print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
+        if args.json:
+            write_json(args.json, metrics)
+    return 0
 
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:

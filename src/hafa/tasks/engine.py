@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from timm.optim import create_optimizer_v2
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -263,8 +264,27 @@ def override_recipe(recipe: dict, options: Dict[str, Any], settings: List[str]) 
         key, sep, value = item.partition("=")
         if not sep or key not in recipe:
             raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
-        recipe[key] = yaml.safe_load(value)
+        recipe[key] = _recipe_value(value, recipe[key])
     return recipe
+
+
+def _recipe_value(text: str, current: Any) -> Any:
+    """A YAML value; numbers YAML 1.1 reads as strings (1e-3) become floats where the setting is a number."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise UserError(f"--set {text!r}: expected a number") from None
+    return value
+
+
+def build_optimizer(model: nn.Module, recipe: dict, global_batch: int) -> torch.optim.Optimizer:
+    """AdamW (by default) with lr scaled linearly from lr_base_batch to the global batch; no weight
+    decay on biases, norms, position embeddings and class tokens (timm's filter + no_weight_decay)."""
+    lr = recipe["lr"] * global_batch / recipe["lr_base_batch"]
+    extra = dict(betas=tuple(recipe["opt_betas"]), eps=recipe["opt_eps"]) if "adam" in recipe["opt"] else {}
+    return create_optimizer_v2(model, opt=recipe["opt"], lr=lr, weight_decay=recipe["weight_decay"], **extra)
 
 
 # ---------------------------------------------------------------- logs
@@ -539,7 +559,7 @@ def _train_epoch(t: Training, model: nn.Module, scaler, state: TrainState, proce
         skipped += skipped_now
         speed = images_seen / (time.perf_counter() - start)
         progress.set_postfix(loss=f"{loss_sum / steps:.4f}", lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
-                             img_s=f"{speed:.0f}")
+                             img_s=f"{speed:.0f}", refresh=False)  # drawn at tqdm's own interval
         if stop:
             progress.close()
             return _Epoch(stopped=True)

@@ -25,14 +25,14 @@ from ..data.segmentation import (IGNORE_INDEX, EvalTransform, LabelMapping, Segm
                                  collate_segmentation, data_pairs)
 from ..errors import UserError
 from ..models.semantic_fpn import SemanticFPN, backbone_network, create_semantic_fpn
-from ..models.table import BASELINE
 from ..pretrained import CheckpointMismatchError, load_pretrained
-from .classification import _add_model_options, _add_run_options, _check_resumable, _model_args, build_optimizer
-from .engine import (EpochSampler, Processes, Training, barrier, check_run_dir, close_processes, init_processes,
-                     load_checkpoint, load_recipe, override_recipe, setup_console_logging, train)
+from .commands import (DEMO_MODELS, add_model_options, add_run_options, add_set_option, add_training_options,
+                       finish_training, model_args, models_to_train, prepare_on_main, print_best_scores,
+                       run_in_processes, train_models, write_json)
+from .engine import (EpochSampler, Processes, Training, build_optimizer, check_run_dir, load_checkpoint, load_recipe,
+                     override_recipe, train)
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 
-DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 ADE20K_CLASSES = 150
 
 # Every recipe setting (the paper's values); a recipe file overrides some, options override it.
@@ -182,11 +182,9 @@ def _is_scenes(data: dict) -> bool:
 
 
 def _ensure_scenes(data: dict, processes: Processes) -> None:
-    """Write the embedded scenes when they are the data and not there yet (rank 0 writes, all wait)."""
+    """Write the embedded scenes when they are the data and not there yet."""
     if _is_scenes(data):
-        if processes.is_main:
-            prepare_scenes()
-        barrier(processes)
+        prepare_on_main(prepare_scenes, processes)
 
 
 # ---------------------------------------------------------------- seg-train
@@ -196,17 +194,10 @@ class TrainCommand:
 
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.description = __doc__
-        parser.formatter_class = argparse.RawDescriptionHelpFormatter
-        parser.add_argument("--model", nargs="+", help=f"timm backbone name(s); default {' and '.join(DEMO_MODELS)} "
-                                                       "on the embedded scenes")
-        parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+        add_training_options(parser, __doc__, "backbone", "segmentation")
         _add_data_options(parser, training=True)
         parser.add_argument("--recipe", help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
                                              "data options, scenes_semantic_fpn without)")
-        parser.add_argument("--output", default=os.path.join("runs", "segmentation"),
-                            help="runs go to OUTPUT/<model> (default runs/segmentation)")
-        parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
         parser.add_argument("--backbone-checkpoint", "--init-from", dest="backbone_checkpoint", metavar="CKPT",
                             help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)")
         recipe = parser.add_argument_group("recipe overrides")
@@ -216,29 +207,19 @@ class TrainCommand:
         recipe.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
         recipe.add_argument("--eval-mode", choices=("whole", "slide"))
         recipe.add_argument("--seed", type=int)
-        recipe.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
-                            help="any recipe setting, e.g. --set scale=[1024,256] (YAML values)")
-        _add_model_options(parser)
-        _add_run_options(parser)
+        add_set_option(recipe, "scale=[1024,256]")
+        add_model_options(parser)
+        add_run_options(parser)
 
     @staticmethod
     def run(args) -> int:
-        setup_console_logging()
-        processes = init_processes(args.device)
-        try:
-            return _train(args, processes)
-        finally:
-            close_processes()
+        return run_in_processes(_train, args)
 
 
 def _train(args, processes: Processes) -> int:
     data = _data_from_args(args)
     own_data = not _is_scenes(data["data"])
-    models = list(args.model or ([] if own_data else DEMO_MODELS))
-    if not models:
-        raise UserError("with your own data, choose the backbone(s) with --model")
-    if args.baseline:
-        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data)
     recipe = load_recipe(args.recipe or ("ade20k_semantic_fpn" if own_data else "scenes_semantic_fpn"), RECIPE_DEFAULTS)
     options = dict(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop_size,
                    eval_mode=args.eval_mode, seed=args.seed)
@@ -246,35 +227,14 @@ def _train(args, processes: Processes) -> int:
     _ensure_scenes(data["data"], processes)
     if processes.is_main and not own_data:
         print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {data['data']['root']}")
-    results = []
-    for name in models:
-        config = dict(data, model=name, recipe=recipe, run_dir=os.path.join(args.output, name), resume=args.resume,
-                      backbone_checkpoint=args.backbone_checkpoint, model_args=_model_args(args), amp=args.amp,
-                      workers=args.workers, device=args.device)
-        if args.resume and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
-            _check_resumable(config, config["run_dir"])
-        result = train_one_model(config, processes)
-        results.append(result)
-        if result["status"] == "interrupted":
-            break
-    if processes.is_main:
-        _print_summary(results)
-    return 130 if any(r["status"] == "interrupted" for r in results) else 0
 
+    def config_for(name: str) -> dict:
+        return dict(data, model=name, recipe=recipe, run_dir=os.path.join(args.output, name), resume=args.resume,
+                    backbone_checkpoint=args.backbone_checkpoint, model_args=model_args(args), amp=args.amp,
+                    workers=args.workers, device=args.device)
 
-def _print_summary(results) -> None:
-    print("\n| backbone | best val mIoU (%) | at epoch | best checkpoint | curves |")
-    print("|---|---:|---:|---|---|")
-    for r in results:
-        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
-    by_name = {r["model"]: r for r in results}
-    for r in results:
-        base = by_name.get(BASELINE.get(r["model"]))
-        if base is not None and r["best_epoch"] > 0 and base["best_epoch"] > 0:
-            print(f"{r['model']} vs {base['model']}: {r['best_score'] - base['best_score']:+.2f} points mIoU")
-    interrupted = [r for r in results if r["status"] == "interrupted"]
-    if interrupted:
-        print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+    results = train_models(models, config_for, train_one_model, processes)
+    return finish_training(results, processes, lambda done: print_best_scores(done, "mIoU"))
 
 
 # ---------------------------------------------------------------- checkpoints -> models
@@ -301,25 +261,22 @@ class EvalCommand:
         _add_data_options(parser, training=False)
         parser.add_argument("--eval-mode", choices=("whole", "slide"), help="default: the checkpoint's recipe")
         parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-        _add_run_options(parser)
+        add_run_options(parser)
 
     @staticmethod
     def run(args) -> int:
-        setup_console_logging()
-        processes = init_processes(args.device)
-        try:
-            metrics = _evaluate_checkpoint(args, processes)
-        finally:
-            close_processes()
-        if processes.is_main:
-            _print_metrics(metrics)
-            if args.json:
-                import json
-                # null: a class neither in the ground truth nor predicted
-                per_class = {k: None if np.isnan(v) else v for k, v in metrics["per_class_IoU"].items()}
-                with open(args.json, "w") as f:
-                    json.dump(dict(metrics, per_class_IoU=per_class), f, indent=2)
-        return 0
+        return run_in_processes(_evaluate_and_report, args)
+
+
+def _evaluate_and_report(args, processes: Processes) -> int:
+    metrics = _evaluate_checkpoint(args, processes)
+    if processes.is_main:
+        _print_metrics(metrics)
+        if args.json:
+            # null: a class neither in the ground truth nor predicted
+            per_class = {k: None if np.isnan(v) else v for k, v in metrics["per_class_IoU"].items()}
+            write_json(args.json, dict(metrics, per_class_IoU=per_class))
+    return 0
 
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:

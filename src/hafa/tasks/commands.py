@@ -1,0 +1,148 @@
+"""What the task commands (train, seg-train, det-train and their evals) share on the command line:
+the HAFA model and run options, running a job in one or several processes, training each model of a
+list (a HAFA model and, on request, its baseline), resume checks and the summary against baselines."""
+import argparse
+import json
+import os
+from typing import Callable, List, Sequence, Tuple
+
+from ..errors import UserError
+from ..models.table import BASELINE
+from .engine import Processes, barrier, close_processes, init_processes, load_checkpoint, setup_console_logging
+
+# the embedded-data demos of every task: the smallest HAFA model and its baseline
+DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
+# recipe settings that may change on --resume without breaking exactness
+RESUME_FREE = ("workers", "device", "epochs")
+# run settings that must not
+RESUME_FIXED = ("model", "data", "model_args", "amp", "num_classes")
+
+
+def add_training_options(parser, description: str, kind: str, task: str) -> None:
+    """The options every training command has: the models, their baselines, where runs go, --resume."""
+    parser.description = description
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("--model", nargs="+", help=f"timm {kind} name(s); default {' and '.join(DEMO_MODELS)} "
+                                                   "on the embedded data")
+    parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
+    parser.add_argument("--output", default=os.path.join("runs", task),
+                        help=f"runs go to OUTPUT/<model> (default runs/{task})")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+
+
+def add_model_options(parser) -> None:
+    group = parser.add_argument_group("HAFA model options (ignored for baselines)")
+    group.add_argument("--stage-aggregation", nargs=3, metavar=("T12", "T23", "T34"),
+                       help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4 (default laa laa sia)")
+    group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
+    group.add_argument("--cluster-ratio", type=float, help="clusters per token in SIA (default 0.25)")
+    group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
+
+
+def model_args(args) -> dict:
+    """The HAFA constructor arguments given on the command line."""
+    chosen = {}
+    if args.stage_aggregation:
+        chosen["stage_aggregation"] = tuple(args.stage_aggregation)
+    if args.cluster_qkv:
+        chosen["cluster_qkv"] = True
+    if args.cluster_ratio is not None:
+        chosen["cluster_ratio"] = args.cluster_ratio
+    if args.knn_k is not None:
+        chosen["knn_k"] = args.knn_k
+    return chosen
+
+
+def add_run_options(parser) -> None:
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
+    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
+    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="autocast: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)")
+
+
+def add_set_option(group, example: str) -> None:
+    group.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
+                       help=f"any recipe setting, e.g. --set {example} (YAML values)")
+
+
+def run_in_processes(job: Callable, args) -> int:
+    """job(args, processes) in this process, one of torchrun's when launched by it; -> its exit status."""
+    setup_console_logging()
+    processes = init_processes(args.device)
+    try:
+        return job(args, processes)
+    finally:
+        close_processes()
+
+
+def prepare_on_main(prepare: Callable[[], str], processes: Processes) -> str:
+    """Embedded data written once by the main process (the others wait); -> its path, on every process."""
+    if processes.is_main:
+        prepare()
+    barrier(processes)
+    return prepare()
+
+
+def models_to_train(names: Sequence[str], with_baselines: bool, demo_models: Sequence[str], own_data: bool) -> list:
+    models = list(names or ([] if own_data else demo_models))
+    if not models:
+        raise UserError("with your own data, choose the model(s) with --model")
+    if with_baselines:
+        models += [BASELINE[m] for m in models if m in BASELINE and BASELINE[m] not in models]
+    return models
+
+
+def check_resumable(config: dict) -> None:
+    """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
+    saved = load_checkpoint(os.path.join(config["run_dir"], "last.pth"))["config"]
+    differences = [key for key in RESUME_FIXED if saved.get(key) != config.get(key)]
+    differences += [f"recipe.{k}" for k in config["recipe"]
+                    if k not in RESUME_FREE and saved["recipe"].get(k) != config["recipe"][k]]
+    if differences:
+        raise UserError(f"--resume with settings that differ from the saved run in {config['run_dir']}: "
+                        f"{', '.join(differences)}")
+
+
+def train_models(models: Sequence[str], config_for: Callable[[str], dict], train_one_model: Callable,
+                 processes: Processes) -> List[dict]:
+    """train_one_model(config_for(name), processes) for each model in turn, until one is interrupted."""
+    results = []
+    for name in models:
+        config = config_for(name)
+        if config["resume"] and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
+            check_resumable(config)
+        results.append(train_one_model(config, processes))
+        if results[-1]["status"] == "interrupted":
+            break
+    return results
+
+
+def baseline_pairs(results: List[dict]) -> List[Tuple[dict, dict]]:
+    """(HAFA result, its baseline's result) for the pairs that both trained at least one epoch."""
+    trained = {r["model"]: r for r in results if r["best_epoch"] > 0}
+    return [(r, trained[BASELINE[r["model"]]]) for r in trained.values() if BASELINE.get(r["model"]) in trained]
+
+
+def print_best_scores(results: List[dict], score: str) -> None:
+    """The best validation score of each model, and each HAFA model against its baseline."""
+    print(f"\n| model | best val {score} (%) | at epoch | best checkpoint | curves |")
+    print("|---|---:|---:|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
+    for hafa, base in baseline_pairs(results):
+        print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
+
+
+def finish_training(results: List[dict], processes: Processes, print_summary: Callable[[List[dict]], None]) -> int:
+    """The summary on the main process; -> 130 when a run was interrupted (and how to go on), else 0."""
+    interrupted = [r for r in results if r["status"] == "interrupted"]
+    if processes.is_main:
+        print_summary(results)
+        if interrupted:
+            print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+    return 130 if interrupted else 0
+
+
+def write_json(path: str, values: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(values, f, indent=2)
