@@ -2,6 +2,7 @@
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def dpc_knn_reference(x, num_clusters, k=5, mask=None):
@@ -46,3 +47,23 @@ def merge_reference(x, ids, num_clusters, scores=None):
         p = torch.ones(len(members), dtype=torch.float64) if scores is None else scores[members].double().exp()
         out[c] = ((p / p.sum())[:, None] * x[members].double()).sum(0)
     return out
+
+
+def token2map_reference(tokens, index, grid_size, out_size):
+    """Each cell takes its token's features, then the grid map is resized by adaptive average pooling."""
+    B, _, C = tokens.shape
+    cells = torch.stack([tokens[b, index[b]] for b in range(B)])
+    return F.adaptive_avg_pool2d(cells.transpose(1, 2).reshape(B, C, *grid_size), out_size)
+
+
+def map2token_reference(feature_map, index, grid_size, num_tokens):
+    """The map is resized to the grid by adaptive average pooling; each token averages its cells."""
+    B, C = feature_map.shape[:2]
+    on_grid = F.adaptive_avg_pool2d(feature_map, grid_size).flatten(2)
+    tokens = feature_map.new_zeros(B, num_tokens, C)
+    for b in range(B):
+        for m in range(num_tokens):
+            cells = (index[b] == m).nonzero().flatten()
+            if len(cells):
+                tokens[b, m] = on_grid[b][:, cells].mean(-1)
+    return tokens

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, merge_weights, token2map
 from hafa.ops import clustering
-from reference import dpc_knn_reference, merge_reference
+from reference import dpc_knn_reference, map2token_reference, merge_reference, token2map_reference
 
 
 def _check_against_reference(x, num_clusters, k, mask=None):
@@ -200,6 +200,35 @@ def test_dictionary_resizes_like_adaptive_average_pooling(grid, out):
     torch.testing.assert_close(fmap, F.adaptive_avg_pool2d(plain, out))
     torch.testing.assert_close(map2token(fmap, index, grid, grid[0] * grid[1]),
                                F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("grid,size", [((7, 9), (4, 5)), ((7, 9), (7, 9)), ((5, 6), (11, 13)), ((8, 8), (3, 8)),
+                                       ((50, 84), (25, 42))])
+def test_clustered_dictionary_matches_the_reference_with_gradients(grid, size):
+    M = 13 if grid[0] < 50 else 1050
+    g = torch.Generator().manual_seed(1)
+    index = torch.randint(0, M - 1, (2, grid[0] * grid[1]), generator=g)  # token M-1 has no cell
+    tokens = torch.randn(2, M, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    fmap = torch.randn(2, 3, *size, dtype=torch.float64, generator=g, requires_grad=True)
+    ours = token2map(tokens, index, grid, size), map2token(fmap, index, grid, M)
+    reference = token2map_reference(tokens, index, grid, size), map2token_reference(fmap, index, grid, M)
+    weights = [torch.randn(x.shape, dtype=torch.float64, generator=g) for x in reference]
+    for x, y in zip(ours, reference):
+        torch.testing.assert_close(x, y)
+    assert torch.equal(ours[1][:, M - 1], torch.zeros(2, 3, dtype=torch.float64))
+    grads = [torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, outputs)), (tokens, fmap))
+             for outputs in (ours, reference)]
+    for x, y in zip(*grads):
+        torch.testing.assert_close(x, y)
+
+
+def test_dictionary_in_bfloat16():
+    index = torch.randint(0, 5, (1, 12))
+    tokens = torch.randn(1, 5, 4, dtype=torch.bfloat16)
+    fmap = token2map(tokens, index, (3, 4), (2, 2))
+    assert fmap.dtype == torch.bfloat16 and fmap.shape == (1, 4, 2, 2)
+    assert map2token(fmap, index, (3, 4), 5).dtype == torch.bfloat16
+    torch.testing.assert_close(fmap.float(), token2map_reference(tokens.float(), index, (3, 4), (2, 2)), rtol=0.02, atol=0.02)
 
 
 def test_round_trip_through_a_clustered_dictionary():
