@@ -17,9 +17,6 @@ from torch import Tensor
 
 Size = Tuple[int, int]
 
-# Largest (Ho*Wo) x M dictionary matrix per image (16 MB in fp32); beyond it, gather and scatter.
-DENSE_LIMIT = 1 << 22
-
 
 def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> Tuple[Tensor, Tensor]:
     """1-D adaptive average pooling as taps: size_out x T input cells and their weights (0 on unused taps)."""
