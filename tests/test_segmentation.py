@@ -78,6 +78,22 @@ def test_semantic_fpn_gives_logits_at_any_input_size(name):
         assert model(torch.randn(2, 3, 67, 101)).shape == (2, 5, 67, 101)
 
 
+def test_hafa_backbones_are_segmentation_models_pytorch_encoders():
+    """smp's timm universal encoder (`tu-`) builds our models (on the meta device first) and trains
+    through them; its FPN asks for sizes divisible by 32, which is why `hafa seg-train` has its own head."""
+    smp = pytest.importorskip("segmentation_models_pytorch")
+    model = smp.FPN(encoder_name="tu-hafa_pvt_v2_b0", encoder_weights=None, classes=4)
+    assert model.encoder.out_channels[-4:] == [32, 64, 160, 256]
+    logits = model(torch.randn(2, 3, 128, 160))
+    logits.mean().backward()
+    assert logits.shape == (2, 4, 128, 160)
+    assert model.encoder.model.model.stages[3].downsample.score.weight.grad.abs().sum() > 0  # SIA learns
+    with pytest.raises(RuntimeError, match="divisible by 32"):
+        model(torch.randn(1, 3, 250, 310))
+    with torch.no_grad():
+        assert create_semantic_fpn("hafa_pvt_v2_b0", num_classes=4).eval()(torch.randn(1, 3, 250, 310)).shape == (1, 4, 250, 310)
+
+
 def test_semantic_fpn_size_matches_the_papers():
     model = create_semantic_fpn("pvt_tiny", num_classes=150)
     assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == 17.0  # PVT paper, Table 3
