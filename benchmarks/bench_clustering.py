@@ -6,6 +6,7 @@ detection (4200), C = 320. Each measurement runs in its own process so that peak
 
     python benchmarks/bench_clustering.py [--batches 1 8 32] [--tokens 196 1024 4200] [--repeats 3]
 """
+
 import argparse
 import json
 import math
@@ -53,7 +54,7 @@ def measure(impl, batch, tokens, repeats):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with torch.no_grad():
         sia_path(impl, x, scores, grid_for(tokens))
-        peak_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2 ** 20
+        peak_gb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 2**20
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -67,15 +68,22 @@ def main():
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--tokens", type=int, nargs="+", default=[196, 1024, 4200])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-straightforward-gb", type=float, default=12.0,
-                        help="skip the straightforward version where its N x N tensors would exceed this")
+    parser.add_argument(
+        "--max-straightforward-gb",
+        type=float,
+        default=12.0,
+        help="skip the straightforward version where its N x N tensors would exceed this",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--one", nargs=3, metavar=("IMPL", "B", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]), args.repeats)))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; C = 320, k = 5, ratio 0.25, median of {args.repeats}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; C = 320, k = 5, ratio 0.25, "
+        f"median of {args.repeats}"
+    )
     print("| B | N | fast (s) | straightforward (s) | speed-up | fast peak (GB) | straightforward peak (GB) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
@@ -83,17 +91,24 @@ def main():
         for batch in args.batches:
             row = dict(batch=batch, tokens=tokens)
             for impl in ("fast", "straightforward"):
-                if impl == "straightforward" and 4 * batch * tokens * tokens * 4 / 2 ** 30 > args.max_straightforward_gb:
+                if impl == "straightforward" and 4 * batch * tokens * tokens * 4 / 2**30 > args.max_straightforward_gb:
                     row[impl] = None
                     continue
-                out = subprocess.run([sys.executable, __file__, "--one", impl, str(batch), str(tokens),
-                                      "--repeats", str(args.repeats)], capture_output=True, text=True, check=True)
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", impl, str(batch), str(tokens), "--repeats", str(args.repeats)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 row[impl] = json.loads(out.stdout)
             rows.append(row)
             fast, slow = row["fast"], row["straightforward"]
             ratio = f"x{slow['seconds'] / fast['seconds']:.2f}" if slow else "-"
-            print(f"| {batch} | {tokens} | {fast['seconds']:.4f} | {slow['seconds'] if slow else 'skipped'} | {ratio} | "
-                  f"{fast['peak_gb']} | {slow['peak_gb'] if slow else '-'} |", flush=True)
+            print(
+                f"| {batch} | {tokens} | {fast['seconds']:.4f} | {slow['seconds'] if slow else 'skipped'} | {ratio} | "
+                f"{fast['peak_gb']} | {slow['peak_gb'] if slow else '-'} |",
+                flush=True,
+            )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -8,9 +8,11 @@ At 224 the matrices are tiny and win here; whole models time the same either way
 
     python benchmarks/bench_dictionary.py [--repeats 5] [--json PATH]
 """
+
 import argparse
 import json
 import time
+from functools import partial
 
 import torch
 
@@ -76,8 +78,8 @@ def main():
             grads.append(tokens.grad.clone())
         torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-4)
-        bag = cpu_ms(lambda: round_trip(tokens, index, grid, size), args.repeats)
-        dense = cpu_ms(lambda: round_trip(tokens, index, grid, size, matrices), args.repeats)
+        bag = cpu_ms(partial(round_trip, tokens, index, grid, size), args.repeats)
+        dense = cpu_ms(partial(round_trip, tokens, index, grid, size, matrices), args.repeats)
         rows.append(dict(size=name, batch=B, tokens=M, channels=C, bag_ms=round(bag, 2), dense_ms=round(dense, 2)))
         print(f"| {name} | {B} | {M} x {C} | {bag:.1f} | {dense:.1f} | {dense / bag:.1f} |")
     if args.json:

@@ -1,4 +1,5 @@
 """Slow, obviously-correct implementations written straight from the paper's equations."""
+
 import math
 
 import torch

@@ -16,7 +16,18 @@ from hafa.cli import main
 from hafa.tasks import classification as cls
 from hafa.tasks.engine import load_recipe
 
-QUICK = ["--recipe", "mnist_demo", "--img-size", "32", "--batch-size", "4", "--workers", "0", "--set", "warmup_epochs=0"]
+QUICK = [
+    "--recipe",
+    "mnist_demo",
+    "--img-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--workers",
+    "0",
+    "--set",
+    "warmup_epochs=0",
+]
 
 
 def write_dataset(root, classes=("circle", "square", "stripe"), per_class=(8, 4), size=40, mode="RGB"):
@@ -31,7 +42,7 @@ def write_dataset(root, classes=("circle", "square", "stripe"), per_class=(8, 4)
                 if c == 0:
                     image[(y - size / 2) ** 2 + (x - size / 2) ** 2 < (size / 3) ** 2] = (220, 60, 60)
                 elif c == 1:
-                    image[size // 4:3 * size // 4, size // 4:3 * size // 4] = (60, 220, 60)
+                    image[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = (60, 220, 60)
                 else:
                     image[(x // 5) % 2 == 0] = (60, 60, 220)
                 Image.fromarray(image).convert(mode).save(root / split / name / f"{i}.png")
@@ -46,32 +57,78 @@ def read_log(run_dir):
 def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "runs"
-    assert main(["train", "--model", "hafa_pvt_v2_b0", "--baseline", "--data", str(data), "--epochs", "2",
-                 "--output", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "hafa_pvt_v2_b0",
+                "--baseline",
+                "--data",
+                str(data),
+                "--epochs",
+                "2",
+                "--output",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "hafa_pvt_v2_b0 vs pvt_v2_b0" in printed
     for name in ("hafa_pvt_v2_b0", "pvt_v2_b0"):
         run = out / name
         rows = read_log(run)
         assert [int(r["epoch"]) for r in rows] == [1, 2]
-        assert (run / "best.pth").exists() and (run / "last.pth").exists() and (run / "curves.png").exists()
+        assert (run / "best.pth").exists()
+        assert (run / "last.pth").exists()
+        assert (run / "curves.png").exists()
         assert any(f.startswith("events") for f in os.listdir(run / "tensorboard"))
     best = torch.load(out / "hafa_pvt_v2_b0" / "best.pth", weights_only=True)
-    assert main(["eval", "--checkpoint", str(out / "hafa_pvt_v2_b0" / "best.pth"), "--workers", "0",
-                 "--json", str(tmp_path / "m.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "hafa_pvt_v2_b0" / "best.pth"),
+                "--workers",
+                "0",
+                "--json",
+                str(tmp_path / "m.json"),
+            ]
+        )
+        == 0
+    )
     import json
-    metrics = json.load(open(tmp_path / "m.json"))
-    assert metrics["top1"] == pytest.approx(best["metrics"]["top1"]) and metrics["images"] == 12
+
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["top1"] == pytest.approx(best["metrics"]["top1"])
+    assert metrics["images"] == 12
     png = tmp_path / "prediction.png"
-    assert main(["predict", "--checkpoint", str(out / "hafa_pvt_v2_b0" / "best.pth"),
-                 "--image", str(data / "val" / "square" / "0.png"), "--output", str(png)]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(out / "hafa_pvt_v2_b0" / "best.pth"),
+                "--image",
+                str(data / "val" / "square" / "0.png"),
+                "--output",
+                str(png),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "classification: square" in printed and Image.open(png).size == (400, 460)
+    assert "classification: square" in printed
+    assert Image.open(png).size == (400, 460)
 
 
 def test_set_reads_numbers_as_numbers_and_refuses_unknown_keys():
     from hafa.errors import UserError
     from hafa.tasks.engine import override_recipe
+
     recipe = override_recipe(dict(lr=0.1, epochs=3, auto_augment="x"), {}, ["lr=1e-3", "epochs=5", "auto_augment=None"])
     assert recipe == dict(lr=1e-3, epochs=5, auto_augment="None")
     with pytest.raises(UserError, match="expected a number"):
@@ -90,49 +147,107 @@ def test_grayscale_rgba_and_corrupt_images(tmp_path, caplog):
     (data / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     (data / "val" / "square" / "broken.jpg").write_bytes(b"\xff\xd8\xff nothing")
     out = tmp_path / "runs"
-    assert main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--epochs", "1", "--output", str(out), *QUICK]) == 0
+    assert (
+        main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--epochs", "1", "--output", str(out), *QUICK]) == 0
+    )
     assert "broken.png" in caplog.text
     rows = read_log(out / "pvt_v2_b0")
     assert int(rows[0]["skipped_images"]) >= 1
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda root: None, "data directory not found"),
-    (lambda root: os.makedirs(root / "train"), "no class folders"),
-    (lambda root: (write_dataset(root), os.makedirs(root / "train" / "empty")), "without images in .*: empty"),
-    (lambda root: (write_dataset(root), os.rename(root / "val" / "stripe", root / "val" / "zebra")), "classes differ"),
-    (lambda root: (write_dataset(root), os.system(f"rm -r {root}/val")), "has no 'val' folder"),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda root: None, "data directory not found"),
+        (lambda root: os.makedirs(root / "train"), "no class folders"),
+        (lambda root: (write_dataset(root), os.makedirs(root / "train" / "empty")), "without images in .*: empty"),
+        (
+            lambda root: (write_dataset(root), os.rename(root / "val" / "stripe", root / "val" / "zebra")),
+            "classes differ",
+        ),
+        (lambda root: (write_dataset(root), os.system(f"rm -r {root}/val")), "has no 'val' folder"),
+    ],
+)
 def test_bad_data_gets_a_clear_message(tmp_path, capsys, make, message):
     root = tmp_path / "data"
     make(root)
     code = main(["train", "--model", "pvt_v2_b0", "--data", str(root), "--output", str(tmp_path / "r"), *QUICK])
     assert code == 2
     import re
+
     assert re.search(message, capsys.readouterr().err)
 
 
 def test_unknown_model_and_other_user_errors(tmp_path, capsys):
     data = write_dataset(tmp_path / "data")
-    assert main(["train", "--model", "hafa_pvt_v2_b00", "--data", str(data), "--output", str(tmp_path / "r"), *QUICK]) == 2
+    assert (
+        main(["train", "--model", "hafa_pvt_v2_b00", "--data", str(data), "--output", str(tmp_path / "r"), *QUICK]) == 2
+    )
     assert "did you mean hafa_pvt_v2_b0" in capsys.readouterr().err
-    assert main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--num-classes", "5", *QUICK,
-                 "--output", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "pvt_v2_b0",
+                "--data",
+                str(data),
+                "--num-classes",
+                "5",
+                *QUICK,
+                "--output",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "has 3 classes" in capsys.readouterr().err
-    assert main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--set", "mixup_alpha=1", *QUICK,
-                 "--output", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "pvt_v2_b0",
+                "--data",
+                str(data),
+                "--set",
+                "mixup_alpha=1",
+                *QUICK,
+                "--output",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "expected KEY=VALUE" in capsys.readouterr().err
     bad_recipe = tmp_path / "r.yaml"
     bad_recipe.write_text("epochs: 3\nlearning_rate: 0.1\n")
-    assert main(["train", "--model", "pvt_v2_b0", "--data", str(data), *QUICK, "--recipe", str(bad_recipe),
-                 "--output", str(tmp_path / "r")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "pvt_v2_b0",
+                "--data",
+                str(data),
+                *QUICK,
+                "--recipe",
+                str(bad_recipe),
+                "--output",
+                str(tmp_path / "r"),
+            ]
+        )
+        == 2
+    )
     assert "unknown settings: learning_rate" in capsys.readouterr().err
 
 
 def test_checkpoint_mismatches_on_eval(tmp_path, capsys):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "runs"
-    assert main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--epochs", "1", "--output", str(out), *QUICK]) == 0
+    assert (
+        main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--epochs", "1", "--output", str(out), *QUICK]) == 0
+    )
     best = str(out / "pvt_v2_b0" / "best.pth")
     assert main(["eval", "--checkpoint", best, "--model", "hafa_pvt_v2_b1", "--workers", "0"]) == 2
     assert "holds a pvt_v2_b0, not a hafa_pvt_v2_b1" in capsys.readouterr().err
@@ -140,7 +255,9 @@ def test_checkpoint_mismatches_on_eval(tmp_path, capsys):
     assert "--num-classes 10" in capsys.readouterr().err
     plain = tmp_path / "plain.pth"
     torch.save(timm.create_model("pvt_v2_b1", num_classes=3).state_dict(), plain)
-    assert main(["eval", "--checkpoint", str(plain), "--model", "pvt_v2_b0", "--data", str(data), "--workers", "0"]) == 2
+    assert (
+        main(["eval", "--checkpoint", str(plain), "--model", "pvt_v2_b0", "--data", str(data), "--workers", "0"]) == 2
+    )
     assert "does not fit pvt_v2_b0" in capsys.readouterr().err
     (tmp_path / "junk.pth").write_bytes(b"junk")
     assert main(["eval", "--checkpoint", str(tmp_path / "junk.pth"), "--model", "pvt_v2_b0", "--data", str(data)]) == 2
@@ -154,10 +271,22 @@ def test_existing_run_is_never_overwritten_and_nan_loss_stops_cleanly(tmp_path, 
     assert main(args) == 0
     assert main(args) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert main(args[:-len(QUICK)] + QUICK + ["--resume", "--set", "smoothing=0.3"]) == 2
+    assert main(args[: -len(QUICK)] + QUICK + ["--resume", "--set", "smoothing=0.3"]) == 2
     assert "differ from the saved run" in capsys.readouterr().err
-    nan_args = ["train", "--model", "pvt_v2_b0", "--data", str(data), "--epochs", "1", "--output", str(tmp_path / "nan"),
-                *QUICK, "--lr", "1e12"]
+    nan_args = [
+        "train",
+        "--model",
+        "pvt_v2_b0",
+        "--data",
+        str(data),
+        "--epochs",
+        "1",
+        "--output",
+        str(tmp_path / "nan"),
+        *QUICK,
+        "--lr",
+        "1e12",
+    ]
     assert main(nan_args) == 2
     assert "the loss became" in capsys.readouterr().err
 
@@ -166,8 +295,25 @@ def test_init_from_a_baseline_checkpoint(tmp_path):
     data = write_dataset(tmp_path / "data")
     baseline = tmp_path / "pvt_v2_b0_imagenet.pth"
     torch.save(timm.create_model("pvt_v2_b0").state_dict(), baseline)  # 1000-class head: re-initialised
-    assert main(["train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--epochs", "1", "--init-from",
-                 str(baseline), "--output", str(tmp_path / "r"), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "hafa_pvt_v2_b0",
+                "--data",
+                str(data),
+                "--epochs",
+                "1",
+                "--init-from",
+                str(baseline),
+                "--output",
+                str(tmp_path / "r"),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
 
 
 def test_recipe_file_gives_the_papers_settings():
@@ -176,17 +322,22 @@ def test_recipe_file_gives_the_papers_settings():
     optimizer = cls.build_optimizer(model, recipe, global_batch=256)
     assert type(optimizer).__name__ == "AdamW"
     group = optimizer.param_groups[0]
-    assert group["betas"] == (0.9, 0.999) and group["lr"] == pytest.approx(2e-3)  # 1e-3 at 128, scaled to 256
+    assert group["betas"] == (0.9, 0.999)
+    assert group["lr"] == pytest.approx(2e-3)
     decays = {g["weight_decay"] for g in optimizer.param_groups}
     assert decays == {0.0, 0.05}
     scheduler = cls.build_scheduler(optimizer, recipe, updates_per_epoch=100)
-    assert type(scheduler).__name__ == "CosineLRScheduler" and scheduler.warmup_t == 500 and scheduler.t_initial == 30000
+    assert type(scheduler).__name__ == "CosineLRScheduler"
+    assert scheduler.warmup_t == 500
+    assert scheduler.t_initial == 30000
     mixup = cls.build_mixup(recipe, 10)
     assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing) == (0.8, 1.0, 0.1)
     assert type(cls.build_criterion(recipe, mixup)).__name__ == "SoftTargetCrossEntropy"
     transform = repr(cls.train_transform(recipe))
-    assert "RandAugment" in transform and "RandomErasing(p=0.25" in transform
-    assert recipe["epochs"] == 300 and recipe["drop_path"] == 0.1
+    assert "RandAugment" in transform
+    assert "RandomErasing(p=0.25" in transform
+    assert recipe["epochs"] == 300
+    assert recipe["drop_path"] == 0.1
     assert "CenterCrop(size=(224, 224))" in repr(cls.eval_transform(recipe))
 
 
@@ -195,8 +346,23 @@ def _final_weights(run_dir):
 
 
 def _train_command(data, out, epochs):
-    return [sys.executable, "-m", "hafa", "train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--epochs",
-            str(epochs), "--output", str(out), *QUICK, "--drop-path", "0.1"]
+    return [
+        sys.executable,
+        "-m",
+        "hafa",
+        "train",
+        "--model",
+        "hafa_pvt_v2_b0",
+        "--data",
+        str(data),
+        "--epochs",
+        str(epochs),
+        "--output",
+        str(out),
+        *QUICK,
+        "--drop-path",
+        "0.1",
+    ]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -204,7 +370,9 @@ def test_resume_after_a_kill_is_exact(tmp_path, sig):
     data = write_dataset(tmp_path / "data", per_class=(12, 2))
     reference = subprocess.run(_train_command(data, tmp_path / "ref", 3), capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr
-    process = subprocess.Popen(_train_command(data, tmp_path / "cut", 3), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(
+        _train_command(data, tmp_path / "cut", 3), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     last = tmp_path / "cut" / "hafa_pvt_v2_b0" / "last.pth"
     deadline = time.time() + 300
     while not last.exists() and process.poll() is None and time.time() < deadline:
@@ -215,7 +383,10 @@ def test_resume_after_a_kill_is_exact(tmp_path, sig):
     assert process.returncode != 0, "the run finished before the signal arrived"
     resumed = subprocess.run(_train_command(data, tmp_path / "cut", 3) + ["--resume"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
-    expected, got = _final_weights(tmp_path / "ref" / "hafa_pvt_v2_b0"), _final_weights(tmp_path / "cut" / "hafa_pvt_v2_b0")
+    expected, got = (
+        _final_weights(tmp_path / "ref" / "hafa_pvt_v2_b0"),
+        _final_weights(tmp_path / "cut" / "hafa_pvt_v2_b0"),
+    )
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
     rows = read_log(tmp_path / "cut" / "hafa_pvt_v2_b0")
@@ -243,15 +414,31 @@ def test_two_processes_with_gloo_match_one_process(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script), str(data), str(tmp_path / "two"), "4"], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(script),
+            str(data),
+            str(tmp_path / "two"),
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, str(script), str(data), str(tmp_path / "one"), "8"],
-                         capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        [sys.executable, str(script), str(data), str(tmp_path / "one"), "8"], capture_output=True, text=True, env=env
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / "two" / f"rank{r}.pth", weights_only=True) for r in (0, 1))
     single = torch.load(tmp_path / "one" / "rank0.pth", weights_only=True)
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
-    assert (tmp_path / "two" / "log.csv").exists() and not (tmp_path / "two" / "rank1").exists()
+    assert (tmp_path / "two" / "log.csv").exists()
+    assert not (tmp_path / "two" / "rank1").exists()

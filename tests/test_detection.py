@@ -1,6 +1,7 @@
 """Detection / instance segmentation: the padding mask of HAFA backbones, the COCO data checks, the
 metric wiring (ground truth as predictions gives AP 100), and det-train / det-eval / predict end to
 end on tiny COCO datasets at non-square sizes not divisible by 32, with a HAFA and a baseline backbone."""
+
 import copy
 import json
 import os
@@ -22,10 +23,28 @@ from hafa.tasks.detection_metrics import coco_metrics, detections_to_coco
 from hafa.tasks.engine import load_checkpoint
 
 SIZES = [(72, 100), (97, 66), (120, 84), (88, 110), (66, 90), (100, 76)]  # (height, width)
-TINY = ["--min-size", "72", "--max-size", "120", "--batch-size", "2", "--workers", "0",
-        "--set", "fpn_channels=32", "rpn_pre_nms_top_n_train=50", "rpn_post_nms_top_n_train=30",
-        "rpn_pre_nms_top_n_test=50", "rpn_post_nms_top_n_test=30", "box_batch_size_per_image=16",
-        "box_detections_per_img=10", "warmup_iters=2", "lr=0.001", "lr_base_batch=2", "drop_path=0.0"]
+TINY = [
+    "--min-size",
+    "72",
+    "--max-size",
+    "120",
+    "--batch-size",
+    "2",
+    "--workers",
+    "0",
+    "--set",
+    "fpn_channels=32",
+    "rpn_pre_nms_top_n_train=50",
+    "rpn_post_nms_top_n_train=30",
+    "rpn_pre_nms_top_n_test=50",
+    "rpn_post_nms_top_n_test=30",
+    "box_batch_size_per_image=16",
+    "box_detections_per_img=10",
+    "warmup_iters=2",
+    "lr=0.001",
+    "lr_base_batch=2",
+    "drop_path=0.0",
+]
 
 
 def write_coco(root, split: str, sizes, seed: int = 0) -> dict:
@@ -41,11 +60,20 @@ def write_coco(root, split: str, sizes, seed: int = 0) -> dict:
         for shape, polygon in objects:
             xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
             area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
-            annotations.append(dict(id=len(annotations) + 1, image_id=number, category_id=shape + 1, iscrowd=0,
-                                    area=area, bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                                    segmentation=[[v for point in polygon for v in point]]))
-    content = dict(images=images, annotations=annotations,
-                   categories=[dict(id=i + 1, name=name) for i, name in enumerate(SHAPES)])
+            annotations.append(
+                dict(
+                    id=len(annotations) + 1,
+                    image_id=number,
+                    category_id=shape + 1,
+                    iscrowd=0,
+                    area=area,
+                    bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                    segmentation=[[v for point in polygon for v in point]],
+                )
+            )
+    content = dict(
+        images=images, annotations=annotations, categories=[dict(id=i + 1, name=name) for i, name in enumerate(SHAPES)]
+    )
     write_json(root, split, content)
     return content
 
@@ -64,6 +92,7 @@ def tiny_coco(tmp_path_factory):
 
 
 # ---------------------------------------------------------------- model
+
 
 def test_padding_mask_reaches_sia_as_tokens_outside_the_images():
     model = timm.create_model("hafa_pvt_v2_b0", num_classes=0).eval()
@@ -87,8 +116,10 @@ def test_mask_rcnn_trains_and_detects_on_images_of_different_sizes():
         images = [torch.rand(3, 72, 100), torch.rand(3, 97, 66)]
         masks = [torch.zeros(1, 72, 100, dtype=torch.uint8), torch.zeros(1, 97, 66, dtype=torch.uint8)]
         masks[0][0, 10:40, 20:50] = masks[1][0, 30:60, 5:40] = 1
-        targets = [dict(boxes=torch.tensor([[20.0, 10, 50, 40]]), labels=torch.tensor([1]), masks=masks[0]),
-                   dict(boxes=torch.tensor([[5.0, 30, 40, 60]]), labels=torch.tensor([3]), masks=masks[1])]
+        targets = [
+            dict(boxes=torch.tensor([[20.0, 10, 50, 40]]), labels=torch.tensor([1]), masks=masks[0]),
+            dict(boxes=torch.tensor([[5.0, 30, 40, 60]]), labels=torch.tensor([3]), masks=masks[1]),
+        ]
         losses = model(images, targets)
         assert set(losses) >= {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
         sum(losses.values()).backward()
@@ -110,19 +141,22 @@ def test_backbone_initialised_from_an_imagenet_baseline_checkpoint(tmp_path):
 
 def test_step_schedule_warms_up_then_steps_after_the_milestone_epochs():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_step_scheduler(optimizer, dict(lr_steps=[2, 3], lr_step_rate=0.1, warmup_iters=4,
-                                                     warmup_ratio=0.001), updates_per_epoch=5)
+    scheduler = build_step_scheduler(
+        optimizer, dict(lr_steps=[2, 3], lr_step_rate=0.1, warmup_iters=4, warmup_ratio=0.001), updates_per_epoch=5
+    )
     lrs = []
     for update in range(1, 21):  # the lr of update u, then the engine's step_update(num_updates=u)
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step_update(num_updates=update)
-    assert lrs[0] == pytest.approx(0.001) and lrs[1] < lrs[2] < lrs[3] < 1.0
-    assert lrs[4:10] == [1.0] * 6                       # rest of epoch 1, all of epoch 2
-    assert lrs[10:15] == [pytest.approx(0.1)] * 5       # epoch 3
-    assert lrs[15:] == [pytest.approx(0.01)] * 5        # epoch 4
+    assert lrs[0] == pytest.approx(0.001)
+    assert lrs[1] < lrs[2] < lrs[3] < 1.0
+    assert lrs[4:10] == [1.0] * 6  # rest of epoch 1, all of epoch 2
+    assert lrs[10:15] == [pytest.approx(0.1)] * 5  # epoch 3
+    assert lrs[15:] == [pytest.approx(0.01)] * 5  # epoch 4
 
 
 # ---------------------------------------------------------------- data
+
 
 def test_training_samples_flip_boxes_and_masks_together(tiny_coco):
     dataset = CocoInstances(tiny_coco, "train", train=True, hflip=1.0)
@@ -130,13 +164,19 @@ def test_training_samples_flip_boxes_and_masks_together(tiny_coco):
     for index in range(len(dataset)):
         image, target, skipped = dataset[index]
         plain_image, plain_target, _ = plain[index]
-        assert skipped == 0 and image.shape == plain_image.shape and image.dtype == torch.float32
-        assert torch.equal(image, plain_image.flip(-1)) and torch.equal(target["masks"], plain_target["masks"].flip(-1))
+        assert skipped == 0
+        assert image.shape == plain_image.shape
+        assert image.dtype == torch.float32
+        assert torch.equal(image, plain_image.flip(-1))
+        assert torch.equal(target["masks"], plain_target["masks"].flip(-1))
         width = image.shape[-1]
         assert torch.allclose(target["boxes"][:, [0, 2]], width - plain_target["boxes"][:, [2, 0]])
         for box, mask in zip(target["boxes"], target["masks"]):  # the mask lies inside its box
             ys, xs = torch.nonzero(mask, as_tuple=True)
-            assert xs.min() >= box[0] - 1 and xs.max() <= box[2] and ys.min() >= box[1] - 1 and ys.max() <= box[3]
+            assert xs.min() >= box[0] - 1
+            assert xs.max() <= box[2]
+            assert ys.min() >= box[1] - 1
+            assert ys.max() <= box[3]
     seeded = CocoInstances(tiny_coco, "train", train=True, hflip=0.5, seed=3)
     flips = [torch.equal(seeded[i][0], plain[i][0]) for i in range(len(seeded))]
     assert flips == [torch.equal(seeded[i][0], plain[i][0]) for i in range(len(seeded))]  # the same every time
@@ -156,11 +196,16 @@ def test_ground_truth_as_predictions_gives_ap_100(tiny_coco):
         image_ids.append(image_id)
     metrics = coco_metrics(coco, detections_to_coco(detections, image_ids, dataset.category_ids), image_ids)
     for kind in ("bbox", "segm"):
-        assert metrics[f"{kind}_AP"] == pytest.approx(100) and metrics[f"{kind}_AP50"] == pytest.approx(100)
+        assert metrics[f"{kind}_AP"] == pytest.approx(100)
+        assert metrics[f"{kind}_AP50"] == pytest.approx(100)
         assert metrics[f"{kind}_AP75"] == pytest.approx(100)
-        assert all(np.isnan(metrics[f"{kind}_{s}"]) or metrics[f"{kind}_{s}"] == pytest.approx(100)
-                   for s in ("APs", "APm", "APl"))
-    wrong = detections_to_coco([dict(d, labels=d["labels"] % 3 + 1) for d in detections], image_ids, dataset.category_ids)
+        assert all(
+            np.isnan(metrics[f"{kind}_{s}"]) or metrics[f"{kind}_{s}"] == pytest.approx(100)
+            for s in ("APs", "APm", "APl")
+        )
+    wrong = detections_to_coco(
+        [dict(d, labels=d["labels"] % 3 + 1) for d in detections], image_ids, dataset.category_ids
+    )
     assert coco_metrics(coco, wrong, image_ids)["bbox_AP"] == 0
     assert coco_metrics(coco, [], image_ids)["segm_AP"] == 0
 
@@ -169,26 +214,38 @@ def test_ground_truth_as_predictions_gives_ap_100(tiny_coco):
 def coco_copy(tiny_coco, tmp_path):
     """A writable copy of the tiny dataset: -> (root, train json)."""
     import shutil
+
     root = tmp_path / "copy"
     shutil.copytree(tiny_coco, root)
     with open(root / "annotations" / "instances_train.json") as f:
         return str(root), json.load(f)
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda c: "{not json", "is not valid JSON"),
-    (lambda c: {k: v for k, v in c.items() if k != "categories"}, "no list of categories"),
-    (lambda c: dict(c, annotations=[{k: v for k, v in a.items() if k != "bbox"} for a in c["annotations"]]),
-     "lack 'bbox'"),
-    (lambda c: dict(c, annotations=c["annotations"] + [dict(c["annotations"][0], id=99, image_id=77)]),
-     "image ids that are not in its images: 77"),
-    (lambda c: dict(c, annotations=c["annotations"] + [dict(c["annotations"][0], id=99, category_id=42)]),
-     "category ids that are not in its categories (1, 2, 3): 42"),
-    (lambda c: dict(c, images=c["images"] + [dict(id=50, file_name="gone.png", height=80, width=80)]),
-     "missing from"),
-    (lambda c: dict(c, images=c["images"] + [dict(c["images"][0])]), "duplicate images ids: 1"),
-    (lambda c: dict(c, annotations=[dict(c["annotations"][0], segmentation="oops")]), "polygons or RLE"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: "{not json", "is not valid JSON"),
+        (lambda c: {k: v for k, v in c.items() if k != "categories"}, "no list of categories"),
+        (
+            lambda c: dict(c, annotations=[{k: v for k, v in a.items() if k != "bbox"} for a in c["annotations"]]),
+            "lack 'bbox'",
+        ),
+        (
+            lambda c: dict(c, annotations=c["annotations"] + [dict(c["annotations"][0], id=99, image_id=77)]),
+            "image ids that are not in its images: 77",
+        ),
+        (
+            lambda c: dict(c, annotations=c["annotations"] + [dict(c["annotations"][0], id=99, category_id=42)]),
+            "category ids that are not in its categories (1, 2, 3): 42",
+        ),
+        (
+            lambda c: dict(c, images=c["images"] + [dict(id=50, file_name="gone.png", height=80, width=80)]),
+            "missing from",
+        ),
+        (lambda c: dict(c, images=c["images"] + [dict(c["images"][0])]), "duplicate images ids: 1"),
+        (lambda c: dict(c, annotations=[dict(c["annotations"][0], segmentation="oops")]), "polygons or RLE"),
+    ],
+)
 def test_bad_annotation_files_get_a_clear_message(coco_copy, change, message):
     root, content = coco_copy
     write_json(root, "train", change(copy.deepcopy(content)))
@@ -203,22 +260,26 @@ def test_degenerate_boxes_empty_masks_crowds_and_images_without_objects(coco_cop
     for a in first_image:  # image 1 keeps no object
         a["iscrowd"] = 1
     others = [a for a in annotations if a["image_id"] != 1]
-    others[0]["bbox"] = [10, 10, 1.0, 30]                   # degenerate
-    others[1]["segmentation"] = [[1, 2, 3, 4]]              # fewer than three points: empty
-    del others[2]["area"]                                   # computed from the mask
+    others[0]["bbox"] = [10, 10, 1.0, 30]  # degenerate
+    others[1]["segmentation"] = [[1, 2, 3, 4]]  # fewer than three points: empty
+    del others[2]["area"]  # computed from the mask
     write_json(root, "train", content)
     dataset = CocoInstances(root, "train", train=True)
     assert dataset.dropped.degenerate_boxes == [others[0]["id"]]
     assert dataset.dropped.empty_masks == [others[1]["id"]]
     assert dataset.dropped.crowd == len(first_image)
-    assert 1 in dataset.dropped.images_without_objects and 1 not in dataset.image_ids
+    assert 1 in dataset.dropped.images_without_objects
+    assert 1 not in dataset.image_ids
     assert dataset.coco.anns[others[2]["id"]]["area"] > 0
     messages = "\n".join(dataset.dropped.messages(filter_empty=True))
-    assert "1 degenerate boxes" in messages and "1 empty masks" in messages and "skipped" in messages
+    assert "1 degenerate boxes" in messages
+    assert "1 empty masks" in messages
+    assert "skipped" in messages
     kept = CocoInstances(root, "train", train=True, filter_empty=False)
     index = kept.image_ids.index(1)
     image, target, _ = kept[index]
-    assert target["boxes"].shape == (0, 4) and target["masks"].shape == (0, *image.shape[-2:])
+    assert target["boxes"].shape == (0, 4)
+    assert target["masks"].shape == (0, *image.shape[-2:])
     images, targets, skipped = collate_detection([kept[index], kept[(index + 1) % len(kept)]])
     model = create_mask_rcnn("pvt_v2_b0", 3, fpn_channels=32, min_size=72, max_size=120)
     assert torch.isfinite(sum(model(images, targets).values()))  # a pure negative trains
@@ -230,22 +291,46 @@ def test_unreadable_images_are_skipped_and_counted(coco_copy):
         f.write(b"not a png")
     dataset = CocoInstances(root, "val", train=False)
     image, target, skipped = dataset[dataset.image_ids.index(2)]
-    assert image is None and skipped == 1 and target["image_id"] == 2
+    assert image is None
+    assert skipped == 1
+    assert target["image_id"] == 2
 
 
 # ---------------------------------------------------------------- commands
 
+
 def test_det_train_eval_and_predict_end_to_end(tiny_coco, tmp_path, capsys):
     output = str(tmp_path / "runs")
-    assert main(["det-train", "--data", tiny_coco, "--model", "hafa_pvt_v2_b0", "pvt_v2_b0", "--epochs", "1",
-                 "--output", output, *TINY]) == 0
+    assert (
+        main(
+            [
+                "det-train",
+                "--data",
+                tiny_coco,
+                "--model",
+                "hafa_pvt_v2_b0",
+                "pvt_v2_b0",
+                "--epochs",
+                "1",
+                "--output",
+                output,
+                *TINY,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "| hafa_pvt_v2_b0 |" in printed and "| pvt_v2_b0 |" in printed and "box AP" in printed
+    assert "| hafa_pvt_v2_b0 |" in printed
+    assert "| pvt_v2_b0 |" in printed
+    assert "box AP" in printed
     assert "hafa_pvt_v2_b0 vs pvt_v2_b0:" in printed
     best = os.path.join(output, "hafa_pvt_v2_b0", "best.pth")
     saved = load_checkpoint(best)
-    assert saved["task"] == "detection" and saved["class_names"] == list(SHAPES)
-    assert set(saved["metrics"]) >= {f"{k}_{m}" for k in ("bbox", "segm") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    assert saved["task"] == "detection"
+    assert saved["class_names"] == list(SHAPES)
+    assert set(saved["metrics"]) >= {
+        f"{k}_{m}" for k in ("bbox", "segm") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    }
     for name in ("log.csv", "curves.png", "last.pth"):
         assert os.path.isfile(os.path.join(output, "hafa_pvt_v2_b0", name))
     metrics_json = str(tmp_path / "metrics.json")
@@ -253,17 +338,34 @@ def test_det_train_eval_and_predict_end_to_end(tiny_coco, tmp_path, capsys):
     assert "mask AP" in capsys.readouterr().out
     with open(metrics_json) as f:
         evaluated = json.load(f)
-    assert evaluated["images"] == 2 and evaluated["bbox_AP"] == pytest.approx(saved["metrics"]["bbox_AP"])
+    assert evaluated["images"] == 2
+    assert evaluated["bbox_AP"] == pytest.approx(saved["metrics"]["bbox_AP"])
     png = str(tmp_path / "predicted.png")
     result = predict_detection(best, os.path.join(tiny_coco, "val", "img1.png"), png, score_threshold=0.0)
     with Image.open(png) as drawn:
         assert drawn.size == (90, 66)
     assert all(name in SHAPES for name, _, _ in result["detections"])
     nothing = predict_detection(best, os.path.join(tiny_coco, "val", "img1.png"), png, score_threshold=1.1)
-    assert nothing["detections"] == [] and os.path.isfile(png)
-    assert main(["predict", "--checkpoint", best, "--image", os.path.join(tiny_coco, "val", "img1.png"),
-                 "--output", str(tmp_path / "cli.png"), "--score-threshold", "1.1"]) == 0
-    assert capsys.readouterr().out.startswith("detection: 0 detections") and os.path.isfile(tmp_path / "cli.png")
+    assert nothing["detections"] == []
+    assert os.path.isfile(png)
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                best,
+                "--image",
+                os.path.join(tiny_coco, "val", "img1.png"),
+                "--output",
+                str(tmp_path / "cli.png"),
+                "--score-threshold",
+                "1.1",
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("detection: 0 detections")
+    assert os.path.isfile(tmp_path / "cli.png")
 
 
 def test_det_train_resumes_exactly(tiny_coco, tmp_path):

@@ -1,5 +1,6 @@
 """The speed-ups of issue 6 compute what the plain forms compute: blocked symmetric distances, kept
 distances reused by DPC-KNN, blocked exact neighbour distances."""
+
 import torch
 
 from hafa.ops import clustering
@@ -22,4 +23,5 @@ def test_dpc_knn_with_blocked_distances_and_small_cache_blocks_matches_the_refer
     ids, centres = clustering.cluster_dpc_knn(x, 12, k=4)
     for b in range(2):
         ref_ids, ref_centres, _, _ = dpc_knn_reference(x[b], 12, 4)
-        assert centres[b].tolist() == ref_centres.tolist() and ids[b].tolist() == ref_ids.tolist()
+        assert centres[b].tolist() == ref_centres.tolist()
+        assert ids[b].tolist() == ref_ids.tolist()

@@ -7,7 +7,10 @@ from hafa.layers import LAA, SIA, Attention, Block, ConvDownsample
 from hafa.ops import TokenLayout
 
 
-@pytest.mark.parametrize("kernel,stride,padding,size", [(3, 2, 1, (15, 12)), (2, 2, 0, (14, 14)), (2, 2, 0, (7, 9)), (3, 2, 1, (1, 1))])
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "size"),
+    [(3, 2, 1, (15, 12)), (2, 2, 0, (14, 14)), (2, 2, 0, (7, 9)), (3, 2, 1, (1, 1))],
+)
 def test_laa_with_zero_offsets_is_the_conv(kernel, stride, padding, size):
     laa = LAA(8, 16, kernel, stride, padding, norm_layer=None)
     x = torch.randn(2, 8, *size)
@@ -19,12 +22,13 @@ def test_laa_and_conv_downsample_share_weights_and_norm():
     conv = ConvDownsample(8, 16, 3, 2, 1)
     laa = LAA(8, 16, 3, 2, 1)
     missing, unexpected = laa.load_state_dict(conv.state_dict(), strict=False)
-    assert missing == ["offset.weight", "offset.bias"] and unexpected == []
+    assert missing == ["offset.weight", "offset.bias"]
+    assert unexpected == []
     x = torch.randn(2, 8, 13, 10)
     torch.testing.assert_close(laa(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel,stride,padding", [(3, 2, 1), (2, 2, 0)])
+@pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 2, 1), (2, 2, 0)])
 def test_laa_matches_torchvision_deform_conv2d_with_learned_offsets(kernel, stride, padding):
     torch.manual_seed(0)
     laa = LAA(6, 10, kernel, stride, padding, norm_layer=None)
@@ -46,7 +50,8 @@ def test_laa_offsets_start_at_zero_and_learn():
     laa = LAA(4, 8, 3, 2, 1)
     x = torch.randn(2, 4, 10, 10)
     out, offsets = laa(x, return_offsets=True)
-    assert offsets.shape == (2, 18, 5, 5) and offsets.abs().max() == 0
+    assert offsets.shape == (2, 18, 5, 5)
+    assert offsets.abs().max() == 0
     out.pow(2).sum().backward()
     assert laa.offset.weight.grad.abs().sum() > 0
 
@@ -55,10 +60,13 @@ def test_laa_runs_under_bfloat16_autocast():
     laa = LAA(4, 8, 3, 2, 1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = laa(torch.randn(2, 4, 9, 9))
-    assert out.shape == (2, 5, 5, 8) and torch.isfinite(out.float()).all()
+    assert out.shape == (2, 5, 5, 8)
+    assert torch.isfinite(out.float()).all()
 
 
-@pytest.mark.parametrize("size,expected_map", [((14, 14), (7, 7)), ((7, 9), (4, 5)), ((1, 1), (1, 1)), ((50, 84), (25, 42))])
+@pytest.mark.parametrize(
+    ("size", "expected_map"), [((14, 14), (7, 7)), ((7, 9), (4, 5)), ((1, 1), (1, 1)), ((50, 84), (25, 42))]
+)
 @pytest.mark.parametrize("cluster_qkv", [False, True])
 def test_sia_shapes(size, expected_map, cluster_qkv):
     sia = SIA(32, 48, cluster_qkv=cluster_qkv)
@@ -67,13 +75,17 @@ def test_sia_shapes(size, expected_map, cluster_qkv):
     out = sia(x, TokenLayout(size))
     M = -(-H * W // 4)
     assert out.queries.shape == (2, M, 48)
-    assert out.layout.map_size == expected_map and out.layout.grid_size == size and out.layout.num_tokens == M
-    assert out.layout.index.shape == (2, H * W) and out.layout.index.max() < M
+    assert out.layout.map_size == expected_map
+    assert out.layout.grid_size == size
+    assert out.layout.num_tokens == M
+    assert out.layout.index.shape == (2, H * W)
+    assert out.layout.index.max() < M
     if cluster_qkv:
         assert out.kv is None
     else:
         kv_tokens, kv_layout = out.kv
-        assert kv_tokens.shape == (2, expected_map[0] * expected_map[1], 48) and kv_layout.is_grid
+        assert kv_tokens.shape == (2, expected_map[0] * expected_map[1], 48)
+        assert kv_layout.is_grid
     assert out.layout.to_map(out.queries).shape == (2, 48, *expected_map)
 
 
@@ -82,7 +94,8 @@ def test_sia_on_merged_tokens_composes_the_dictionary():
     out1 = first(torch.randn(2, 12 * 10, 16), TokenLayout((12, 10)))
     out2 = second(out1.queries, out1.layout)
     assert out2.queries.shape == (2, 8, 32)
-    assert out2.layout.grid_size == (12, 10) and out2.layout.map_size == (3, 3)
+    assert out2.layout.grid_size == (12, 10)
+    assert out2.layout.map_size == (3, 3)
     assert out2.layout.index.max() < 8
 
 
@@ -91,7 +104,8 @@ def test_sia_gradients_reach_projection_scores_and_kv_path():
     out = sia(torch.randn(2, 64, 16, requires_grad=True), TokenLayout((8, 8)))
     (out.queries.sum() + out.kv[0].sum()).backward()
     for p in (sia.proj.weight, sia.skip.weight, sia.score.weight, sia.kv_dwconv.weight, sia.kv_pwconv.weight):
-        assert p.grad is not None and p.grad.abs().sum() > 0
+        assert p.grad is not None
+        assert p.grad.abs().sum() > 0
 
 
 def test_sia_runs_under_bfloat16_autocast():
@@ -116,7 +130,9 @@ def test_attention_over_separate_keys_values_with_spatial_reduction():
     assert out.shape == (2, 10, 32)
     # self-attention is the same layer with kv = the queries
     grid = torch.randn(2, 6 * 8, 32)
-    torch.testing.assert_close(attn(grid, TokenLayout((6, 8))), attn(grid, TokenLayout((6, 8)), (grid, TokenLayout((6, 8)))))
+    torch.testing.assert_close(
+        attn(grid, TokenLayout((6, 8))), attn(grid, TokenLayout((6, 8)), (grid, TokenLayout((6, 8))))
+    )
 
 
 def test_block_works_on_merged_tokens_through_the_dictionary():

@@ -2,8 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, merge_weights, token2map
-from hafa.ops import clustering
+from hafa.ops import TokenLayout, cluster_dpc_knn, clustering, map2token, merge_tokens, merge_weights, token2map
 from reference import dpc_knn_reference, map2token_reference, merge_reference, token2map_reference
 
 
@@ -64,7 +63,8 @@ def test_dpc_knn_chunked_rows_give_the_same_result(monkeypatch):
     expected = cluster_dpc_knn(x, 75)
     monkeypatch.setattr(clustering, "_MAX_BLOCK_ELEMENTS", 2 * 300 * 7)  # 7 rows a chunk
     got = cluster_dpc_knn(x, 75)
-    assert torch.equal(expected[0], got[0]) and torch.equal(expected[1], got[1])
+    assert torch.equal(expected[0], got[0])
+    assert torch.equal(expected[1], got[1])
 
 
 def test_dpc_knn_is_deterministic_and_batch_equivariant():
@@ -72,19 +72,24 @@ def test_dpc_knn_is_deterministic_and_batch_equivariant():
     ids, centres = cluster_dpc_knn(x, 49)
     for _ in range(3):
         again = cluster_dpc_knn(x, 49)
-        assert torch.equal(ids, again[0]) and torch.equal(centres, again[1])
+        assert torch.equal(ids, again[0])
+        assert torch.equal(centres, again[1])
     perm = torch.tensor([3, 0, 4, 1, 2])
     p_ids, p_centres = cluster_dpc_knn(x[perm], 49)
-    assert torch.equal(p_ids, ids[perm]) and torch.equal(p_centres, centres[perm])
+    assert torch.equal(p_ids, ids[perm])
+    assert torch.equal(p_centres, centres[perm])
 
 
-@pytest.mark.parametrize("N,M,k", [(196, 49, 5), (10, 10, 5), (10, 25, 5), (4, 2, 10), (1, 1, 5), (7, 3, 1)])
+@pytest.mark.parametrize(("N", "M", "k"), [(196, 49, 5), (10, 10, 5), (10, 25, 5), (4, 2, 10), (1, 1, 5), (7, 3, 1)])
 def test_dpc_knn_invariants(N, M, k):
     x = torch.randn(3, N, 8)
     ids, centres = cluster_dpc_knn(x, M, k=k)
     clusters = min(M, N)
-    assert ids.dtype == torch.long and ids.shape == (3, N) and centres.shape == (3, clusters)
-    assert ids.min() >= 0 and ids.max() < clusters
+    assert ids.dtype == torch.long
+    assert ids.shape == (3, N)
+    assert centres.shape == (3, clusters)
+    assert ids.min() >= 0
+    assert ids.max() < clusters
     assert torch.equal(ids.gather(1, centres), torch.arange(clusters).expand(3, clusters))
     for b in range(3):
         assert torch.bincount(ids[b], minlength=clusters).min() >= 1
@@ -158,7 +163,8 @@ def test_merge_tokens_gradients_reach_tokens_and_scores():
     scores = torch.randn(2, 12, 1, requires_grad=True)
     ids = torch.tensor([0, 0, 1, 1, 1, 2, 2, 2, 2, 3, 3, 0]).expand(2, 12)
     merge_tokens(x, ids, 4, scores).pow(2).sum().backward()
-    assert x.grad.abs().sum() > 0 and scores.grad.abs().sum() > 0
+    assert x.grad.abs().sum() > 0
+    assert scores.grad.abs().sum() > 0
 
 
 def test_token2map_and_map2token_are_reshapes_on_the_identity_grid():
@@ -175,8 +181,7 @@ def test_token2map_and_map2token_are_reshapes_on_the_identity_grid():
 def test_token2map_averages_cells_that_share_an_output_pixel():
     # 2 x 4 grid of cells (tokens 0 and 1) painted onto 1 x 2: each pixel averages a 2 x 2 block.
     tokens = torch.tensor([[[0.0], [10.0]]])
-    index = torch.tensor([[0, 0, 1, 1,
-                           0, 1, 1, 1]])
+    index = torch.tensor([[0, 0, 1, 1, 0, 1, 1, 1]])
     fmap = token2map(tokens, index, (2, 4), (1, 2))
     assert fmap.flatten().tolist() == [(0 + 0 + 0 + 10) / 4, 10.0]
     # back: token 0's three cells lie in pixel 0; token 1 has one cell in pixel 0 and four in pixel 1
@@ -191,19 +196,23 @@ def test_map2token_averages_over_a_tokens_cells():
     torch.testing.assert_close(tokens.flatten(), torch.tensor([(0 + 1 + 4) / 3, (2 + 3 + 7) / 3, 5.5, 9.5, 0.0]))
 
 
-@pytest.mark.parametrize("grid,out", [((7, 9), (4, 5)), ((7, 9), (14, 18)), ((5, 3), (5, 3)), ((1, 1), (1, 1)), ((13, 2), (3, 7))])
+@pytest.mark.parametrize(
+    ("grid", "out"), [((7, 9), (4, 5)), ((7, 9), (14, 18)), ((5, 3), (5, 3)), ((1, 1), (1, 1)), ((13, 2), (3, 7))]
+)
 def test_dictionary_resizes_like_adaptive_average_pooling(grid, out):
     x = torch.randn(2, grid[0] * grid[1], 5)
     index = torch.arange(grid[0] * grid[1]).expand(2, -1)
     fmap = token2map(x, index, grid, out)
     plain = x.transpose(1, 2).reshape(2, 5, *grid)
     torch.testing.assert_close(fmap, F.adaptive_avg_pool2d(plain, out))
-    torch.testing.assert_close(map2token(fmap, index, grid, grid[0] * grid[1]),
-                               F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2))
+    torch.testing.assert_close(
+        map2token(fmap, index, grid, grid[0] * grid[1]), F.adaptive_avg_pool2d(fmap, grid).flatten(2).transpose(1, 2)
+    )
 
 
-@pytest.mark.parametrize("grid,size", [((7, 9), (4, 5)), ((7, 9), (7, 9)), ((5, 6), (11, 13)), ((8, 8), (3, 8)),
-                                       ((50, 84), (25, 42))])
+@pytest.mark.parametrize(
+    ("grid", "size"), [((7, 9), (4, 5)), ((7, 9), (7, 9)), ((5, 6), (11, 13)), ((8, 8), (3, 8)), ((50, 84), (25, 42))]
+)
 def test_clustered_dictionary_matches_the_reference_with_gradients(grid, size):
     M = 13 if grid[0] < 50 else 1050
     g = torch.Generator().manual_seed(1)
@@ -216,8 +225,10 @@ def test_clustered_dictionary_matches_the_reference_with_gradients(grid, size):
     for x, y in zip(ours, reference):
         torch.testing.assert_close(x, y)
     assert torch.equal(ours[1][:, M - 1], torch.zeros(2, 3, dtype=torch.float64))
-    grads = [torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, outputs)), (tokens, fmap))
-             for outputs in (ours, reference)]
+    grads = [
+        torch.autograd.grad(sum((w * x).sum() for w, x in zip(weights, outputs)), (tokens, fmap))
+        for outputs in (ours, reference)
+    ]
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y)
 
@@ -226,9 +237,12 @@ def test_dictionary_in_bfloat16():
     index = torch.randint(0, 5, (1, 12))
     tokens = torch.randn(1, 5, 4, dtype=torch.bfloat16)
     fmap = token2map(tokens, index, (3, 4), (2, 2))
-    assert fmap.dtype == torch.bfloat16 and fmap.shape == (1, 4, 2, 2)
+    assert fmap.dtype == torch.bfloat16
+    assert fmap.shape == (1, 4, 2, 2)
     assert map2token(fmap, index, (3, 4), 5).dtype == torch.bfloat16
-    torch.testing.assert_close(fmap.float(), token2map_reference(tokens.float(), index, (3, 4), (2, 2)), rtol=0.02, atol=0.02)
+    torch.testing.assert_close(
+        fmap.float(), token2map_reference(tokens.float(), index, (3, 4), (2, 2)), rtol=0.02, atol=0.02
+    )
 
 
 def test_round_trip_through_a_clustered_dictionary():
@@ -237,7 +251,9 @@ def test_round_trip_through_a_clustered_dictionary():
     ids, _ = cluster_dpc_knn(x, 16)
     tokens = merge_tokens(x, ids, 16)
     layout = TokenLayout((7, 9)).compose(ids, 16, (4, 5))
-    torch.testing.assert_close(map2token(token2map(tokens, layout.index, (7, 9), (7, 9)), layout.index, (7, 9), 16), tokens)
+    torch.testing.assert_close(
+        map2token(token2map(tokens, layout.index, (7, 9), (7, 9)), layout.index, (7, 9), 16), tokens
+    )
     # and at the stride-2 map every pixel is an average of tokens
     assert layout.to_map(tokens).shape == (2, 8, 4, 5)
     assert layout.to_tokens(layout.to_map(tokens)).shape == (2, 16, 8)
@@ -248,4 +264,5 @@ def test_layout_composes_dictionaries():
     first = grid.compose(torch.arange(16).div(2, rounding_mode="floor").expand(1, 16), 8, (2, 2))
     second = first.compose(torch.tensor([[0, 0, 1, 1, 2, 2, 3, 3]]), 4, (1, 1))
     assert second.index.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]]
-    assert second.grid_size == (4, 4) and second.num_tokens == 4
+    assert second.grid_size == (4, 4)
+    assert second.num_tokens == 4

@@ -11,8 +11,15 @@ import torch
 from PIL import Image
 
 from hafa.cli import main
-from hafa.data.segmentation import (IGNORE_INDEX, EvalTransform, LabelMapping, SegmentationDataset, TrainTransform,
-                                    ade20k_pairs, rescale_size)
+from hafa.data.segmentation import (
+    IGNORE_INDEX,
+    EvalTransform,
+    LabelMapping,
+    SegmentationDataset,
+    TrainTransform,
+    ade20k_pairs,
+    rescale_size,
+)
 from hafa.models.semantic_fpn import create_semantic_fpn
 from hafa.tasks import segmentation as seg
 from hafa.tasks.engine import Processes, load_recipe
@@ -20,8 +27,19 @@ from hafa.tasks.segmentation_metrics import confusion_matrix, evaluate_segmentat
 
 SIZES = [(70, 101), (90, 75), (67, 118), (100, 83)]  # (height, width): non-square, none a multiple of 32
 COLOURS = np.array([(255, 0, 0), (0, 255, 0), (0, 0, 255)], np.uint8)  # class k is pure colour k
-QUICK = ["--workers", "0", "--batch-size", "2", "--crop-size", "72", "100", "--set", "scale=[160,80]",
-         "eval_crop=[64,64]", "eval_stride=[40,40]"]
+QUICK = [
+    "--workers",
+    "0",
+    "--batch-size",
+    "2",
+    "--crop-size",
+    "72",
+    "100",
+    "--set",
+    "scale=[160,80]",
+    "eval_crop=[64,64]",
+    "eval_stride=[40,40]",
+]
 
 
 def draw(height, width, rng):
@@ -31,9 +49,9 @@ def draw(height, width, rng):
     for k in (1, 2):
         h, w = int(rng.integers(height // 4, height // 2)), int(rng.integers(width // 4, width // 2))
         top, left = int(rng.integers(0, height - h)), int(rng.integers(0, width - w))
-        unlabelled[max(top - 1, 0):top + h + 1, max(left - 1, 0):left + w + 1] = True
-        classes[top:top + h, left:left + w] = k
-        unlabelled[top:top + h, left:left + w] = False
+        unlabelled[max(top - 1, 0) : top + h + 1, max(left - 1, 0) : left + w + 1] = True
+        classes[top : top + h, left : left + w] = k
+        unlabelled[top : top + h, left : left + w] = False
     return classes, unlabelled
 
 
@@ -47,7 +65,8 @@ def write_ade(root, sizes=SIZES, val_sizes=SIZES[:2], image_ext=".jpg"):
             classes, unlabelled = draw(height, width, rng)
             Image.fromarray(COLOURS[classes]).save(root / "images" / folder / f"img_{i}{image_ext}")
             Image.fromarray(np.where(unlabelled, 0, classes + 1).astype(np.uint8)).save(
-                root / "annotations" / folder / f"img_{i}.png")
+                root / "annotations" / folder / f"img_{i}.png"
+            )
     return root
 
 
@@ -60,16 +79,29 @@ def write_folders(root, sizes=SIZES):
         for i, (height, width) in enumerate(split_sizes):
             classes, unlabelled = draw(height, width, rng)
             Image.fromarray(COLOURS[classes]).save(root / "images" / split / f"{i}.png")
-            Image.fromarray(np.where(unlabelled, 255, classes).astype(np.uint8)).save(root / "masks" / split / f"{i}.png")
+            Image.fromarray(np.where(unlabelled, 255, classes).astype(np.uint8)).save(
+                root / "masks" / split / f"{i}.png"
+            )
     return root
 
 
 def folder_args(root):
-    return ["--images", str(root / "images" / "train"), "--masks", str(root / "masks" / "train"),
-            "--val-images", str(root / "images" / "val"), "--val-masks", str(root / "masks" / "val"), "--num-classes", "3"]
+    return [
+        "--images",
+        str(root / "images" / "train"),
+        "--masks",
+        str(root / "masks" / "train"),
+        "--val-images",
+        str(root / "images" / "val"),
+        "--val-masks",
+        str(root / "masks" / "val"),
+        "--num-classes",
+        "3",
+    ]
 
 
 # ---------------------------------------------------------------- model
+
 
 @pytest.mark.parametrize("name", ["hafa_pvt_v2_b0", "pvt_v2_b0", "swin_tiny_patch4_window7_224"])
 def test_semantic_fpn_gives_logits_at_any_input_size(name):
@@ -91,7 +123,12 @@ def test_hafa_backbones_are_segmentation_models_pytorch_encoders():
     with pytest.raises(RuntimeError, match="divisible by 32"):
         model(torch.randn(1, 3, 250, 310))
     with torch.no_grad():
-        assert create_semantic_fpn("hafa_pvt_v2_b0", num_classes=4).eval()(torch.randn(1, 3, 250, 310)).shape == (1, 4, 250, 310)
+        assert create_semantic_fpn("hafa_pvt_v2_b0", num_classes=4).eval()(torch.randn(1, 3, 250, 310)).shape == (
+            1,
+            4,
+            250,
+            310,
+        )
 
 
 def test_semantic_fpn_size_matches_the_papers():
@@ -101,15 +138,19 @@ def test_semantic_fpn_size_matches_the_papers():
 
 # ---------------------------------------------------------------- metrics
 
+
 def test_metrics_by_hand_and_on_a_perfect_prediction():
     labels = torch.tensor([[0, 0, 1, 1], [2, 2, IGNORE_INDEX, 1]])
     predicted = torch.tensor([[0, 1, 1, 1], [2, 2, 0, 1]])
     matrix = confusion_matrix(predicted, labels, 4)
-    assert matrix.sum() == 7 and matrix[0, 1] == 1
+    assert matrix.sum() == 7
+    assert matrix[0, 1] == 1
     metrics = segmentation_metrics(matrix, ["a", "b", "c", "d"])
-    assert metrics["per_class_IoU"]["a"] == pytest.approx(50.0) and metrics["per_class_IoU"]["b"] == pytest.approx(75.0)
+    assert metrics["per_class_IoU"]["a"] == pytest.approx(50.0)
+    assert metrics["per_class_IoU"]["b"] == pytest.approx(75.0)
     assert np.isnan(metrics["per_class_IoU"]["d"])  # neither present nor predicted: left out of the mean
-    assert metrics["mIoU"] == pytest.approx((50 + 75 + 100) / 3) and metrics["aAcc"] == pytest.approx(600 / 7)
+    assert metrics["mIoU"] == pytest.approx((50 + 75 + 100) / 3)
+    assert metrics["aAcc"] == pytest.approx(600 / 7)
     perfect = segmentation_metrics(confusion_matrix(labels.clamp(max=3), labels, 4), list("abcd"))
     assert perfect["mIoU"] == perfect["mAcc"] == perfect["aAcc"] == 100.0
 
@@ -126,12 +167,15 @@ def test_evaluation_of_an_exact_prediction_gives_miou_100(tmp_path, mode):
     root = write_ade(tmp_path / "ade", val_sizes=[(70, 101), (70, 101)], image_ext=".png")
     recipe = dict(seg.RECIPE_DEFAULTS, scale=[101, 70])  # no resizing, so the oracle is exact at every pixel
     dataset = SegmentationDataset(ade20k_pairs(str(root), "val"), EvalTransform(recipe), LabelMapping(3, True))
-    metrics = evaluate_segmentation(ColourOracle(), dataset, ["background", "red", "blue"], Processes(), mode=mode,
-                                    crop=(48, 64), stride=(32, 40))
-    assert metrics["mIoU"] == metrics["aAcc"] == 100.0 and metrics["images"] == 2
+    metrics = evaluate_segmentation(
+        ColourOracle(), dataset, ["background", "red", "blue"], Processes(), mode=mode, crop=(48, 64), stride=(32, 40)
+    )
+    assert metrics["mIoU"] == metrics["aAcc"] == 100.0
+    assert metrics["images"] == 2
 
 
 # ---------------------------------------------------------------- data
+
 
 def test_transforms_keep_classes_crop_pad_and_resize():
     recipe = dict(seg.RECIPE_DEFAULTS, scale=[160, 80], crop_size=[72, 100])
@@ -142,12 +186,16 @@ def test_transforms_keep_classes_crop_pad_and_resize():
     transform = TrainTransform(recipe)
     torch.manual_seed(3)
     out_image, out_labels = transform(image, labels)
-    assert out_image.shape == (3, 72, 100) and out_labels.shape == (72, 100) and out_labels.dtype == torch.int64
+    assert out_image.shape == (3, 72, 100)
+    assert out_labels.shape == (72, 100)
+    assert out_labels.dtype == torch.int64
     assert set(out_labels.unique().tolist()) <= {0, 1, 2, IGNORE_INDEX}  # nearest neighbour: no new values
     small = TrainTransform(dict(recipe, scale=[40, 20], ratio_range=[1.0, 1.0]))  # image smaller than the crop
     padded_image, padded_labels = small(image, labels)
-    assert (padded_labels[-10:] == IGNORE_INDEX).all() and (padded_image[:, -10:] == 0).all()
-    assert rescale_size(512, 683, [2048, 512]) == (512, 683) and rescale_size(100, 1000, [2048, 512]) == (205, 2048)
+    assert (padded_labels[-10:] == IGNORE_INDEX).all()
+    assert (padded_image[:, -10:] == 0).all()
+    assert rescale_size(512, 683, [2048, 512]) == (512, 683)
+    assert rescale_size(100, 1000, [2048, 512]) == (205, 2048)
     assert EvalTransform(seg.RECIPE_DEFAULTS).image_tensor(image).shape == (3, 512, 902)  # 118 * 512 / 67 = 901.7
 
 
@@ -164,40 +212,81 @@ def test_loss_of_a_batch_without_labelled_pixels_is_zero_not_nan():
     logits = torch.randn(2, 3, 5, 7, requires_grad=True)
     loss = seg.segmentation_loss(logits, torch.full((2, 5, 7), IGNORE_INDEX))
     loss.backward()
-    assert loss.item() == 0.0 and torch.isfinite(logits.grad).all()
+    assert loss.item() == 0.0
+    assert torch.isfinite(logits.grad).all()
     labels = torch.randint(0, 3, (2, 5, 7))
     torch.testing.assert_close(seg.segmentation_loss(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
 
 
 # ---------------------------------------------------------------- end to end
 
+
 def test_train_eval_and_predict_on_the_ade20k_layout(tmp_path, capsys):
     data = write_ade(tmp_path / "ade")
     out = tmp_path / "runs"
-    assert main(["seg-train", "--model", "hafa_pvt_v2_b0", "--baseline", "--data", str(data), "--num-classes", "3",
-                 "--iterations", "2", "--output", str(out), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "seg-train",
+                "--model",
+                "hafa_pvt_v2_b0",
+                "--baseline",
+                "--data",
+                str(data),
+                "--num-classes",
+                "3",
+                "--iterations",
+                "2",
+                "--output",
+                str(out),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
-    assert "hafa_pvt_v2_b0 vs pvt_v2_b0" in printed and "points mIoU" in printed
+    assert "hafa_pvt_v2_b0 vs pvt_v2_b0" in printed
+    assert "points mIoU" in printed
     for name in ("hafa_pvt_v2_b0", "pvt_v2_b0"):
         run = out / name
-        assert (run / "best.pth").exists() and (run / "last.pth").exists() and (run / "curves.png").exists()
+        assert (run / "best.pth").exists()
+        assert (run / "last.pth").exists()
+        assert (run / "curves.png").exists()
     best = out / "hafa_pvt_v2_b0" / "best.pth"
     saved = torch.load(best, weights_only=True)
-    assert saved["task"] == "segmentation" and saved["class_names"] == ["class_0", "class_1", "class_2"]
+    assert saved["task"] == "segmentation"
+    assert saved["class_names"] == ["class_0", "class_1", "class_2"]
     assert main(["seg-eval", "--checkpoint", str(best), "--workers", "0", "--json", str(tmp_path / "m.json")]) == 0
-    metrics = json.load(open(tmp_path / "m.json"))
-    assert metrics["mIoU"] == pytest.approx(saved["metrics"]["mIoU"]) and metrics["images"] == 2
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["mIoU"] == pytest.approx(saved["metrics"]["mIoU"])
+    assert metrics["images"] == 2
     assert "| class_2 |" in capsys.readouterr().out
     assert main(["seg-eval", "--checkpoint", str(best), "--workers", "0", "--eval-mode", "slide"]) == 0
-    result = seg.predict_segmentation(str(best), str(data / "images" / "validation" / "img_0.jpg"),
-                                      str(tmp_path / "overlay.png"))
+    result = seg.predict_segmentation(
+        str(best), str(data / "images" / "validation" / "img_0.jpg"), str(tmp_path / "overlay.png")
+    )
     overlay = Image.open(tmp_path / "overlay.png")
-    assert overlay.height >= 70 and overlay.width > 101 and result["labels"].shape == (70, 101)
+    assert overlay.height >= 70
+    assert overlay.width > 101
+    assert result["labels"].shape == (70, 101)
     assert sum(result["class_shares"].values()) == pytest.approx(100.0)
     capsys.readouterr()
-    assert main(["predict", "--checkpoint", str(best), "--image", str(data / "images" / "validation" / "img_0.jpg"),
-                 "--output", str(tmp_path / "cli.png")]) == 0
-    assert capsys.readouterr().out.startswith("segmentation: ") and (tmp_path / "cli.png").exists()
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(best),
+                "--image",
+                str(data / "images" / "validation" / "img_0.jpg"),
+                "--output",
+                str(tmp_path / "cli.png"),
+            ]
+        )
+        == 0
+    )
+    assert capsys.readouterr().out.startswith("segmentation: ")
+    assert (tmp_path / "cli.png").exists()
 
 
 def test_folder_layout_with_unpaired_corrupt_and_empty_masks(tmp_path, caplog):
@@ -207,13 +296,19 @@ def test_folder_layout_with_unpaired_corrupt_and_empty_masks(tmp_path, caplog):
     Image.new("L", (101, 70), 255).save(data / "masks" / "train" / "0.png")  # every pixel ignored: fine
     (data / "masks" / "train" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     out = tmp_path / "runs"
-    assert main(["seg-train", "--model", "pvt_v2_b0", *folder_args(data), "--iterations", "2", "--output", str(out),
-                 *QUICK]) == 0
+    assert (
+        main(
+            ["seg-train", "--model", "pvt_v2_b0", *folder_args(data), "--iterations", "2", "--output", str(out), *QUICK]
+        )
+        == 0
+    )
     assert "leaving out 1 files with no mask of the same name (no_mask.png)" in caplog.text
     assert "leaving out 1 files with no image of the same name (no_image.png)" in caplog.text
-    assert "skipping unreadable mask" in caplog.text and "1.png" in caplog.text
+    assert "skipping unreadable mask" in caplog.text
+    assert "1.png" in caplog.text
     import csv
-    rows = list(csv.DictReader(open(out / "pvt_v2_b0" / "log.csv")))
+
+    rows = list(csv.DictReader((out / "pvt_v2_b0" / "log.csv").read_text().splitlines()))
     assert int(rows[-1]["skipped_images"]) >= 1
 
 
@@ -221,24 +316,60 @@ def test_folder_layout_with_unpaired_corrupt_and_empty_masks(tmp_path, caplog):
 def test_out_of_range_class_ids_are_an_error_naming_the_file(tmp_path, capsys, workers):
     data = write_folders(tmp_path / "data")
     Image.fromarray(np.full((70, 101), 7, np.uint8)).save(data / "masks" / "train" / "0.png")
-    assert main(["seg-train", "--model", "pvt_v2_b0", *folder_args(data), "--iterations", "2",
-                 "--output", str(tmp_path / "r"), *QUICK, "--workers", workers]) == 2
+    assert (
+        main(
+            [
+                "seg-train",
+                "--model",
+                "pvt_v2_b0",
+                *folder_args(data),
+                "--iterations",
+                "2",
+                "--output",
+                str(tmp_path / "r"),
+                *QUICK,
+                "--workers",
+                workers,
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "0.png: mask values 7 are not classes" in err and "--num-classes" in err and "Traceback" not in err
+    assert "0.png: mask values 7 are not classes" in err
+    assert "--num-classes" in err
+    assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("break_data,message", [
-    (lambda d: Image.new("RGB", (101, 70)).save(d / "masks" / "train" / "0.png"), "not a RGB image"),
-    (lambda d: Image.new("L", (50, 50)).save(d / "masks" / "train" / "0.png"), "is 50x50 but its image"),
-    (lambda d: os.system(f"rm {d}/masks/val/*"), "no image in .* has a mask of the same name"),
-    (lambda d: os.system(f"rm -r {d}/masks/val"), "mask folder not found"),
-])
+@pytest.mark.parametrize(
+    ("break_data", "message"),
+    [
+        (lambda d: Image.new("RGB", (101, 70)).save(d / "masks" / "train" / "0.png"), "not a RGB image"),
+        (lambda d: Image.new("L", (50, 50)).save(d / "masks" / "train" / "0.png"), "is 50x50 but its image"),
+        (lambda d: os.system(f"rm {d}/masks/val/*"), "no image in .* has a mask of the same name"),
+        (lambda d: os.system(f"rm -r {d}/masks/val"), "mask folder not found"),
+    ],
+)
 def test_bad_masks_get_a_clear_message(tmp_path, capsys, break_data, message):
     data = write_folders(tmp_path / "data")
     break_data(data)
-    assert main(["seg-train", "--model", "pvt_v2_b0", *folder_args(data), "--iterations", "2",
-                 "--output", str(tmp_path / "r"), *QUICK]) == 2
+    assert (
+        main(
+            [
+                "seg-train",
+                "--model",
+                "pvt_v2_b0",
+                *folder_args(data),
+                "--iterations",
+                "2",
+                "--output",
+                str(tmp_path / "r"),
+                *QUICK,
+            ]
+        )
+        == 2
+    )
     import re
+
     assert re.search(message, capsys.readouterr().err)
 
 
@@ -260,14 +391,21 @@ def test_data_option_mistakes(tmp_path, capsys):
 def test_recipe_file_gives_the_papers_settings():
     recipe = load_recipe("ade20k_semantic_fpn", seg.RECIPE_DEFAULTS)
     assert recipe == seg.RECIPE_DEFAULTS  # the defaults are the paper's recipe
-    assert (recipe["lr"], recipe["weight_decay"], recipe["poly_power"], recipe["iterations"]) == (1e-4, 1e-4, 0.9, 40000)
+    assert (recipe["lr"], recipe["weight_decay"], recipe["poly_power"], recipe["iterations"]) == (
+        1e-4,
+        1e-4,
+        0.9,
+        40000,
+    )
     model = create_semantic_fpn("hafa_pvt_v2_b0", 150)
     from hafa.tasks.engine import build_optimizer
+
     optimizer = build_optimizer(model, recipe, global_batch=16)
-    assert type(optimizer).__name__ == "AdamW" and optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
+    assert type(optimizer).__name__ == "AdamW"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
     scheduler = seg.build_scheduler(optimizer, recipe, total_iterations=1000)
     scheduler.step_update(num_updates=500)
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5 ** 0.9)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5**0.9)
     scheduler.step_update(num_updates=1000)
     assert optimizer.param_groups[0]["lr"] == 0.0
     assert load_recipe("scenes_semantic_fpn", seg.RECIPE_DEFAULTS)["crop_size"] == [128, 128]
@@ -275,17 +413,52 @@ def test_recipe_file_gives_the_papers_settings():
 
 def test_backbone_from_an_imagenet_checkpoint(tmp_path, capsys):
     import timm
+
     data = write_ade(tmp_path / "ade")
     checkpoint = tmp_path / "pvt_v2_b0_imagenet.pth"
     torch.save(timm.create_model("pvt_v2_b0").state_dict(), checkpoint)
-    assert main(["seg-train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--num-classes", "3", "--iterations",
-                 "2", "--backbone-checkpoint", str(checkpoint), "--output", str(tmp_path / "r"), *QUICK]) == 0
+    assert (
+        main(
+            [
+                "seg-train",
+                "--model",
+                "hafa_pvt_v2_b0",
+                "--data",
+                str(data),
+                "--num-classes",
+                "3",
+                "--iterations",
+                "2",
+                "--backbone-checkpoint",
+                str(checkpoint),
+                "--output",
+                str(tmp_path / "r"),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
     assert "copied" in capsys.readouterr().out
 
 
 def _train_command(data, out):
-    return [sys.executable, "-m", "hafa", "seg-train", "--model", "pvt_v2_b0", "--data", str(data), "--num-classes",
-            "3", "--iterations", "4", "--output", str(out), *QUICK]
+    return [
+        sys.executable,
+        "-m",
+        "hafa",
+        "seg-train",
+        "--model",
+        "pvt_v2_b0",
+        "--data",
+        str(data),
+        "--num-classes",
+        "3",
+        "--iterations",
+        "4",
+        "--output",
+        str(out),
+        *QUICK,
+    ]
 
 
 def test_resume_after_sigterm_is_exact(tmp_path):
@@ -311,17 +484,58 @@ def test_resume_after_sigterm_is_exact(tmp_path):
 @pytest.mark.slow
 def test_two_processes_evaluate_like_one(tmp_path):
     data = write_ade(tmp_path / "ade", val_sizes=SIZES[:3])  # 3 images: the processes get 2 and 1
-    assert main(["seg-train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--num-classes", "3", "--iterations",
-                 "2", "--output", str(tmp_path / "r"), *QUICK]) == 0
-    evaluate = ["-m", "hafa", "seg-eval", "--checkpoint", str(tmp_path / "r" / "hafa_pvt_v2_b0" / "best.pth"),
-                "--workers", "0", "--device", "cpu", "--json"]
+    assert (
+        main(
+            [
+                "seg-train",
+                "--model",
+                "hafa_pvt_v2_b0",
+                "--data",
+                str(data),
+                "--num-classes",
+                "3",
+                "--iterations",
+                "2",
+                "--output",
+                str(tmp_path / "r"),
+                *QUICK,
+            ]
+        )
+        == 0
+    )
+    evaluate = [
+        "-m",
+        "hafa",
+        "seg-eval",
+        "--checkpoint",
+        str(tmp_path / "r" / "hafa_pvt_v2_b0" / "best.pth"),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          *evaluate, str(tmp_path / "two.json")], capture_output=True, text=True, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            *evaluate,
+            str(tmp_path / "two.json"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
-    one = subprocess.run([sys.executable, *evaluate, str(tmp_path / "one.json")], capture_output=True, text=True, env=env)
+    one = subprocess.run(
+        [sys.executable, *evaluate, str(tmp_path / "one.json")], capture_output=True, text=True, env=env
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two_metrics, one_metrics = (json.load(open(tmp_path / f"{n}.json")) for n in ("two", "one"))
+    two_metrics, one_metrics = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("two", "one"))
     assert two_metrics["images"] == one_metrics["images"] == 3
     for key in ("mIoU", "mAcc", "aAcc"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-9)

@@ -1,4 +1,5 @@
 """The `hafa bench`, `hafa visualize` and `hafa export` tools, on the smallest model and small inputs."""
+
 import json
 
 import pytest
@@ -14,39 +15,84 @@ SMALLEST = "hafa_pvt_v2_b0"
 
 def test_bench_writes_well_formed_json_for_the_smallest_pair(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    argv = ["bench", "--models", SMALLEST, "--img-size", "64", "--batch-sizes", "1", "2", "--reps", "1", "--warmup", "0",
-            "--json", str(path)]
+    argv = [
+        "bench",
+        "--models",
+        SMALLEST,
+        "--img-size",
+        "64",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--json",
+        str(path),
+    ]
     assert main(argv) == 0
     result = json.loads(path.read_text())
-    assert result["settings"]["device"] == "cpu" and result["settings"]["reps"] == 1
+    assert result["settings"]["device"] == "cpu"
+    assert result["settings"]["reps"] == 1
     assert [row["model"] for row in result["models"]] == ["pvt_v2_b0", SMALLEST]
     for row in result["models"]:
         for kind in ("latency", "forward", "train_step"):
-            assert row[kind]["median_ms"] > 0 and len(row[kind]["samples_ms"]) == 1
-        assert row["params_m"] > 3 and row["gmacs"] > 0 and row["throughput_img_s"] > 0
-        assert row["memory_mb"]["forward"] > 0 and row["memory_mb"]["train_step"] > row["memory_mb"]["forward"]
+            assert row[kind]["median_ms"] > 0
+            assert len(row[kind]["samples_ms"]) == 1
+        assert row["params_m"] > 3
+        assert row["gmacs"] > 0
+        assert row["throughput_img_s"] > 0
+        assert row["memory_mb"]["forward"] > 0
+        assert row["memory_mb"]["train_step"] > row["memory_mb"]["forward"]
     (ratios,) = result["ratios"]
-    assert ratios["model"] == SMALLEST and ratios["baseline"] == "pvt_v2_b0"
-    assert 1.0 < ratios["params"] < 1.1 and ratios["latency"] > 0 and ratios["train_step"] > 0
+    assert ratios["model"] == SMALLEST
+    assert ratios["baseline"] == "pvt_v2_b0"
+    assert 1.0 < ratios["params"] < 1.1
+    assert ratios["latency"] > 0
+    assert ratios["train_step"] > 0
     table = capsys.readouterr().out
-    assert "| pvt_v2_b0 |" in table and "| **HAFA / baseline** |" in table
+    assert "| pvt_v2_b0 |" in table
+    assert "| **HAFA / baseline** |" in table
 
 
 def test_bench_modules_times_laa_and_sia_and_profiles_the_backbone(tmp_path):
     path = tmp_path / "modules.json"
-    argv = ["bench", "--modules", "--models", SMALLEST, "--img-size", "64", "--batch-sizes", "1", "2", "--reps", "1",
-            "--warmup", "0", "--detection-size", "96", "128", "--json", str(path)]
+    argv = [
+        "bench",
+        "--modules",
+        "--models",
+        SMALLEST,
+        "--img-size",
+        "64",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--reps",
+        "1",
+        "--warmup",
+        "0",
+        "--detection-size",
+        "96",
+        "128",
+        "--json",
+        str(path),
+    ]
     assert main(argv) == 0
     result = json.loads(path.read_text())
     layers = [(r["input"], r["transition"], r["layer"], r["baseline_layer"]) for r in result["layers"]]
     assert len(layers) == 9
-    assert layers[:3] == [("64x64", "1->2", "LAA", "ConvDownsample"), ("64x64", "2->3", "LAA", "ConvDownsample"),
-                          ("64x64", "3->4", "SIA", "ConvDownsample")]
+    assert layers[:3] == [
+        ("64x64", "1->2", "LAA", "ConvDownsample"),
+        ("64x64", "2->3", "LAA", "ConvDownsample"),
+        ("64x64", "3->4", "SIA", "ConvDownsample"),
+    ]
     assert layers[-1][0] == "96x128"
     (backbone,) = result["backbones"]
     share = backbone["share"]
     assert 0 < share["clustering"] <= share["sia"] <= backbone["sia_with_dictionary"] < 1
-    assert 0 < share["laa"] < 1 and share["dictionary"] > 0
+    assert 0 < share["laa"] < 1
+    assert share["dictionary"] > 0
 
 
 def test_bench_rejects_unknown_models(capsys):
@@ -59,7 +105,7 @@ def test_peak_memory_counts_what_a_call_allocates():
     assert 31 < megabytes < 33  # two 16 MB tensors are alive at once
 
 
-@pytest.mark.parametrize("img_size,expected_hw", [(["96"], (96, 96)), (["80", "128"], (80, 128))])
+@pytest.mark.parametrize(("img_size", "expected_hw"), [(["96"], (96, 96)), (["80", "128"], (80, 128))])
 def test_visualize_writes_a_png_of_the_expected_size(tmp_path, img_size, expected_hw):
     path = tmp_path / "picture.png"
     assert main(["visualize", "--model", SMALLEST, "--img-size", *img_size, "--scale", "1", "-o", str(path)]) == 0
@@ -78,19 +124,34 @@ def test_visualize_keeps_the_images_aspect_and_shows_moved_points_from_a_checkpo
     checkpoint = tmp_path / "moved.pth"
     torch.save(model.state_dict(), checkpoint)
     path = tmp_path / "picture.png"
-    argv = ["visualize", "--model", SMALLEST, "--image", str(image), "--checkpoint", str(checkpoint), "--scale", "1",
-            "--cluster-ratio", "0.1", "-o", str(path)]
+    argv = [
+        "visualize",
+        "--model",
+        SMALLEST,
+        "--image",
+        str(image),
+        "--checkpoint",
+        str(checkpoint),
+        "--scale",
+        "1",
+        "--cluster-ratio",
+        "0.1",
+        "-o",
+        str(path),
+    ]
     assert main(argv) == 0
     with Image.open(path) as picture:
         assert picture.size == visualize.figure_size((224, 448), 1)
     out = capsys.readouterr().out
-    assert "offsets zero" not in out and "2 LAA layers" in out
+    assert "offsets zero" not in out
+    assert "2 LAA layers" in out
 
 
 def test_sampling_points_map_the_fixed_kernel_onto_image_pixels():
     record = dict(offsets=torch.zeros(1, 18, 4, 4), input_size=(8, 8), geometry=((3, 3), (2, 2), (1, 1)))
     centres, points = visualize.sampling_points(record, (32, 32))
-    assert centres.shape == (16, 2) and points.shape == (16, 9, 2)
+    assert centres.shape == (16, 2)
+    assert points.shape == (16, 9, 2)
     # the first output position's kernel covers input pixels -1..1, i.e. image pixels around -2.5, 1.5, 5.5
     assert sorted({float(x) for x in points[0, :, 0]}) == [-2.5, 1.5, 5.5]
     assert centres[0].tolist() == [1.5, 1.5]
@@ -102,8 +163,12 @@ def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(tmp_path):
     path = str(tmp_path / "model.onnx")
     export.export_onnx(model, example, path)
     ops = export.onnx_op_counts(path)
-    assert ops["GridSample"] == 2 and ops["TopK"] >= 2 and ops["ScatterElements"] >= 2
-    differences = export.onnxruntime_differences(path, model, [example, torch.randn(1, 3, 64, 64), torch.randn(3, 3, 64, 64)])
+    assert ops["GridSample"] == 2
+    assert ops["TopK"] >= 2
+    assert ops["ScatterElements"] >= 2
+    differences = export.onnxruntime_differences(
+        path, model, [example, torch.randn(1, 3, 64, 64), torch.randn(3, 3, 64, 64)]
+    )
     assert max(differences) < 1e-4, differences
 
 

@@ -2,6 +2,7 @@
 
 `import hafa` registers the HAFA backbones with timm: timm.create_model("hafa_pvt_v2_b1", ...).
 """
+
 from . import models
 from .pretrained import CheckpointMismatchError, LoadReport, load_pretrained
 

@@ -1,4 +1,5 @@
 """`python -m hafa ...` (and `torchrun -m hafa train ...`)."""
+
 import sys
 
 from hafa.cli import main

@@ -1,4 +1,5 @@
 """The `hafa` command line: `hafa <command> [options]`; `hafa <command> -h` for a command's options."""
+
 import argparse
 import importlib
 import sys
@@ -8,18 +9,35 @@ from .errors import UserError
 # command -> ("module" or "module:attribute" with add_arguments(parser) and run(args), one-line help).
 # A command's module is imported only when that command runs, so that `hafa -h` is instant.
 COMMANDS = {
-    "train": ("hafa.tasks.classification:TRAIN", "train classifiers (default: HAFA vs baseline on the embedded MNIST-5k)"),
+    "train": (
+        "hafa.tasks.classification:TRAIN",
+        "train classifiers (default: HAFA vs baseline on the embedded MNIST-5k)",
+    ),
     "eval": ("hafa.tasks.classification:EVAL", "evaluate a classifier checkpoint: top-1, top-5, loss"),
-    "seg-train": ("hafa.tasks.segmentation:TRAIN", "train Semantic FPN segmenters (default: HAFA vs baseline on the "
-                                                  "embedded scenes)"),
-    "seg-eval": ("hafa.tasks.segmentation:EVAL", "evaluate a segmentation checkpoint: mIoU, per-class IoU, pixel accuracy"),
-    "det-train": ("hafa.tasks.detection:TRAIN", "train Mask R-CNN detectors (default: HAFA vs baseline on the embedded scenes)"),
+    "seg-train": (
+        "hafa.tasks.segmentation:TRAIN",
+        "train Semantic FPN segmenters (default: HAFA vs baseline on the embedded scenes)",
+    ),
+    "seg-eval": (
+        "hafa.tasks.segmentation:EVAL",
+        "evaluate a segmentation checkpoint: mIoU, per-class IoU, pixel accuracy",
+    ),
+    "det-train": (
+        "hafa.tasks.detection:TRAIN",
+        "train Mask R-CNN detectors (default: HAFA vs baseline on the embedded scenes)",
+    ),
     "det-eval": ("hafa.tasks.detection:EVAL", "evaluate a detection checkpoint: box and mask AP (COCOeval)"),
-    "predict": ("hafa.tasks.predict", "one image through a classification, segmentation or detection checkpoint -> PNG"),
+    "predict": (
+        "hafa.tasks.predict",
+        "one image through a classification, segmentation or detection checkpoint -> PNG",
+    ),
     "models": ("hafa.tools.models", "list the models: parameters, GMACs, the paper's numbers"),
     "bench": ("hafa.tools.bench", "time, size and memory of HAFA models beside their baselines; --modules: LAA / SIA"),
     "visualize": ("hafa.tools.visualize", "one PNG: an image, SIA's clusters and LAA's sampling points"),
-    "export": ("hafa.tools.export", "ONNX export with a dynamic batch, checked by onnxruntime; --compile: torch.compile check"),
+    "export": (
+        "hafa.tools.export",
+        "ONNX export with a dynamic batch, checked by onnxruntime; --compile: torch.compile check",
+    ),
 }
 
 

@@ -1,4 +1,5 @@
 """Errors the command line shows as a message (never a traceback)."""
+
 import difflib
 
 

@@ -5,16 +5,15 @@ Every weight with a counterpart is copied: the LAA convs take the baseline's dow
 What has no counterpart keeps its fresh initialisation and is reported by name, and so does a
 classifier sized for another number of classes (fine-tuning).
 """
+
 import logging
-import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List
 
 import torch
 from torch import Tensor, nn
 
-from .errors import UserError
+from .checkpoint import CheckpointError, read_file, state_dict_of
 from .layers import SIA
 
 _logger = logging.getLogger(__name__)
@@ -23,15 +22,15 @@ _logger = logging.getLogger(__name__)
 MIN_MATCHED_FRACTION = 0.5
 
 
-class CheckpointMismatchError(UserError, ValueError):
+class CheckpointMismatchError(CheckpointError):
     """The checkpoint does not belong to this model (another family or width)."""
 
 
 @dataclass
 class LoadReport:
-    copied: List[str] = field(default_factory=list)
-    newly_initialised: List[str] = field(default_factory=list)
-    unused: List[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    newly_initialised: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         lines = [f"copied {len(self.copied)} tensors from the checkpoint"]
@@ -42,19 +41,7 @@ class LoadReport:
         return "\n".join(lines)
 
 
-def unwrap_state_dict(checkpoint) -> Dict[str, Tensor]:
-    """The state dict inside a checkpoint file's content ('model', 'state_dict', 'module.' prefixes)."""
-    if isinstance(checkpoint, dict):
-        for key in ("model_ema", "model", "state_dict"):
-            if isinstance(checkpoint.get(key), dict):
-                checkpoint = checkpoint[key]
-                break
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
-        raise CheckpointMismatchError("the file does not hold a state dict of tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in checkpoint.items()}
-
-
-def _official_pvt_to_staged(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
+def _official_pvt_to_staged(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Official PVT v1/v2 names (patch_embed1..4, pos_embed1..4, block1..4, norm1..4, cls_token) -> ours."""
     if not any(k.startswith(("patch_embed1.", "block1.")) for k in state_dict):
         return state_dict
@@ -75,14 +62,18 @@ def _official_pvt_to_staged(state_dict: Dict[str, Tensor]) -> Dict[str, Tensor]:
     return out
 
 
-def _swin_to_hafa(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+def _swin_to_hafa(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """timm Swin names -> ours: drop buffers, move original downsample indices, split fused qkv
     where our block has separate q and kv (the blocks after SIA)."""
     if "layers.0.downsample.reduction.weight" in state_dict:  # original Swin: downsample ends a stage
-        state_dict = {re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
-                      for k, v in state_dict.items()}
-        state_dict = {("head.fc." + k[5:] if k.startswith("head.") and not k.startswith("head.fc.") else k): v
-                      for k, v in state_dict.items()}
+        state_dict = {
+            re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
+            for k, v in state_dict.items()
+        }
+        state_dict = {
+            ("head.fc." + k[5:] if k.startswith("head.") and not k.startswith("head.fc.") else k): v
+            for k, v in state_dict.items()
+        }
     targets = model.state_dict()
     out = {}
     for k, v in state_dict.items():
@@ -98,12 +89,12 @@ def _swin_to_hafa(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, 
     return out
 
 
-def adapt_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> tuple:
+def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple:
     """Map a baseline (or HAFA) state dict onto `model`. -> (complete state dict, LoadReport).
 
     Raises CheckpointMismatchError when shapes differ or too little of the model is found.
     """
-    state_dict = _official_pvt_to_staged(unwrap_state_dict(state_dict))
+    state_dict = _official_pvt_to_staged(state_dict_of(state_dict))
     if any(k.startswith("layers.") for k in state_dict):
         state_dict = _swin_to_hafa(state_dict, model)
     targets = model.state_dict()
@@ -139,11 +130,13 @@ def adapt_state_dict(state_dict: Dict[str, Tensor], model: nn.Module) -> tuple:
         examples = ", ".join(sorted(state_dict)[:6])
         raise CheckpointMismatchError(
             f"checkpoint does not fit {model_name}: only {num_named / max(num_params, 1):.0%} of its parameters "
-            f"have a counterpart by name (another model family?). Checkpoint keys look like: {examples}")
+            f"have a counterpart by name (another model family?). Checkpoint keys look like: {examples}"
+        )
     if mismatched:
         raise CheckpointMismatchError(
             f"checkpoint does not fit {model_name}: {len(mismatched)} tensors differ in shape (another width?):\n  "
-            + "\n  ".join(mismatched[:20]))
+            + "\n  ".join(mismatched[:20])
+        )
     return adapted, report
 
 
@@ -158,7 +151,7 @@ def _resize_pos_embed(pos_embed: Tensor, num_positions: int) -> Tensor:
     return torch.cat([prefix, grid.flatten(2).transpose(1, 2)], dim=1)
 
 
-def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dict[str, Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
     """timm's pretrained_filter_fn: a baseline state dict -> a complete state dict for the model."""
     adapted, report = adapt_state_dict(state_dict, model)
     _logger.info("Loaded pretrained weights into %s: %s", type(model).__name__, report.summary())
@@ -168,19 +161,10 @@ def checkpoint_filter_fn(state_dict: Dict[str, Tensor], model: nn.Module) -> Dic
 def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
     """Load a baseline or HAFA checkpoint file into `model` (weights_only, never unpickling code).
 
-    Returns a LoadReport (copied / newly initialised / unused names). Raises FileNotFoundError,
-    or CheckpointMismatchError when the file belongs to another model.
+    Returns a LoadReport (copied / newly initialised / unused names). Raises CheckpointError when the
+    file is missing or unreadable, CheckpointMismatchError when it belongs to another model.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            checkpoint = load_file(path)
-        else:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise CheckpointMismatchError(f"cannot read {path} as a PyTorch checkpoint: {error}") from error
+    checkpoint = state_dict_of(read_file(path))
     adapted, report = adapt_state_dict(checkpoint, model)
     model.load_state_dict(adapted)
     if verbose:

@@ -21,14 +21,15 @@ their place, in evaluation they are left out.
 Augmentation (training): horizontal flip of the image, its boxes and its masks, seeded per
 (seed, epoch, index) so that a sample looks the same in any process or worker and after a resume.
 """
+
 import contextlib
 import io
 import json
 import logging
 import os
 from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -74,8 +75,10 @@ def _first(values, limit: int = 10) -> str:
 def _check_segmentation(segmentation) -> bool:
     """Polygons (a list of flat [x1, y1, x2, y2, ...] lists) or RLE ({'counts', 'size'})."""
     if isinstance(segmentation, list):
-        return all(isinstance(p, list) and len(p) % 2 == 0 and all(isinstance(v, (int, float)) for v in p)
-                   for p in segmentation)
+        return all(
+            isinstance(p, list) and len(p) % 2 == 0 and all(isinstance(v, (int, float)) for v in p)
+            for p in segmentation
+        )
     return isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation
 
 
@@ -106,12 +109,15 @@ def read_instances(path: str) -> dict:
     annotations = content["annotations"]
     unknown_images = {a["image_id"] for a in annotations} - image_ids
     if unknown_images:
-        raise UserError(f"{path}: annotations refer to image ids that are not in its images: "
-                        f"{_first(sorted(unknown_images))}")
+        raise UserError(
+            f"{path}: annotations refer to image ids that are not in its images: {_first(sorted(unknown_images))}"
+        )
     unknown_categories = {a["category_id"] for a in annotations} - category_ids
     if unknown_categories:
-        raise UserError(f"{path}: annotations use category ids that are not in its categories "
-                        f"({_first(sorted(category_ids))}): {_first(sorted(unknown_categories))}")
+        raise UserError(
+            f"{path}: annotations use category ids that are not in its categories "
+            f"({_first(sorted(category_ids))}): {_first(sorted(unknown_categories))}"
+        )
     bad_boxes = [a["id"] for a in annotations if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4)]
     if bad_boxes:
         raise UserError(f"{path}: bbox must be [x, y, width, height]; not so in annotations {_first(bad_boxes)}")
@@ -147,22 +153,27 @@ def _has_mask(annotation: dict) -> bool:
 class Dropped:
     """What a training split leaves out: annotation ids of degenerate boxes and empty masks, the
     number of crowd annotations, the ids of images left without objects (skipped or kept as negatives)."""
-    degenerate_boxes: List[int] = field(default_factory=list)
-    empty_masks: List[int] = field(default_factory=list)
-    crowd: int = 0
-    images_without_objects: List[int] = field(default_factory=list)
 
-    def messages(self, filter_empty: bool) -> List[str]:
+    degenerate_boxes: list[int] = field(default_factory=list)
+    empty_masks: list[int] = field(default_factory=list)
+    crowd: int = 0
+    images_without_objects: list[int] = field(default_factory=list)
+
+    def messages(self, filter_empty: bool) -> list[str]:
         lines = []
         if self.degenerate_boxes:
-            lines.append(f"dropped {len(self.degenerate_boxes)} degenerate boxes (width or height <= 1 px; "
-                         f"annotation ids {_first(self.degenerate_boxes)})")
+            lines.append(
+                f"dropped {len(self.degenerate_boxes)} degenerate boxes (width or height <= 1 px; "
+                f"annotation ids {_first(self.degenerate_boxes)})"
+            )
         if self.empty_masks:
             lines.append(f"dropped {len(self.empty_masks)} empty masks (annotation ids {_first(self.empty_masks)})")
         if self.images_without_objects:
             what = "skipped" if filter_empty else "kept as negatives"
-            lines.append(f"{len(self.images_without_objects)} training images without objects {what} "
-                         f"(image ids {_first(self.images_without_objects)})")
+            lines.append(
+                f"{len(self.images_without_objects)} training images without objects {what} "
+                f"(image ids {_first(self.images_without_objects)})"
+            )
         return lines
 
 
@@ -174,15 +185,25 @@ class CocoInstances(Dataset):
     Labels number the categories in the order of their ids; `category_ids[label - 1]` maps back.
     """
 
-    def __init__(self, root: str, split: str, train: bool, hflip: float = 0.5, filter_empty: bool = True,
-                 categories: Optional[Sequence[Tuple[int, str]]] = None, seed: int = 0):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        train: bool,
+        hflip: float = 0.5,
+        filter_empty: bool = True,
+        categories: Sequence[tuple[int, str]] | None = None,
+        seed: int = 0,
+    ):
         self.path = annotation_path(root, split)
         self.image_dir = os.path.join(root, split)
         self.coco = load_coco(self.path)
         found = sorted((c["id"], c["name"]) for c in self.coco.dataset["categories"])
         if categories is not None and [tuple(c) for c in categories] != found:
-            raise UserError(f"the categories of {self.path} differ from the training categories: "
-                            f"{sorted(set(found) ^ {tuple(c) for c in categories})[:10]} are not in both")
+            raise UserError(
+                f"the categories of {self.path} differ from the training categories: "
+                f"{sorted(set(found) ^ {tuple(c) for c in categories})[:10]} are not in both"
+            )
         self.categories = found
         self.category_ids = [category_id for category_id, _ in found]
         self.class_names = [name for _, name in found]
@@ -205,10 +226,11 @@ class CocoInstances(Dataset):
         names = [image["file_name"] for image in self.coco.dataset["images"]]
         missing = [n for n in names if n not in present and not os.path.isfile(os.path.join(self.image_dir, n))]
         if missing:
-            raise UserError(f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: "
-                            f"{_first(missing)}")
+            raise UserError(
+                f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: {_first(missing)}"
+            )
 
-    def _training_objects(self) -> Dict[int, List[dict]]:
+    def _training_objects(self) -> dict[int, list[dict]]:
         """image id -> its usable annotations (boxes clipped to the image, as x1, y1, x2, y2)."""
         objects = defaultdict(list)
         for annotation in self.coco.dataset["annotations"]:
@@ -236,27 +258,39 @@ class CocoInstances(Dataset):
     def image_path(self, image_id: int) -> str:
         return os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
 
-    def _read(self, image_id: int) -> Optional[torch.Tensor]:
+    def _read(self, image_id: int) -> torch.Tensor | None:
         image = read_rgb(self.image_path(image_id))
         if image is None:
             return None
         info = self.coco.imgs[image_id]
         if image.size != (info["width"], info["height"]):
-            raise UserError(f"{self.image_path(image_id)} is {image.size[0]} x {image.size[1]} pixels, but {self.path} "
-                            f"says {info['width']} x {info['height']}")
+            raise UserError(
+                f"{self.image_path(image_id)} is {image.size[0]} x {image.size[1]} pixels, but {self.path} "
+                f"says {info['width']} x {info['height']}"
+            )
         return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
 
     def _target(self, image_id: int, height: int, width: int, flip: bool) -> dict:
         objects = self.objects[image_id]
-        boxes = tv_tensors.BoundingBoxes(torch.tensor([o["box"] for o in objects], dtype=torch.float32).view(-1, 4),
-                                         format="XYXY", canvas_size=(height, width))
-        masks = tv_tensors.Mask(np.stack([self.coco.annToMask(o) for o in objects]) if objects
-                                else torch.zeros(0, height, width, dtype=torch.uint8))
+        boxes = tv_tensors.BoundingBoxes(
+            torch.tensor([o["box"] for o in objects], dtype=torch.float32).view(-1, 4),
+            format="XYXY",
+            canvas_size=(height, width),
+        )
+        masks = tv_tensors.Mask(
+            np.stack([self.coco.annToMask(o) for o in objects])
+            if objects
+            else torch.zeros(0, height, width, dtype=torch.uint8)
+        )
         if flip:
             boxes, masks = TF.horizontal_flip(boxes), TF.horizontal_flip(masks)
         labels = torch.tensor([self._label[o["category_id"]] for o in objects], dtype=torch.int64)
-        return dict(boxes=boxes.as_subclass(torch.Tensor), labels=labels, masks=masks.as_subclass(torch.Tensor),
-                    image_id=image_id)
+        return dict(
+            boxes=boxes.as_subclass(torch.Tensor),
+            labels=labels,
+            masks=masks.as_subclass(torch.Tensor),
+            image_id=image_id,
+        )
 
     def __getitem__(self, index: int):
         skipped = 0
@@ -268,8 +302,9 @@ class CocoInstances(Dataset):
             skipped += 1
         else:
             if self.train:
-                raise UserError(f"{skipped} images in a row cannot be read, "
-                                f"starting at {self.image_path(self.image_ids[index])}")
+                raise UserError(
+                    f"{skipped} images in a row cannot be read, starting at {self.image_path(self.image_ids[index])}"
+                )
             return None, dict(image_id=self.image_ids[index]), skipped
         if not self.train:
             return image, dict(image_id=image_id), skipped

@@ -6,12 +6,13 @@ images work). An unreadable or truncated image is skipped with a warning naming 
 counted: in training its place in the batch goes to the next readable image (so that batches keep
 their size in every process), in evaluation it is left out.
 """
+
 import hashlib
 import logging
 import os
 import random
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
-from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
 
 
-def scan_split(root: str, split: str) -> Tuple[List[str], List[Tuple[str, int]]]:
+def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]:
     """Class names (sorted) and (path, class index) samples of ROOT/split; UserError on a bad layout."""
     if not os.path.isdir(root):
         raise UserError(f"data directory not found: {root}")
@@ -45,12 +46,14 @@ def scan_split(root: str, split: str) -> Tuple[List[str], List[Tuple[str, int]]]
             empty.append(name)
         samples += [(os.path.join(directory, name, f), index) for f in files]
     if empty:
-        raise UserError(f"class folders without images in {directory}: {', '.join(empty)} "
-                        f"(images end with {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"class folders without images in {directory}: {', '.join(empty)} "
+            f"(images end with {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return classes, samples
 
 
-def read_rgb(path: str) -> Optional[Image.Image]:
+def read_rgb(path: str) -> Image.Image | None:
     """The image as RGB, or None (with a warning) when the file cannot be decoded."""
     try:
         with Image.open(path) as image:
@@ -63,7 +66,7 @@ def read_rgb(path: str) -> Optional[Image.Image]:
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """A 63-bit seed for the augmentation of one sample in one epoch of a run seeded with `seed`."""
     digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & (2 ** 63 - 1)
+    return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
 @contextmanager
@@ -71,7 +74,7 @@ def _seeded(seed: int):
     """Seed torch, numpy and random for one sample's augmentation, then restore their states."""
     states = torch.get_rng_state(), np.random.get_state(), random.getstate()
     torch.manual_seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     random.seed(seed)
     try:
         yield
@@ -88,12 +91,21 @@ class ImageFolderDataset(Dataset):
     process or worker loads it and however a run is interrupted and resumed; `set_epoch` moves on.
     """
 
-    def __init__(self, root: str, split: str, transform: Callable, classes: Optional[Sequence[str]] = None,
-                 replace_unreadable: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        transform: Callable,
+        classes: Sequence[str] | None = None,
+        replace_unreadable: bool = False,
+        seed: int = 0,
+    ):
         found, self.samples = scan_split(root, split)
         if classes is not None and list(classes) != found:
-            raise UserError(f"{split} classes differ from the training classes: "
-                            f"{sorted(set(found) ^ set(classes))[:10]} are not in both")
+            raise UserError(
+                f"{split} classes differ from the training classes: "
+                f"{sorted(set(found) ^ set(classes))[:10]} are not in both"
+            )
         self.classes = found
         self.transform = transform
         self.replace_unreadable = replace_unreadable

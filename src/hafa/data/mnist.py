@@ -5,6 +5,7 @@ Written once as PNG files in the standard folder layout (ROOT/{train,val}/<digit
 loader that serves real data serves it too. The split is deterministic: within each class, the
 first 400 rows (in file order) train and the last 100 validate.
 """
+
 import gzip
 import os
 import shutil

@@ -10,11 +10,11 @@ are written twice:
     ROOT/coco/{train,val}/scene_NNNN.jpg
     ROOT/coco/annotations/instances_{train,val}.json             COCO: polygons, boxes, areas
 """
+
 import json
 import math
 import os
 import shutil
-from typing import List, Tuple
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -29,10 +29,15 @@ def default_scenes_root() -> str:
     return os.path.join(cache, "hafa", "scenes")
 
 
-def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> List[Tuple[float, float]]:
+def _polygon(shape: str, cx: float, cy: float, radius: float, angle: float) -> list[tuple[float, float]]:
     corners = {"circle": 24, "square": 4, "triangle": 3}[shape]
-    return [(cx + radius * math.cos(angle + 2 * math.pi * i / corners), cy + radius * math.sin(angle + 2 * math.pi * i / corners))
-            for i in range(corners)]
+    return [
+        (
+            cx + radius * math.cos(angle + 2 * math.pi * i / corners),
+            cy + radius * math.sin(angle + 2 * math.pi * i / corners),
+        )
+        for i in range(corners)
+    ]
 
 
 def make_scene(rng: np.random.Generator, height: int, width: int):
@@ -73,7 +78,12 @@ def prepare_scenes(root: str = None, seed: int = 0) -> str:
     categories = [dict(id=i + 1, name=name, supercategory="shape") for i, name in enumerate(SHAPES)]
     number = 0
     for coco_split, (ade_split, count) in SPLITS.items():
-        for folder in (f"ade/images/{ade_split}", f"ade/annotations/{ade_split}", f"coco/{coco_split}", "coco/annotations"):
+        for folder in (
+            f"ade/images/{ade_split}",
+            f"ade/annotations/{ade_split}",
+            f"coco/{coco_split}",
+            "coco/annotations",
+        ):
             os.makedirs(os.path.join(partial, folder), exist_ok=True)
         images, annotations = [], []
         for _ in range(count):
@@ -87,10 +97,17 @@ def prepare_scenes(root: str = None, seed: int = 0) -> str:
             for shape, polygon in objects:
                 xs, ys = [p[0] for p in polygon], [p[1] for p in polygon]
                 area = 0.5 * abs(sum(xs[i] * ys[i - 1] - xs[i - 1] * ys[i] for i in range(len(xs))))
-                annotations.append(dict(
-                    id=len(annotations) + 1, image_id=number + 1, category_id=shape + 1, iscrowd=0, area=area,
-                    bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
-                    segmentation=[[round(v, 2) for point in polygon for v in point]]))
+                annotations.append(
+                    dict(
+                        id=len(annotations) + 1,
+                        image_id=number + 1,
+                        category_id=shape + 1,
+                        iscrowd=0,
+                        area=area,
+                        bbox=[min(xs), min(ys), max(xs) - min(xs), max(ys) - min(ys)],
+                        segmentation=[[round(v, 2) for point in polygon for v in point]],
+                    )
+                )
             number += 1
         with open(os.path.join(partial, "coco", "annotations", f"instances_{coco_split}.json"), "w") as f:
             json.dump(dict(images=images, annotations=annotations, categories=categories), f)

@@ -15,9 +15,11 @@ another size than its image and a colour mask are errors naming the file: they m
 --num-classes or --reduce-zero-label, or masks that are not class ids, which no training should
 silently paper over. Each sample reports its problem and the task raises it in the main process.
 """
+
 import logging
 import os
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -36,10 +38,11 @@ ADE20K_SPLITS = {"train": "training", "val": "validation"}
 MASK_MODES = ("1", "L", "P", "I", "I;16")
 _logger = logging.getLogger(__name__)
 
-Pair = Tuple[str, str]  # (image path, mask path)
+Pair = tuple[str, str]  # (image path, mask path)
 
 
 # ---------------------------------------------------------------- finding the pairs
+
 
 def _by_stem(directory: str, what: str) -> dict:
     if not os.path.isdir(directory):
@@ -55,35 +58,44 @@ def _by_stem(directory: str, what: str) -> dict:
     return found
 
 
-def pair_folders(images_dir: str, masks_dir: str) -> List[Pair]:
+def pair_folders(images_dir: str, masks_dir: str) -> list[Pair]:
     """(image, mask) pairs of two folders, matched by name; unmatched files are left out with a warning."""
     images, masks = _by_stem(images_dir, "image"), _by_stem(masks_dir, "mask")
     unmatched = ((set(images) - set(masks), images, "mask"), (set(masks) - set(images), masks, "image"))
     for missing, present, other in unmatched:
         if missing:
             names = ", ".join(os.path.basename(present[s]) for s in sorted(missing)[:5])
-            _logger.warning("leaving out %d files with no %s of the same name (%s%s)", len(missing), other,
-                            names, ", ..." if len(missing) > 5 else "")
+            _logger.warning(
+                "leaving out %d files with no %s of the same name (%s%s)",
+                len(missing),
+                other,
+                names,
+                ", ..." if len(missing) > 5 else "",
+            )
     pairs = [(images[s], masks[s]) for s in sorted(set(images) & set(masks))]
     if not pairs:
-        raise UserError(f"no image in {images_dir} has a mask of the same name in {masks_dir} "
-                        f"(images end with {', '.join(IMAGE_EXTENSIONS)})")
+        raise UserError(
+            f"no image in {images_dir} has a mask of the same name in {masks_dir} "
+            f"(images end with {', '.join(IMAGE_EXTENSIONS)})"
+        )
     return pairs
 
 
-def ade20k_pairs(root: str, split: str) -> List[Pair]:
+def ade20k_pairs(root: str, split: str) -> list[Pair]:
     """Pairs of ROOT/images/<split> and ROOT/annotations/<split>; split 'train' or 'val'."""
     if not os.path.isdir(root):
         raise UserError(f"data directory not found: {root}")
     folder = ADE20K_SPLITS[split]
     images, masks = os.path.join(root, "images", folder), os.path.join(root, "annotations", folder)
     if not os.path.isdir(images) or not os.path.isdir(masks):
-        raise UserError(f"{root} is not in the ADE20K layout: expected {root}/images/{folder}/*.jpg and "
-                        f"{root}/annotations/{folder}/*.png")
+        raise UserError(
+            f"{root} is not in the ADE20K layout: expected {root}/images/{folder}/*.jpg and "
+            f"{root}/annotations/{folder}/*.png"
+        )
     return pair_folders(images, masks)
 
 
-def data_pairs(data: dict, split: str) -> List[Pair]:
+def data_pairs(data: dict, split: str) -> list[Pair]:
     """The pairs of a data description: dict(layout='ade20k', root=...) or dict(layout='folders',
     train=[images, masks], val=[images, masks])."""
     if data["layout"] == "ade20k":
@@ -93,14 +105,16 @@ def data_pairs(data: dict, split: str) -> List[Pair]:
 
 # ---------------------------------------------------------------- reading masks
 
-def read_mask(path: str) -> Optional[np.ndarray]:
+
+def read_mask(path: str) -> np.ndarray | None:
     """The mask's values as an H x W array (palette indices for mode P), or None when unreadable."""
     try:
         with Image.open(path) as mask:
             mask.load()
             if mask.mode not in MASK_MODES:
-                raise UserError(f"{path}: a mask must hold one class id per pixel (PNG mode L, P, I or 1), "
-                                f"not a {mask.mode} image")
+                raise UserError(
+                    f"{path}: a mask must hold one class id per pixel (PNG mode L, P, I or 1), not a {mask.mode} image"
+                )
             return np.array(mask)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         _logger.warning("skipping unreadable mask %s: %s", path, error)
@@ -132,21 +146,23 @@ class LabelMapping:
                 f"{path}: mask values {shown} are not classes: with {self.num_classes} classes"
                 f"{' and --reduce-zero-label' if self.reduce_zero_label else ''} the values are "
                 f"{first}..{first + self.num_classes - 1} ({'0 and ' if self.reduce_zero_label else ''}"
-                f"{IGNORE_INDEX} = ignore); check --num-classes and --reduce-zero-label")
+                f"{IGNORE_INDEX} = ignore); check --num-classes and --reduce-zero-label"
+            )
         labels[ignore] = IGNORE_INDEX
         return labels
 
 
 # ---------------------------------------------------------------- transforms
 
-def rescale_size(height: int, width: int, scale: Sequence[float]) -> Tuple[int, int]:
+
+def rescale_size(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
     """Keep the aspect ratio and fit in scale = (long side, short side): the long side at most scale's
     long side and the short side at most its short side (mmseg's Resize with keep_ratio)."""
     factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
     return max(1, int(height * factor + 0.5)), max(1, int(width * factor + 0.5))
 
 
-def _resize_pair(image: Tensor, labels: Tensor, size: Tuple[int, int]) -> Tuple[Tensor, Tensor]:
+def _resize_pair(image: Tensor, labels: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """Bilinear (antialiased) for the image, nearest neighbour for the labels."""
     image = TF.resize(image, list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
     labels = TF.resize(labels[None], list(size), interpolation=InterpolationMode.NEAREST)[0]
@@ -170,7 +186,7 @@ class TrainTransform:
         self.jitter = ColorJitter(*recipe["color_jitter"]) if recipe["color_jitter"] else None
         self.mean, self.std = recipe["mean"], recipe["std"]
 
-    def _crop_origin(self, labels: Tensor) -> Tuple[int, int]:
+    def _crop_origin(self, labels: Tensor) -> tuple[int, int]:
         height, width = labels.shape
         crop_h, crop_w = min(self.crop[0], height), min(self.crop[1], width)
         for _ in range(10):
@@ -178,19 +194,21 @@ class TrainTransform:
             left = int(torch.randint(width - crop_w + 1, ()))
             if self.cat_max_ratio >= 1:
                 break
-            counts = torch.bincount(labels[top:top + crop_h, left:left + crop_w].flatten(), minlength=IGNORE_INDEX + 1)
+            counts = torch.bincount(
+                labels[top : top + crop_h, left : left + crop_w].flatten(), minlength=IGNORE_INDEX + 1
+            )
             counts = counts[:IGNORE_INDEX]
             if (counts > 0).sum() > 1 and counts.max() < self.cat_max_ratio * counts.sum():
                 break
         return top, left
 
-    def __call__(self, image: Image.Image, labels: np.ndarray) -> Tuple[Tensor, Tensor]:
+    def __call__(self, image: Image.Image, labels: np.ndarray) -> tuple[Tensor, Tensor]:
         image, labels = TF.pil_to_tensor(image), torch.from_numpy(labels)
         ratio = self.ratio_range[0] + float(torch.rand(())) * (self.ratio_range[1] - self.ratio_range[0])
         image, labels = _resize_pair(image, labels, rescale_size(*labels.shape, [s * ratio for s in self.scale]))
         top, left = self._crop_origin(labels)
-        image = image[:, top:top + self.crop[0], left:left + self.crop[1]]
-        labels = labels[top:top + self.crop[0], left:left + self.crop[1]]
+        image = image[:, top : top + self.crop[0], left : left + self.crop[1]]
+        labels = labels[top : top + self.crop[0], left : left + self.crop[1]]
         if float(torch.rand(())) < self.hflip:
             image, labels = image.flip(-1), labels.flip(-1)
         if self.jitter is not None:
@@ -209,34 +227,37 @@ class EvalTransform:
 
     def image_tensor(self, image: Image.Image) -> Tensor:
         size = rescale_size(image.height, image.width, self.scale)
-        pixels = TF.resize(TF.pil_to_tensor(image), list(size), interpolation=InterpolationMode.BILINEAR, antialias=True)
+        pixels = TF.resize(
+            TF.pil_to_tensor(image), list(size), interpolation=InterpolationMode.BILINEAR, antialias=True
+        )
         return _normalize(pixels, self.mean, self.std)
 
-    def __call__(self, image: Image.Image, labels: np.ndarray) -> Tuple[Tensor, Tensor]:
+    def __call__(self, image: Image.Image, labels: np.ndarray) -> tuple[Tensor, Tensor]:
         return self.image_tensor(image), torch.from_numpy(labels)
 
 
 # ---------------------------------------------------------------- the dataset
 
+
 class SegmentationSample(NamedTuple):
-    image: Optional[Tensor]  # None when unreadable (evaluation)
-    labels: Optional[Tensor]
-    skipped: int             # unreadable files passed over for this sample
-    problem: Optional[str]   # an error to raise in the main process
+    image: Tensor | None  # None when unreadable (evaluation)
+    labels: Tensor | None
+    skipped: int  # unreadable files passed over for this sample
+    problem: str | None  # an error to raise in the main process
 
 
 class SegmentationBatch(NamedTuple):
-    images: Optional[Tensor]  # [B, 3, h, w]; None when no sample of the batch was readable
-    labels: Optional[Tensor]  # [B, H, W] int64
+    images: Tensor | None  # [B, 3, h, w]; None when no sample of the batch was readable
+    labels: Tensor | None  # [B, H, W] int64
     skipped: int
-    problems: List[str]
+    problems: list[str]
 
     def check(self) -> None:
         if self.problems:
             raise UserError(self.problems[0])
 
 
-def collate_segmentation(samples: List[SegmentationSample]) -> SegmentationBatch:
+def collate_segmentation(samples: list[SegmentationSample]) -> SegmentationBatch:
     kept = [s for s in samples if s.image is not None]
     problems = [s.problem for s in samples if s.problem]
     skipped = sum(s.skipped for s in samples)
@@ -251,8 +272,14 @@ class SegmentationDataset(Dataset):
     Augmentation is seeded per (seed, epoch, index) as in ImageFolderDataset, so resuming is exact.
     """
 
-    def __init__(self, pairs: List[Pair], transform: Callable, labels: LabelMapping,
-                 replace_unreadable: bool = False, seed: int = 0):
+    def __init__(
+        self,
+        pairs: list[Pair],
+        transform: Callable,
+        labels: LabelMapping,
+        replace_unreadable: bool = False,
+        seed: int = 0,
+    ):
         self.pairs, self.transform, self.labels = pairs, transform, labels
         self.replace_unreadable, self.seed, self.epoch = replace_unreadable, seed, 0
 
@@ -262,15 +289,17 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _read(self, pair: Pair) -> Optional[Tuple[Image.Image, np.ndarray]]:
+    def _read(self, pair: Pair) -> tuple[Image.Image, np.ndarray] | None:
         image_path, mask_path = pair
         values = read_mask(mask_path)
         image = read_rgb(image_path) if values is not None else None
         if image is None:
             return None
         if values.shape != (image.height, image.width):
-            raise UserError(f"{mask_path} is {values.shape[1]}x{values.shape[0]} but its image {image_path} is "
-                            f"{image.width}x{image.height} (width x height)")
+            raise UserError(
+                f"{mask_path} is {values.shape[1]}x{values.shape[0]} but its image {image_path} is "
+                f"{image.width}x{image.height} (width x height)"
+            )
         return image, self.labels(values, mask_path)
 
     def __getitem__(self, index: int) -> SegmentationSample:

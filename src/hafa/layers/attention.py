@@ -5,7 +5,8 @@ merged tokens after SIA (through the dictionary) wherever a feature map is neede
 reduction of keys/values and PVT v2's depthwise conv in the MLP. Parameter names follow timm's
 pvt_v2 (q, kv, sr, norm, proj; fc1, dwconv, fc2) so baseline checkpoints load by name.
 """
-from typing import Callable, Optional, Tuple
+
+from collections.abc import Callable
 
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from ..ops import TokenLayout
 
-KeyValues = Tuple[Tensor, TokenLayout]
+KeyValues = tuple[Tensor, TokenLayout]
 
 
 class Attention(nn.Module):
@@ -24,14 +25,14 @@ class Attention(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int = 8,
-            sr_ratio: int = 1,
-            linear: bool = False,
-            qkv_bias: bool = True,
-            attn_drop: float = 0.0,
-            proj_drop: float = 0.0,
+        self,
+        dim: int,
+        num_heads: int = 8,
+        sr_ratio: int = 1,
+        linear: bool = False,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
     ):
         super().__init__()
         if dim % num_heads:
@@ -50,7 +51,7 @@ class Attention(nn.Module):
             self.sr = self.norm = None
         self.act = nn.GELU() if linear else None
 
-    def forward(self, x: Tensor, layout: TokenLayout, kv: Optional[KeyValues] = None) -> Tensor:
+    def forward(self, x: Tensor, layout: TokenLayout, kv: KeyValues | None = None) -> Tensor:
         """x: B x N x C queries; kv: (B x L x C tokens, their layout), default x itself. -> B x N x C."""
         B, N, C = x.shape
         source, source_layout = kv if kv is not None else (x, layout)
@@ -92,18 +93,18 @@ class Block(nn.Module):
     """
 
     def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 4.0,
-            sr_ratio: int = 1,
-            linear: bool = False,
-            qkv_bias: bool = True,
-            proj_drop: float = 0.0,
-            attn_drop: float = 0.0,
-            drop_path: float = 0.0,
-            dwconv_mlp: bool = True,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        sr_ratio: int = 1,
+        linear: bool = False,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        dwconv_mlp: bool = True,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
@@ -112,10 +113,14 @@ class Block(nn.Module):
         self.norm2 = norm_layer(dim)
         hidden = int(dim * mlp_ratio)
         self.dwconv_mlp = dwconv_mlp
-        self.mlp = DepthwiseConvMlp(dim, hidden, proj_drop, extra_relu=linear) if dwconv_mlp else Mlp(dim, hidden, drop=proj_drop)
+        self.mlp = (
+            DepthwiseConvMlp(dim, hidden, proj_drop, extra_relu=linear)
+            if dwconv_mlp
+            else Mlp(dim, hidden, drop=proj_drop)
+        )
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: Tensor, layout: TokenLayout, kv: Optional[KeyValues] = None) -> Tensor:
+    def forward(self, x: Tensor, layout: TokenLayout, kv: KeyValues | None = None) -> Tensor:
         """x: B x N x C with its layout; kv: separate keys/values (normalised here like x)."""
         if kv is not None:
             kv = (self.norm1(kv[0]), kv[1])

@@ -4,14 +4,15 @@ The sampling points P_E = P_I + O_f (Eq. 1) are read bilinearly with one F.grid_
 aggregated by the layer's weights with one matmul. That equals torchvision's deform_conv2d (the
 tests compare them) and is faster on CPU, autocasts, and exports to ONNX (GridSample, opset 16).
 """
-from typing import Callable, Optional, Tuple, Union
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-IntPair = Union[int, Tuple[int, int]]
+IntPair = int | tuple[int, int]
 
 
 def sampling_positions(offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair) -> Tensor:
@@ -21,7 +22,9 @@ def sampling_positions(offsets: Tensor, kernel_size: IntPair, stride: IntPair, p
     """
     (kh, kw), (sh, sw), (ph, pw) = _pair(kernel_size), _pair(stride), _pair(padding)
     B, _, Ho, Wo = offsets.shape
-    ky, kx = torch.meshgrid(torch.arange(kh, device=offsets.device), torch.arange(kw, device=offsets.device), indexing="ij")
+    ky, kx = torch.meshgrid(
+        torch.arange(kh, device=offsets.device), torch.arange(kw, device=offsets.device), indexing="ij"
+    )
     oy = torch.arange(Ho, device=offsets.device) * sh - ph
     ox = torch.arange(Wo, device=offsets.device) * sw - pw
     base_y = (ky.reshape(-1, 1, 1) + oy.view(1, Ho, 1)).expand(-1, Ho, Wo)
@@ -55,13 +58,13 @@ class ConvDownsample(nn.Module):
     """
 
     def __init__(
-            self,
-            in_channels: int,
-            out_channels: int,
-            kernel_size: IntPair,
-            stride: IntPair,
-            padding: IntPair = 0,
-            norm_layer: Optional[Callable[[int], nn.Module]] = nn.LayerNorm,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair,
+        padding: IntPair = 0,
+        norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
     ):
         super().__init__()
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
@@ -82,13 +85,13 @@ class LAA(ConvDownsample):
     """
 
     def __init__(
-            self,
-            in_channels: int,
-            out_channels: int,
-            kernel_size: IntPair,
-            stride: IntPair,
-            padding: IntPair = 0,
-            norm_layer: Optional[Callable[[int], nn.Module]] = nn.LayerNorm,
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair,
+        padding: IntPair = 0,
+        norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
     ):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, norm_layer)
         kh, kw = _pair(kernel_size)

@@ -1,7 +1,8 @@
 """SIA, Semantic Information Aggregation (paper Sec. 3.3): cluster, merge, and keep the grid for keys/values."""
+
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -14,9 +15,10 @@ class SIAOutput:
     """queries: B x M x C merged tokens; layout: their dictionary and stride-2 map size;
     kv: the conv-encoded H/2 x W/2 grid for the first next-stage block (None with cluster_qkv);
     scores: B x N importance scores of the input tokens; cluster_ids: B x N."""
+
     queries: Tensor
     layout: TokenLayout
-    kv: Optional[KeyValues]
+    kv: KeyValues | None
     scores: Tensor
     cluster_ids: Tensor
 
@@ -35,13 +37,13 @@ class SIA(nn.Module):
     """
 
     def __init__(
-            self,
-            in_dim: int,
-            out_dim: int,
-            cluster_ratio: float = 0.25,
-            knn_k: int = 5,
-            cluster_qkv: bool = False,
-            norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        self,
+        in_dim: int,
+        out_dim: int,
+        cluster_ratio: float = 0.25,
+        knn_k: int = 5,
+        cluster_qkv: bool = False,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
         if not 0 < cluster_ratio <= 1:
@@ -64,7 +66,7 @@ class SIA(nn.Module):
     def num_clusters(self, num_tokens: int) -> int:
         return max(1, math.ceil(self.cluster_ratio * num_tokens))
 
-    def forward(self, x: Tensor, layout: TokenLayout, mask: Optional[Tensor] = None) -> SIAOutput:
+    def forward(self, x: Tensor, layout: TokenLayout, mask: Tensor | None = None) -> SIAOutput:
         """x: B x N x Cin tokens with their layout; mask: B x N, True for padding (never a centre)."""
         fmap = layout.to_map(x)
         conv_map = self.proj(fmap)

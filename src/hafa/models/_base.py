@@ -1,7 +1,8 @@
 """What the HAFA backbones share: the per-transition choice of downsampling, and the timm interface
 (forward_features / forward_head / forward_intermediates / prune_intermediate_layers) over stages
 that pass tokens and their TokenLayout from one to the next."""
-from typing import List, Optional, Sequence, Tuple, Union
+
+from collections.abc import Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -18,17 +19,27 @@ HAFA_AGGREGATION = ("laa", "laa", "sia")
 BASELINE_AGGREGATION = ("conv", "conv", "conv")
 
 
-def check_stage_aggregation(stage_aggregation: Sequence[str]) -> Tuple[str, str, str]:
+def check_stage_aggregation(stage_aggregation: Sequence[str]) -> tuple[str, str, str]:
     """Validate the per-transition choice (1->2, 2->3, 3->4) of 'conv', 'laa' or 'sia'."""
     choice = tuple(stage_aggregation)
     if len(choice) != 3 or any(c not in AGGREGATIONS for c in choice):
         raise ValueError(
-            f"stage_aggregation must be 3 values (transitions 1->2, 2->3, 3->4) from {AGGREGATIONS}, got {stage_aggregation!r}")
+            f"stage_aggregation must be 3 values (transitions 1->2, 2->3, 3->4) from {AGGREGATIONS}, "
+            f"got {stage_aggregation!r}"
+        )
     return choice
 
 
-def grid_downsample(kind: str, in_dim: int, out_dim: int, kernel: int, stride: int, padding: int,
-                    sia_args: dict, norm_layer=nn.LayerNorm) -> nn.Module:
+def grid_downsample(
+    kind: str,
+    in_dim: int,
+    out_dim: int,
+    kernel: int,
+    stride: int,
+    padding: int,
+    sia_args: dict,
+    norm_layer=nn.LayerNorm,
+) -> nn.Module:
     """The downsampling layer of one transition: the baseline conv, its LAA form, or SIA."""
     if kind == "sia":
         return SIA(in_dim, out_dim, **sia_args)
@@ -43,8 +54,12 @@ def padding_tokens(layout: TokenLayout, padding_mask: Tensor) -> Tensor:
     return image_share.squeeze(-1) == 0
 
 
-def run_downsample(module: nn.Module, x: Tensor, layout: TokenLayout, padding_mask: Optional[Tensor] = None,
-                   ) -> Tuple[Tensor, TokenLayout, Optional[KeyValues]]:
+def run_downsample(
+    module: nn.Module,
+    x: Tensor,
+    layout: TokenLayout,
+    padding_mask: Tensor | None = None,
+) -> tuple[Tensor, TokenLayout, KeyValues | None]:
     """Apply a transition to B x N x C tokens: -> new tokens, their layout, and separate keys/values (SIA).
     padding_mask (B x H x W, True for padding of the input images): SIA makes no padding token a centre."""
     if isinstance(module, SIA):
@@ -54,8 +69,9 @@ def run_downsample(module: nn.Module, x: Tensor, layout: TokenLayout, padding_ma
     return fmap.flatten(1, 2), TokenLayout(fmap.shape[1:3]), None
 
 
-def run_blocks(blocks: nn.ModuleList, x: Tensor, layout: TokenLayout, kv: Optional[KeyValues],
-               use_checkpoint: bool) -> Tensor:
+def run_blocks(
+    blocks: nn.ModuleList, x: Tensor, layout: TokenLayout, kv: KeyValues | None, use_checkpoint: bool
+) -> Tensor:
     """Blocks over tokens; the first one attends to kv when given (SIA's keys/values)."""
     for block in blocks:
         if use_checkpoint and torch.is_grad_enabled():
@@ -75,10 +91,11 @@ class HafaBackbone(nn.Module):
     after SIA they are merged tokens with no grid order, so the maps come from
     forward_intermediates, which paints them through the dictionary.
     """
+
     num_classes: int
     num_features: int
     global_pool: str
-    feature_info: List[dict]
+    feature_info: list[dict]
     stages_name = "stages"
 
     @property
@@ -106,7 +123,7 @@ class HafaBackbone(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         if global_pool is not None:
             self.global_pool = global_pool
         self.num_classes = num_classes
@@ -114,15 +131,15 @@ class HafaBackbone(nn.Module):
         self.head = self._new_head(num_classes).to(device=param.device, dtype=param.dtype)
 
     def forward_intermediates(
-            self,
-            x: Tensor,
-            indices: Optional[Union[int, List[int]]] = None,
-            norm: bool = False,
-            stop_early: bool = False,
-            output_fmt: str = "NCHW",
-            intermediates_only: bool = False,
-            padding_mask: Optional[Tensor] = None,
-    ) -> Union[List[Tensor], Tuple[Tensor, List[Tensor]]]:
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        padding_mask: Tensor | None = None,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
         """Stage feature maps (strides 4, 8, 16, 32), B x C x H x W each; after SIA painted through the
         dictionary. Returns the maps, or (final tokens, maps).
 
@@ -135,7 +152,7 @@ class HafaBackbone(nn.Module):
         intermediates = []
         x, layout = self.stem(x)
         last = max_index if stop_early or intermediates_only else len(stages) - 1
-        for i, stage in enumerate(stages[:last + 1]):
+        for i, stage in enumerate(stages[: last + 1]):
             x, layout = stage(x, layout, padding_mask)
             if i in take_indices:
                 intermediates.append(self.stage_output(i, x, layout, norm))
@@ -145,10 +162,11 @@ class HafaBackbone(nn.Module):
             x = self.norm(x)
         return x, intermediates
 
-    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
-                                  prune_head: bool = True) -> List[int]:
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
         take_indices, max_index = feature_take_indices(len(self.stage_list), indices)
-        setattr(self, self.stages_name, self.stage_list[:max_index + 1])
+        setattr(self, self.stages_name, self.stage_list[: max_index + 1])
         if prune_norm or max_index < len(self.feature_info) - 1:
             self.norm = nn.Identity()
         if prune_head:
@@ -176,7 +194,15 @@ def hafa_cfg(**kwargs) -> dict:
     """Pretrained config: no download location; weights come from a local file
     (pretrained_cfg_overlay=dict(file=PATH)) or hafa.load_pretrained."""
     return {
-        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None,
-        "crop_pct": 0.9, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD,
-        "fixed_input_size": False, "license": "apache-2.0", **kwargs,
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": None,
+        "crop_pct": 0.9,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "fixed_input_size": False,
+        "license": "apache-2.0",
+        **kwargs,
     }

@@ -7,8 +7,9 @@ stride-64 level made by max pooling. torchvision's GeneralizedRCNNTransform resi
 std and pads the batch at the bottom and right to a multiple of 32. A HAFA backbone is told where
 that padding is, so that SIA never picks a padding token as a cluster centre.
 """
+
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple
+from collections.abc import Sequence
 
 import timm
 import torch
@@ -23,7 +24,7 @@ from ._base import HafaBackbone
 STRIDES = [4, 8, 16, 32]
 
 
-def batch_padding_mask(images: Tensor, image_sizes: Sequence[Tuple[int, int]]) -> Tensor:
+def batch_padding_mask(images: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
     """B x H x W bool, True outside each image's (height, width) at the top left of the padded batch."""
     B, _, H, W = images.shape
     rows = torch.arange(H, device=images.device).view(1, H, 1)
@@ -42,23 +43,26 @@ class FeaturePyramidBackbone(nn.Module):
         super().__init__()
         reductions = [info["reduction"] for info in body.feature_info]
         if reductions != STRIDES:
-            raise UserError(f"{type(body).__name__} gives maps at strides {reductions}; "
-                            f"Mask R-CNN here needs {STRIDES}")
+            raise UserError(
+                f"{type(body).__name__} gives maps at strides {reductions}; Mask R-CNN here needs {STRIDES}"
+            )
         self.indices = list(range(len(STRIDES)))
         body.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
         self.body = body
         self.knows_padding = isinstance(body, HafaBackbone)
-        self.fpn = FeaturePyramidNetwork([info["num_chs"] for info in body.feature_info], out_channels,
-                                         extra_blocks=LastLevelMaxPool())
+        self.fpn = FeaturePyramidNetwork(
+            [info["num_chs"] for info in body.feature_info], out_channels, extra_blocks=LastLevelMaxPool()
+        )
         self.out_channels = out_channels
 
-    def forward(self, images: Tensor, image_sizes: Optional[Sequence[Tuple[int, int]]] = None) -> Dict[str, Tensor]:
+    def forward(self, images: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
         """images: B x 3 x H x W; image_sizes: (height, width) of each image inside the padded batch."""
         extra = {}
         if self.knows_padding and image_sizes is not None:
             extra["padding_mask"] = batch_padding_mask(images, image_sizes)
-        maps = self.body.forward_intermediates(images, indices=self.indices, norm=True, output_fmt="NCHW",
-                                               intermediates_only=True, **extra)
+        maps = self.body.forward_intermediates(
+            images, indices=self.indices, norm=True, output_fmt="NCHW", intermediates_only=True, **extra
+        )
         return self.fpn(OrderedDict((str(i), fmap) for i, fmap in enumerate(maps)))
 
 
@@ -69,7 +73,7 @@ class PaddingAwareMaskRCNN(MaskRCNN):
     of dicts (boxes N x 4 xyxy, labels N, scores N, masks N x 1 x H_i x W_i probabilities).
     """
 
-    def forward(self, images: List[Tensor], targets: Optional[List[Dict[str, Tensor]]] = None):
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
             raise ValueError("targets are needed in training mode")
         original_sizes = [tuple(image.shape[-2:]) for image in images]
@@ -82,7 +86,7 @@ class PaddingAwareMaskRCNN(MaskRCNN):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
 
-def create_backbone_body(name: str, model_args: Optional[dict] = None, drop_path: float = 0.0) -> nn.Module:
+def create_backbone_body(name: str, model_args: dict | None = None, drop_path: float = 0.0) -> nn.Module:
     """The timm model (HAFA or baseline) whose stage maps feed the FPN; any input size."""
     if name not in timm.list_models():
         raise unknown_name("model", name, timm.list_models())
@@ -95,9 +99,16 @@ def create_backbone_body(name: str, model_args: Optional[dict] = None, drop_path
         return timm.create_model(name, **kwargs)
 
 
-def create_mask_rcnn(name: str, num_classes: int, model_args: Optional[dict] = None, drop_path: float = 0.0,
-                     fpn_channels: int = 256, init_from: Optional[str] = None, verbose: bool = True,
-                     **rcnn_options) -> PaddingAwareMaskRCNN:
+def create_mask_rcnn(
+    name: str,
+    num_classes: int,
+    model_args: dict | None = None,
+    drop_path: float = 0.0,
+    fpn_channels: int = 256,
+    init_from: str | None = None,
+    verbose: bool = True,
+    **rcnn_options,
+) -> PaddingAwareMaskRCNN:
     """Mask R-CNN for `num_classes` object classes (torchvision adds the background class 0) on the
     timm backbone `name`; init_from: an ImageNet (baseline or HAFA) checkpoint for the backbone.
     rcnn_options go to torchvision's MaskRCNN (min_size, max_size, rpn_*, box_* ...)."""
@@ -105,5 +116,10 @@ def create_mask_rcnn(name: str, num_classes: int, model_args: Optional[dict] = N
     if init_from:
         load_pretrained(body, init_from, verbose=verbose)
     cfg = body.pretrained_cfg
-    return PaddingAwareMaskRCNN(FeaturePyramidBackbone(body, fpn_channels), num_classes=num_classes + 1,
-                                image_mean=list(cfg["mean"]), image_std=list(cfg["std"]), **rcnn_options)
+    return PaddingAwareMaskRCNN(
+        FeaturePyramidBackbone(body, fpn_channels),
+        num_classes=num_classes + 1,
+        image_mean=list(cfg["mean"]),
+        image_std=list(cfg["std"]),
+        **rcnn_options,
+    )

@@ -8,8 +8,9 @@ position embedding (paper Sec. 3.1): SIA's keys/values carry position through th
 Official PVT v1 checkpoints (patch_embed1..4, pos_embed1..4, block1..4, norm, cls_token, head)
 load with hafa.load_pretrained or timm's pretrained_cfg_overlay=dict(file=...).
 """
+
+from collections.abc import Sequence
 from functools import partial
-from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +21,16 @@ from torch import Tensor, nn
 from ..layers import LAA, Block, ConvDownsample
 from ..ops import TokenLayout
 from ..pretrained import checkpoint_filter_fn
-from ._base import (BASELINE_AGGREGATION, HAFA_AGGREGATION, HafaBackbone, check_stage_aggregation, grid_downsample,
-                    hafa_cfg, run_blocks, run_downsample)
+from ._base import (
+    BASELINE_AGGREGATION,
+    HAFA_AGGREGATION,
+    HafaBackbone,
+    check_stage_aggregation,
+    grid_downsample,
+    hafa_cfg,
+    run_blocks,
+    run_downsample,
+)
 
 __all__ = ["HafaPvt"]
 
@@ -31,8 +40,23 @@ _BlockNorm = partial(nn.LayerNorm, eps=1e-6)
 class PvtStage(nn.Module):
     """Patch embedding, position embedding (not after SIA), class token (last stage), blocks."""
 
-    def __init__(self, dim, dim_out, depth, aggregation, grid_size, num_heads, sr_ratio, mlp_ratio, qkv_bias,
-                 proj_drop, attn_drop, drop_path, sia_args, class_token: bool):
+    def __init__(
+        self,
+        dim,
+        dim_out,
+        depth,
+        aggregation,
+        grid_size,
+        num_heads,
+        sr_ratio,
+        mlp_ratio,
+        qkv_bias,
+        proj_drop,
+        attn_drop,
+        drop_path,
+        sia_args,
+        class_token: bool,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         if aggregation is None:
@@ -46,21 +70,39 @@ class PvtStage(nn.Module):
             self.grid_size = grid_size
             self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1] + int(class_token), dim_out))
         self.pos_drop = nn.Dropout(proj_drop)
-        self.blocks = nn.ModuleList([
-            Block(dim_out, num_heads, mlp_ratio, sr_ratio, False, qkv_bias, proj_drop, attn_drop, drop_path[i],
-                  dwconv_mlp=False, norm_layer=_BlockNorm)
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(
+                    dim_out,
+                    num_heads,
+                    mlp_ratio,
+                    sr_ratio,
+                    False,
+                    qkv_bias,
+                    proj_drop,
+                    attn_drop,
+                    drop_path[i],
+                    dwconv_mlp=False,
+                    norm_layer=_BlockNorm,
+                )
+                for i in range(depth)
+            ]
+        )
 
-    def _position_embedding(self, size: Tuple[int, int]) -> Tensor:
-        prefix = self.pos_embed[:, :int(self.cls_token is not None)]
-        grid = self.pos_embed[:, prefix.shape[1]:]
+    def _position_embedding(self, size: tuple[int, int]) -> Tensor:
+        prefix = self.pos_embed[:, : int(self.cls_token is not None)]
+        grid = self.pos_embed[:, prefix.shape[1] :]
         if tuple(size) != tuple(self.grid_size):
             grid = grid.reshape(1, *self.grid_size, -1).permute(0, 3, 1, 2)
             grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False).flatten(2).transpose(1, 2)
         return torch.cat([prefix, grid], dim=1)
 
-    def forward(self, x: Tensor, layout: Optional[TokenLayout], padding_mask: Optional[Tensor] = None,
-                ) -> Tuple[Tensor, TokenLayout]:
+    def forward(
+        self,
+        x: Tensor,
+        layout: TokenLayout | None,
+        padding_mask: Tensor | None = None,
+    ) -> tuple[Tensor, TokenLayout]:
         """x: images (first stage) or the previous stage's tokens -> tokens (class token first, last stage)."""
         if layout is None:
             x = self.patch_embed(x)
@@ -86,31 +128,33 @@ class HafaPvt(HafaBackbone):
     """
 
     def __init__(
-            self,
-            img_size: int = 224,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = "token",
-            depths: Sequence[int] = (2, 2, 2, 2),
-            embed_dims: Sequence[int] = (64, 128, 320, 512),
-            num_heads: Sequence[int] = (1, 2, 5, 8),
-            sr_ratios: Sequence[int] = (8, 4, 2, 1),
-            mlp_ratios: Sequence[float] = (8, 8, 4, 4),
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.0,
-            stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
-            cluster_qkv: bool = False,
-            cluster_ratio: float = 0.25,
-            knn_k: int = 5,
+        self,
+        img_size: int = 224,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "token",
+        depths: Sequence[int] = (2, 2, 2, 2),
+        embed_dims: Sequence[int] = (64, 128, 320, 512),
+        num_heads: Sequence[int] = (1, 2, 5, 8),
+        sr_ratios: Sequence[int] = (8, 4, 2, 1),
+        mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
+        cluster_qkv: bool = False,
+        cluster_ratio: float = 0.25,
+        knn_k: int = 5,
     ):
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
         if sr_ratios[-1] != 1:
-            raise ValueError("PVT v1's last stage holds the class token and cannot reduce keys/values (sr_ratios[-1] must be 1)")
+            raise ValueError(
+                "PVT v1's last stage holds the class token and cannot reduce keys/values (sr_ratios[-1] must be 1)"
+            )
         self.num_classes = num_classes
         self.global_pool = global_pool
         self.stage_aggregation = check_stage_aggregation(stage_aggregation)
@@ -119,12 +163,28 @@ class HafaPvt(HafaBackbone):
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         aggregation = (None,) + self.stage_aggregation
         in_dims = (in_chans,) + tuple(embed_dims[:-1])
-        self.stages = nn.ModuleList([
-            PvtStage(in_dims[i], embed_dims[i], depths[i], aggregation[i],
-                     (img_size[0] // (4 * 2 ** i), img_size[1] // (4 * 2 ** i)), num_heads[i], sr_ratios[i],
-                     mlp_ratios[i], qkv_bias, proj_drop_rate, attn_drop_rate, dpr[i], sia_args, class_token=i == 3)
-            for i in range(4)])
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2 ** i, module=f"stages.{i}") for i in range(4)]
+        self.stages = nn.ModuleList(
+            [
+                PvtStage(
+                    in_dims[i],
+                    embed_dims[i],
+                    depths[i],
+                    aggregation[i],
+                    (img_size[0] // (4 * 2**i), img_size[1] // (4 * 2**i)),
+                    num_heads[i],
+                    sr_ratios[i],
+                    mlp_ratios[i],
+                    qkv_bias,
+                    proj_drop_rate,
+                    attn_drop_rate,
+                    dpr[i],
+                    sia_args,
+                    class_token=i == 3,
+                )
+                for i in range(4)
+            ]
+        )
+        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
         self.norm = _BlockNorm(embed_dims[-1])
         self.num_features = self.head_hidden_size = embed_dims[-1]
         self.head_drop = nn.Dropout(drop_rate)
@@ -144,7 +204,7 @@ class HafaPvt(HafaBackbone):
         elif isinstance(m, LAA):
             m.reset_offsets()
 
-    def stem(self, x: Tensor) -> Tuple[Tensor, Optional[TokenLayout]]:
+    def stem(self, x: Tensor) -> tuple[Tensor, TokenLayout | None]:
         return x, None  # the first stage embeds the image itself
 
     def stage_output(self, index: int, x: Tensor, layout: TokenLayout, norm: bool) -> Tensor:
@@ -166,8 +226,13 @@ class HafaPvt(HafaBackbone):
 def _create(variant: str, pretrained: bool = False, **kwargs) -> HafaPvt:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
-        HafaPvt, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+        HafaPvt,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
 
 
 _SIZES = {
@@ -177,10 +242,13 @@ _SIZES = {
     "large": (3, 8, 27, 3),
 }
 
-default_cfgs = generate_default_cfgs({
-    f"{prefix}pvt_{size}": hafa_cfg(first_conv="stages.0.patch_embed.proj", classifier="head")
-    for prefix in ("", "hafa_") for size in _SIZES
-})
+default_cfgs = generate_default_cfgs(
+    {
+        f"{prefix}pvt_{size}": hafa_cfg(first_conv="stages.0.patch_embed.proj", classifier="head")
+        for prefix in ("", "hafa_")
+        for size in _SIZES
+    }
+)
 
 
 def _variant(size: str, hafa: bool, pretrained: bool, kwargs: dict) -> HafaPvt:

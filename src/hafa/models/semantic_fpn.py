@@ -8,7 +8,6 @@ level is not upsampled), sums them, and a 1x1 conv (after dropout 0.1) classifie
 the logits are upsampled bilinearly to the input size. The input is zero-padded at the bottom and
 right to a multiple of 4 (the patch size every backbone here starts with) and the logits cropped back.
 """
-from typing import List
 
 import timm
 import torch.nn.functional as F
@@ -26,14 +25,18 @@ class SemanticHead(nn.Module):
     def __init__(self, num_levels: int, in_channels: int, channels: int, num_classes: int, dropout: float):
         super().__init__()
         self.levels = nn.ModuleList(
-            nn.ModuleList(Conv2dNormActivation(in_channels if stage == 0 else channels, channels, 3,
-                                               norm_layer=lambda c: nn.GroupNorm(32, c))
-                          for stage in range(max(1, level)))
-            for level in range(num_levels))
+            nn.ModuleList(
+                Conv2dNormActivation(
+                    in_channels if stage == 0 else channels, channels, 3, norm_layer=lambda c: nn.GroupNorm(32, c)
+                )
+                for stage in range(max(1, level))
+            )
+            for level in range(num_levels)
+        )
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
-    def forward(self, maps: List[Tensor]) -> Tensor:
+    def forward(self, maps: list[Tensor]) -> Tensor:
         """maps: [B, C, H_i, W_i] from stride 4 up -> [B, num_classes, H_0, W_0]."""
         total = 0
         for level, (stages, x) in enumerate(zip(self.levels, maps)):
@@ -48,8 +51,14 @@ class SemanticHead(nn.Module):
 class SemanticFPN(nn.Module):
     """images [B, 3, H, W] -> logits [B, num_classes, H, W], for any H and W."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int, fpn_channels: int = 256, head_channels: int = 128,
-                 dropout: float = 0.1):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        num_classes: int,
+        fpn_channels: int = 256,
+        head_channels: int = 128,
+        dropout: float = 0.1,
+    ):
         super().__init__()
         self.backbone = backbone
         self.channels_last = str(getattr(backbone, "output_fmt", "NCHW")) in ("NHWC", "Format.NHWC")
@@ -80,8 +89,10 @@ def create_backbone(name: str, model_args: dict, drop_path: float) -> nn.Module:
         kwargs["strict_img_size"] = False  # timm's Swin pads windows itself when allowed other sizes
     backbone = timm.create_model(name, **kwargs)
     if backbone.feature_info.reduction() != [4, 8, 16, 32]:
-        raise UserError(f"{name}'s first four maps are at strides {backbone.feature_info.reduction()}; Semantic FPN "
-                        "here takes the hierarchical transformers whose maps are at strides 4, 8, 16, 32")
+        raise UserError(
+            f"{name}'s first four maps are at strides {backbone.feature_info.reduction()}; Semantic FPN "
+            "here takes the hierarchical transformers whose maps are at strides 4, 8, 16, 32"
+        )
     return backbone
 
 
@@ -90,6 +101,7 @@ def backbone_network(backbone: nn.Module) -> nn.Module:
     return getattr(backbone, "model", backbone)
 
 
-def create_semantic_fpn(name: str, num_classes: int, model_args: dict = None, drop_path: float = 0.0,
-                        dropout: float = 0.1) -> SemanticFPN:
+def create_semantic_fpn(
+    name: str, num_classes: int, model_args: dict = None, drop_path: float = 0.0, dropout: float = 0.1
+) -> SemanticFPN:
     return SemanticFPN(create_backbone(name, model_args or {}, drop_path), num_classes, dropout=dropout)

@@ -13,7 +13,8 @@ there anyway; the merged stage holds a quarter of the tokens, which keeps global
 detection sizes. Those blocks have separate q and kv projections (for SIA's keys/values); a
 checkpoint's fused qkv is split into them on loading.
 """
-from typing import Optional, Sequence, Tuple
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,8 +71,22 @@ class SwinStage(nn.Module):
     """Downsampling (none for the first stage), then timm's windowed Swin blocks on a grid, or
     global-attention blocks over merged tokens after SIA."""
 
-    def __init__(self, dim, out_dim, depth, aggregation, input_resolution, num_heads, window_size, mlp_ratio, qkv_bias,
-                 proj_drop, attn_drop, drop_path, sia_args):
+    def __init__(
+        self,
+        dim,
+        out_dim,
+        depth,
+        aggregation,
+        input_resolution,
+        num_heads,
+        window_size,
+        mlp_ratio,
+        qkv_bias,
+        proj_drop,
+        attn_drop,
+        drop_path,
+        sia_args,
+    ):
         super().__init__()
         self.grad_checkpointing = False
         if aggregation is None:
@@ -83,20 +98,44 @@ class SwinStage(nn.Module):
         self.windowed = aggregation != "sia"
         if self.windowed:
             window_size = to_2tuple(window_size)
-            self.blocks = nn.ModuleList([
-                SwinTransformerBlock(
-                    out_dim, input_resolution, num_heads, window_size=window_size,
-                    shift_size=0 if i % 2 == 0 else tuple(w // 2 for w in window_size), dynamic_mask=True,
-                    mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, proj_drop=proj_drop, attn_drop=attn_drop,
-                    drop_path=drop_path[i])
-                for i in range(depth)])
+            self.blocks = nn.ModuleList(
+                [
+                    SwinTransformerBlock(
+                        out_dim,
+                        input_resolution,
+                        num_heads,
+                        window_size=window_size,
+                        shift_size=0 if i % 2 == 0 else tuple(w // 2 for w in window_size),
+                        dynamic_mask=True,
+                        mlp_ratio=mlp_ratio,
+                        qkv_bias=qkv_bias,
+                        proj_drop=proj_drop,
+                        attn_drop=attn_drop,
+                        drop_path=drop_path[i],
+                    )
+                    for i in range(depth)
+                ]
+            )
         else:
-            self.blocks = nn.ModuleList([
-                Block(out_dim, num_heads, mlp_ratio, 1, False, qkv_bias, proj_drop, attn_drop, drop_path[i],
-                      dwconv_mlp=False)
-                for i in range(depth)])
+            self.blocks = nn.ModuleList(
+                [
+                    Block(
+                        out_dim,
+                        num_heads,
+                        mlp_ratio,
+                        1,
+                        False,
+                        qkv_bias,
+                        proj_drop,
+                        attn_drop,
+                        drop_path[i],
+                        dwconv_mlp=False,
+                    )
+                    for i in range(depth)
+                ]
+            )
 
-    def forward(self, x: Tensor, layout: TokenLayout, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, TokenLayout]:
+    def forward(self, x: Tensor, layout: TokenLayout, padding_mask: Tensor | None = None) -> tuple[Tensor, TokenLayout]:
         kv = None
         if self.downsample is not None:
             x, layout, kv = run_downsample(self.downsample, x, layout, padding_mask)
@@ -104,7 +143,11 @@ class SwinStage(nn.Module):
             return run_blocks(self.blocks, x, layout, kv, self.grad_checkpointing), layout
         x = x.view(x.shape[0], *layout.map_size, x.shape[-1])
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() else block(x)
+            x = (
+                checkpoint(block, x, use_reentrant=False)
+                if self.grad_checkpointing and torch.is_grad_enabled()
+                else block(x)
+            )
         return x.flatten(1, 2), layout
 
 
@@ -124,29 +167,30 @@ class HafaSwin(HafaBackbone):
 
     Any input size: windows are padded (timm) and odd sizes padded before merging.
     """
+
     stages_name = "layers"  # timm Swin's name, so that its checkpoints load as they are
 
     def __init__(
-            self,
-            img_size: int = 224,
-            patch_size: int = 4,
-            in_chans: int = 3,
-            num_classes: int = 1000,
-            global_pool: str = "avg",
-            embed_dim: int = 96,
-            depths: Sequence[int] = (2, 2, 6, 2),
-            num_heads: Sequence[int] = (3, 6, 12, 24),
-            window_size: int = 7,
-            mlp_ratio: float = 4.0,
-            qkv_bias: bool = True,
-            drop_rate: float = 0.0,
-            proj_drop_rate: float = 0.0,
-            attn_drop_rate: float = 0.0,
-            drop_path_rate: float = 0.1,
-            stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
-            cluster_qkv: bool = False,
-            cluster_ratio: float = 0.25,
-            knn_k: int = 5,
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        global_pool: str = "avg",
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
+        cluster_qkv: bool = False,
+        cluster_ratio: float = 0.25,
+        knn_k: int = 5,
     ):
         super().__init__()
         if global_pool not in ("avg", ""):
@@ -155,18 +199,41 @@ class HafaSwin(HafaBackbone):
         self.global_pool = global_pool
         self.stage_aggregation = check_stage_aggregation(stage_aggregation)
         sia_args = dict(cluster_ratio=cluster_ratio, knn_k=knn_k, cluster_qkv=cluster_qkv)
-        dims = [embed_dim * 2 ** i for i in range(4)]
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, dims[0], norm_layer=nn.LayerNorm,
-                                      strict_img_size=False, dynamic_img_pad=True, output_fmt="NHWC")
+        dims = [embed_dim * 2**i for i in range(4)]
+        self.patch_embed = PatchEmbed(
+            img_size,
+            patch_size,
+            in_chans,
+            dims[0],
+            norm_layer=nn.LayerNorm,
+            strict_img_size=False,
+            dynamic_img_pad=True,
+            output_fmt="NHWC",
+        )
         grid = self.patch_embed.grid_size
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
         aggregation = (None,) + self.stage_aggregation
-        self.layers = nn.ModuleList([
-            SwinStage(dims[max(i - 1, 0)], dims[i], depths[i], aggregation[i],
-                      (-(-grid[0] // 2 ** i), -(-grid[1] // 2 ** i)), num_heads[i], window_size, mlp_ratio, qkv_bias,
-                      proj_drop_rate, attn_drop_rate, dpr[i], sia_args)
-            for i in range(4)])
-        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2 ** i, module=f"layers.{i}") for i in range(4)]
+        self.layers = nn.ModuleList(
+            [
+                SwinStage(
+                    dims[max(i - 1, 0)],
+                    dims[i],
+                    depths[i],
+                    aggregation[i],
+                    (-(-grid[0] // 2**i), -(-grid[1] // 2**i)),
+                    num_heads[i],
+                    window_size,
+                    mlp_ratio,
+                    qkv_bias,
+                    proj_drop_rate,
+                    attn_drop_rate,
+                    dpr[i],
+                    sia_args,
+                )
+                for i in range(4)
+            ]
+        )
+        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"layers.{i}") for i in range(4)]
         self.norm = nn.LayerNorm(dims[-1])
         self.num_features = self.head_hidden_size = dims[-1]
         self.head_drop = nn.Dropout(drop_rate)
@@ -188,7 +255,7 @@ class HafaSwin(HafaBackbone):
     def get_classifier(self) -> nn.Module:
         return self.head.fc
 
-    def stem(self, x: Tensor) -> Tuple[Tensor, TokenLayout]:
+    def stem(self, x: Tensor) -> tuple[Tensor, TokenLayout]:
         x = self.patch_embed(x)
         return x.flatten(1, 2), TokenLayout(x.shape[1:3])
 
@@ -203,14 +270,21 @@ class HafaSwin(HafaBackbone):
 def _create(variant: str, pretrained: bool = False, **kwargs) -> HafaSwin:
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
-        HafaSwin, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices), **kwargs)
+        HafaSwin,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
 
 
-default_cfgs = generate_default_cfgs({
-    f"hafa_swin_{size}_patch4_window7_224": hafa_cfg(first_conv="patch_embed.proj", classifier="head.fc")
-    for size in ("tiny", "small", "base")
-})
+default_cfgs = generate_default_cfgs(
+    {
+        f"hafa_swin_{size}_patch4_window7_224": hafa_cfg(first_conv="patch_embed.proj", classifier="head.fc")
+        for size in ("tiny", "small", "base")
+    }
+)
 
 
 @register_model

@@ -9,8 +9,9 @@ When all B x N x N distances fit in one block (classification, and detection at 
 computed once, from half the products of the symmetric Gram matrix, and the peaks' scan and the
 assignment to centres read them instead of multiplying again.
 """
+
 import math
-from typing import Callable, Optional, Tuple
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -25,7 +26,7 @@ _CACHE_BLOCK_ELEMENTS = 256 * 1024
 _GRAM_BLOCK = 512
 
 
-def _augmented(x: Tensor) -> Tuple[Tensor, Tensor]:
+def _augmented(x: Tensor) -> tuple[Tensor, Tensor]:
     """[-2x, 1] and [x, |x|^2], B x N x (C+1) each: row i of the first dotted with row j of the second
     is |x_j|^2 - 2 x_i.x_j, the operands of _shifted_distances."""
     left = torch.cat([x * -2, x.new_ones(x.shape[:2] + (1,))], dim=-1)
@@ -48,14 +49,14 @@ def _all_shifted_distances(x: Tensor, left: Tensor, right: Tensor, block: int = 
     with half the products: the Gram matrix x x^T is symmetric, so only its blocks on and above the
     diagonal are multiplied and each is mirrored below."""
     B, N, _ = x.shape
-    if N <= block:
+    if block >= N:
         return _shifted_distances(left, right)
     gram = x.new_empty(B, N, N)
     for start in range(0, N, block):
         stop = min(start + block, N)
         upper = torch.bmm(x[:, start:stop], x[:, start:].transpose(1, 2))
         gram[:, start:stop, start:] = upper
-        gram[:, stop:, start:stop] = upper[:, :, stop - start:].transpose(1, 2)
+        gram[:, stop:, start:stop] = upper[:, :, stop - start :].transpose(1, 2)
     return gram.mul_(-2).add_(x.pow(2).sum(-1)[:, None, :])
 
 
@@ -66,7 +67,7 @@ def _take(values: Tensor, index: Tensor) -> Tensor:
     return values.reshape(B * N, C).index_select(0, (index + offsets).flatten()).view(*index.shape, C)
 
 
-def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor], budget: Optional[int] = None) -> list:
+def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor], budget: int | None = None) -> list:
     """fn over slices of rows, each costing at most `budget` elements (_MAX_BLOCK_ELEMENTS by default).
 
     One chunk while exporting: the graph then holds no loop whose length depends on the batch size.
@@ -80,11 +81,11 @@ def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor]
 @torch.compiler.disable(reason="reads the number of density peaks from the data; runs eagerly between compiled graphs")
 @torch.no_grad()
 def cluster_dpc_knn(
-        x: Tensor,
-        num_clusters: int,
-        k: int = 5,
-        mask: Optional[Tensor] = None,
-) -> Tuple[Tensor, Tensor]:
+    x: Tensor,
+    num_clusters: int,
+    k: int = 5,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Cluster tokens by density peaks (DPC-KNN). No gradient flows through it.
 
     Distances are euclidean scaled by 1/sqrt(C). The local density of a token is
@@ -141,7 +142,7 @@ def cluster_dpc_knn(
     keep_all = torch.compiler.is_exporting() or B * N * N <= _MAX_BLOCK_ELEMENTS
     all_d2 = _all_shifted_distances(x, left, right) if keep_all else None
 
-    def knn_rows(rows: slice) -> Tuple[Tensor, Tensor]:
+    def knn_rows(rows: slice) -> tuple[Tensor, Tensor]:
         d2 = all_d2[:, rows] if keep_all else _shifted_distances(left[:, rows], right)
         if mask is not None:
             d2 = d2.masked_fill(mask[:, None, :], math.inf)

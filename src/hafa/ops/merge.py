@@ -1,11 +1,10 @@
 """Score-weighted token merging (paper Eq. 5)."""
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 
-def merge_weights(cluster_ids: Tensor, num_clusters: int, scores: Optional[Tensor] = None) -> Tensor:
+def merge_weights(cluster_ids: Tensor, num_clusters: int, scores: Tensor | None = None) -> Tensor:
     """Weight of each token inside its cluster, B x N (float32): softmax of the scores per cluster.
 
     exp(s_j - max of the cluster) / sum over the cluster, so that large scores cannot overflow in any
@@ -17,13 +16,14 @@ def merge_weights(cluster_ids: Tensor, num_clusters: int, scores: Optional[Tenso
     else:
         s = scores.reshape(B, N).float()
         cluster_max = s.new_full((B, num_clusters), -torch.inf).scatter_reduce(
-            1, cluster_ids, s.detach(), reduce="amax", include_self=True)
+            1, cluster_ids, s.detach(), reduce="amax", include_self=True
+        )
         e = torch.exp(s - cluster_max.gather(1, cluster_ids))
     total = e.new_zeros(B, num_clusters).scatter_add(1, cluster_ids, e)
     return e / total.gather(1, cluster_ids)
 
 
-def merge_tokens(x: Tensor, cluster_ids: Tensor, num_clusters: int, scores: Optional[Tensor] = None) -> Tensor:
+def merge_tokens(x: Tensor, cluster_ids: Tensor, num_clusters: int, scores: Tensor | None = None) -> Tensor:
     """Merge the tokens of each cluster into one: y_c = sum_{j in c} w_j x_j.
 
     Args:
@@ -39,4 +39,5 @@ def merge_tokens(x: Tensor, cluster_ids: Tensor, num_clusters: int, scores: Opti
     B, N, C = x.shape
     weights = merge_weights(cluster_ids, num_clusters, scores).to(x.dtype)
     return x.new_zeros(B, num_clusters, C).scatter_add(
-        1, cluster_ids[:, :, None].expand(B, N, C), x * weights[:, :, None])
+        1, cluster_ids[:, :, None].expand(B, N, C), x * weights[:, :, None]
+    )

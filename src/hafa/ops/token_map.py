@@ -9,17 +9,17 @@ pixels x taps x channels is written out: at 800 x 1333 this is 8-12x faster than
 matrices (benchmarks/bench_dictionary.py), at 224 as fast; it runs in any dtype, and exports (ONNX:
 a Loop over the bags).
 """
+
 from dataclasses import dataclass
-from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-Size = Tuple[int, int]
+Size = tuple[int, int]
 
 
-def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> Tuple[Tensor, Tensor]:
+def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """1-D adaptive average pooling as taps: size_out x T input cells and their weights (0 on unused taps)."""
     out = torch.arange(size_out, device=device)
     start = torch.div(out * size_in, size_out, rounding_mode="floor")
@@ -30,7 +30,7 @@ def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> Tuple[Te
     return torch.where(used, cells, start[:, None]), used / (end - start)[:, None]
 
 
-def _pooling_taps_2d(size_in: Size, size_out: Size, device: torch.device) -> Tuple[Tensor, Tensor]:
+def _pooling_taps_2d(size_in: Size, size_out: Size, device: torch.device) -> tuple[Tensor, Tensor]:
     """2-D adaptive average pooling as taps: (Ho*Wo) x T raster cells of size_in and their weights."""
     rows, row_weights = _pooling_taps(size_in[0], size_out[0], device)
     cols, col_weights = _pooling_taps(size_in[1], size_out[1], device)
@@ -49,10 +49,10 @@ def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
 def resize_map(feature_map: Tensor, size: Size) -> Tensor:
     """Adaptive average pooling of B x C x H x W to B x C x size, as exportable matmuls."""
     H, W = feature_map.shape[-2:]
-    if (H, W) != tuple(size):
-        if H != size[0]:
+    if tuple(size) != (H, W):
+        if size[0] != H:
             feature_map = torch.matmul(_pooling_matrix(H, size[0], feature_map), feature_map)
-        if W != size[1]:
+        if size[1] != W:
             feature_map = torch.matmul(feature_map, _pooling_matrix(W, size[1], feature_map).t())
     return feature_map
 
@@ -77,8 +77,12 @@ def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) ->
     B, M, C = tokens.shape
     cells, weights = _pooling_taps_2d(grid_size, out_size, index.device)
     token_rows = index.index_select(1, cells.flatten()) + _batch_offsets(B, M, index.device)
-    painted = F.embedding_bag(token_rows.view(-1, cells.shape[1]), tokens.reshape(B * M, C), mode="sum",
-                              per_sample_weights=weights.repeat(B, 1).to(tokens.dtype))
+    painted = F.embedding_bag(
+        token_rows.view(-1, cells.shape[1]),
+        tokens.reshape(B * M, C),
+        mode="sum",
+        per_sample_weights=weights.repeat(B, 1).to(tokens.dtype),
+    )
     return painted.view(B, -1, C).transpose(1, 2).view(B, C, *out_size)
 
 
@@ -99,13 +103,18 @@ def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: i
     # Bags must be consecutive: the cells in token order, each token's bag starting at its first cell.
     order = index.argsort(dim=1, stable=True)
     cells_per_token = torch.zeros(B, num_tokens, dtype=torch.long, device=index.device).scatter_add_(
-        1, index, torch.ones_like(index))
+        1, index, torch.ones_like(index)
+    )
     first_cell = cells_per_token.cumsum(1) - cells_per_token + _batch_offsets(B, index.shape[1], index.device)
     pixel_rows = pixels[order] + _batch_offsets(B, Hm * Wm, index.device)[:, :, None]
     shares = weights[order] / cells_per_token.gather(1, index.gather(1, order))[:, :, None]
-    tokens = F.embedding_bag(pixel_rows.flatten(), feature_map.flatten(2).transpose(1, 2).reshape(B * Hm * Wm, C),
-                             first_cell.flatten() * pixels.shape[1], mode="sum",
-                             per_sample_weights=shares.flatten().to(feature_map.dtype))
+    tokens = F.embedding_bag(
+        pixel_rows.flatten(),
+        feature_map.flatten(2).transpose(1, 2).reshape(B * Hm * Wm, C),
+        first_cell.flatten() * pixels.shape[1],
+        mode="sum",
+        per_sample_weights=shares.flatten().to(feature_map.dtype),
+    )
     return tokens.view(B, num_tokens, C)
 
 
@@ -119,10 +128,11 @@ class TokenLayout:
     grid_size: (Hg, Wg) of the dictionary grid (the grid on which the first clustering ran).
     num_tokens: number of tokens N.
     """
+
     map_size: Size
-    index: Optional[Tensor] = None
-    grid_size: Optional[Size] = None
-    num_tokens: Optional[int] = None
+    index: Tensor | None = None
+    grid_size: Size | None = None
+    num_tokens: int | None = None
 
     def __post_init__(self):
         self.map_size = tuple(int(s) for s in self.map_size)
@@ -136,7 +146,7 @@ class TokenLayout:
     def is_grid(self) -> bool:
         return self.index is None
 
-    def to_map(self, tokens: Tensor, size: Optional[Size] = None) -> Tensor:
+    def to_map(self, tokens: Tensor, size: Size | None = None) -> Tensor:
         """B x N x C tokens -> B x C x H x W (H, W = size or map_size)."""
         size = tuple(size or self.map_size)
         if self.index is None:

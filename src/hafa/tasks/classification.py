@@ -5,9 +5,9 @@ smoothing, AdamW, a cosine schedule with warm-up, stochastic depth. One process,
 `torchrun --nproc_per_node=N -m hafa train ...` (DistributedDataParallel). Without --data the
 embedded MNIST-5k trains a HAFA model and its baseline with a short recipe, side by side.
 """
+
 import argparse
 import os
-from typing import Optional
 
 import timm
 import torch
@@ -22,24 +22,75 @@ from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError, unknown_name
 from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
-from .commands import (DEMO_MODELS, add_model_options, add_run_options, add_set_option, add_training_options,
-                       finish_training, model_args, models_to_train, prepare_on_main, print_best_scores,
-                       run_in_processes, train_models, write_json)
-from .engine import (EpochSampler, Processes, ShardSampler, Training, all_sum, autocast_context, build_optimizer,
-                     check_run_dir, load_checkpoint, load_recipe, override_recipe, progress_bar, train)
+from .commands import (
+    DEMO_MODELS,
+    add_model_options,
+    add_run_options,
+    add_set_option,
+    add_training_options,
+    finish_training,
+    model_args,
+    models_to_train,
+    prepare_on_main,
+    print_best_scores,
+    run_in_processes,
+    train_models,
+    write_json,
+)
+from .engine import (
+    EpochSampler,
+    Processes,
+    ShardSampler,
+    Training,
+    all_sum,
+    autocast_context,
+    build_optimizer,
+    check_run_dir,
+    load_checkpoint,
+    load_recipe,
+    override_recipe,
+    progress_bar,
+    train,
+)
 
 # Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
-    epochs=300, batch_size=128, lr=1e-3, lr_base_batch=128, min_lr=1e-5, warmup_epochs=5, warmup_lr=1e-6,
-    opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8, weight_decay=0.05, clip_grad=None,
-    img_size=224, crop_pct=0.875, interpolation="bicubic", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-    scale=[0.08, 1.0], ratio=[0.75, 1.3333], hflip=0.5, color_jitter=0.4, auto_augment="rand-m9-mstd0.5-inc1",
-    reprob=0.25, mixup=0.8, cutmix=1.0, mixup_prob=1.0, mixup_switch_prob=0.5, smoothing=0.1,
-    drop_path=0.1, drop_rate=0.0, seed=0,
+    epochs=300,
+    batch_size=128,
+    lr=1e-3,
+    lr_base_batch=128,
+    min_lr=1e-5,
+    warmup_epochs=5,
+    warmup_lr=1e-6,
+    opt="adamw",
+    opt_betas=[0.9, 0.999],
+    opt_eps=1e-8,
+    weight_decay=0.05,
+    clip_grad=None,
+    img_size=224,
+    crop_pct=0.875,
+    interpolation="bicubic",
+    mean=[0.485, 0.456, 0.406],
+    std=[0.229, 0.224, 0.225],
+    scale=[0.08, 1.0],
+    ratio=[0.75, 1.3333],
+    hflip=0.5,
+    color_jitter=0.4,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    reprob=0.25,
+    mixup=0.8,
+    cutmix=1.0,
+    mixup_prob=1.0,
+    mixup_switch_prob=0.5,
+    smoothing=0.1,
+    drop_path=0.1,
+    drop_rate=0.0,
+    seed=0,
 )
 
 
 # ---------------------------------------------------------------- building blocks
+
 
 def create_classifier(name: str, num_classes: int, recipe: dict, model_args: dict) -> torch.nn.Module:
     """A timm model (HAFA or baseline) for `num_classes`; UserError with suggestions for unknown names."""
@@ -58,20 +109,32 @@ def create_classifier(name: str, num_classes: int, recipe: dict, model_args: dic
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int):
     """Cosine decay to min_lr after a linear warm-up, stepped every update."""
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched="cosine", num_epochs=recipe["epochs"], warmup_epochs=recipe["warmup_epochs"],
-        warmup_lr=recipe["warmup_lr"], min_lr=recipe["min_lr"], step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch)
+        optimizer,
+        sched="cosine",
+        num_epochs=recipe["epochs"],
+        warmup_epochs=recipe["warmup_epochs"],
+        warmup_lr=recipe["warmup_lr"],
+        min_lr=recipe["min_lr"],
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
     return scheduler
 
 
-def build_mixup(recipe: dict, num_classes: int) -> Optional[Mixup]:
+def build_mixup(recipe: dict, num_classes: int) -> Mixup | None:
     if recipe["mixup"] <= 0 and recipe["cutmix"] <= 0:
         return None
-    return Mixup(mixup_alpha=recipe["mixup"], cutmix_alpha=recipe["cutmix"], prob=recipe["mixup_prob"],
-                 switch_prob=recipe["mixup_switch_prob"], label_smoothing=recipe["smoothing"], num_classes=num_classes)
+    return Mixup(
+        mixup_alpha=recipe["mixup"],
+        cutmix_alpha=recipe["cutmix"],
+        prob=recipe["mixup_prob"],
+        switch_prob=recipe["mixup_switch_prob"],
+        label_smoothing=recipe["smoothing"],
+        num_classes=num_classes,
+    )
 
 
-def build_criterion(recipe: dict, mixup: Optional[Mixup]) -> torch.nn.Module:
+def build_criterion(recipe: dict, mixup: Mixup | None) -> torch.nn.Module:
     if mixup is not None:
         return SoftTargetCrossEntropy()  # mixup makes the smoothed soft targets
     if recipe["smoothing"] > 0:
@@ -81,27 +144,50 @@ def build_criterion(recipe: dict, mixup: Optional[Mixup]) -> torch.nn.Module:
 
 def train_transform(recipe: dict):
     return create_transform(
-        recipe["img_size"], is_training=True, scale=tuple(recipe["scale"]), ratio=tuple(recipe["ratio"]),
-        hflip=recipe["hflip"], color_jitter=recipe["color_jitter"], auto_augment=recipe["auto_augment"],
-        interpolation=recipe["interpolation"], mean=tuple(recipe["mean"]), std=tuple(recipe["std"]),
-        re_prob=recipe["reprob"], re_mode="pixel")
+        recipe["img_size"],
+        is_training=True,
+        scale=tuple(recipe["scale"]),
+        ratio=tuple(recipe["ratio"]),
+        hflip=recipe["hflip"],
+        color_jitter=recipe["color_jitter"],
+        auto_augment=recipe["auto_augment"],
+        interpolation=recipe["interpolation"],
+        mean=tuple(recipe["mean"]),
+        std=tuple(recipe["std"]),
+        re_prob=recipe["reprob"],
+        re_mode="pixel",
+    )
 
 
 def eval_transform(recipe: dict):
     """Resize, then the center crop of the paper (crop_pct of the resized image)."""
-    return create_transform(recipe["img_size"], is_training=False, interpolation=recipe["interpolation"],
-                            mean=tuple(recipe["mean"]), std=tuple(recipe["std"]), crop_pct=recipe["crop_pct"])
+    return create_transform(
+        recipe["img_size"],
+        is_training=False,
+        interpolation=recipe["interpolation"],
+        mean=tuple(recipe["mean"]),
+        std=tuple(recipe["std"]),
+        crop_pct=recipe["crop_pct"],
+    )
 
 
 # ---------------------------------------------------------------- evaluation
 
+
 @torch.no_grad()
-def evaluate(model, dataset, batch_size: int, workers: int, processes: Processes, amp: str = "none",
-             desc: str = "eval") -> dict:
+def evaluate(
+    model, dataset, batch_size: int, workers: int, processes: Processes, amp: str = "none", desc: str = "eval"
+) -> dict:
     """Loss, top-1 and top-5 (%) over the dataset, shared among the processes."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), processes),
-                        num_workers=workers, collate_fn=collate_skipping, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), processes),
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        generator=torch.Generator().manual_seed(0),
+    )
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images, skipped files
     for images, targets, skipped in progress_bar(loader, processes, desc=desc, leave=False):
         sums[4] += skipped
@@ -120,19 +206,22 @@ def evaluate(model, dataset, batch_size: int, workers: int, processes: Processes
     loss, hits1, hits5, count, skipped = all_sum(sums, processes)
     if count == 0:
         raise UserError("no readable validation images")
-    return dict(loss=loss / count, top1=100 * hits1 / count, top5=100 * hits5 / count, images=int(count),
-                skipped=int(skipped))
+    return dict(
+        loss=loss / count, top1=100 * hits1 / count, top5=100 * hits5 / count, images=int(count), skipped=int(skipped)
+    )
 
 
 # ---------------------------------------------------------------- training
+
 
 def train_one_model(config: dict, processes: Processes) -> dict:
     """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
     recipe = config["recipe"]
     check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
-    train_set = ImageFolderDataset(config["data"], "train", train_transform(recipe), replace_unreadable=True,
-                                   seed=recipe["seed"])
+    train_set = ImageFolderDataset(
+        config["data"], "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
+    )
     val_set = ImageFolderDataset(config["data"], "val", eval_transform(recipe), classes=train_set.classes)
     classes = train_set.classes
     if config["num_classes"] is not None and config["num_classes"] != len(classes):
@@ -160,18 +249,32 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         return criterion(network(images), targets), images.shape[0], skipped
 
     training = Training(
-        name=config["model"], run_dir=config["run_dir"], model=model, train_set=train_set, collate_fn=collate_skipping,
-        sampler=sampler, workers=config["workers"], epochs=recipe["epochs"], optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, recipe, sampler.batches_per_epoch()), loss=loss,
-        evaluate=lambda network: evaluate(network, val_set, recipe["batch_size"], config["workers"], processes,
-                                          config["amp"]),
-        score="top1", resume=config["resume"], amp=config["amp"], clip_grad=recipe["clip_grad"],
+        name=config["model"],
+        run_dir=config["run_dir"],
+        model=model,
+        train_set=train_set,
+        collate_fn=collate_skipping,
+        sampler=sampler,
+        workers=config["workers"],
+        epochs=recipe["epochs"],
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, recipe, sampler.batches_per_epoch()),
+        loss=loss,
+        evaluate=lambda network: evaluate(
+            network, val_set, recipe["batch_size"], config["workers"], processes, config["amp"]
+        ),
+        score="top1",
+        resume=config["resume"],
+        amp=config["amp"],
+        clip_grad=recipe["clip_grad"],
         checkpoint_extra=dict(config=config, class_names=classes, model_name=config["model"]),
-        curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]})
+        curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]},
+    )
     return dict(train(training, processes), model=config["model"])
 
 
 # ---------------------------------------------------------------- commands
+
 
 class TrainCommand:
     """hafa train"""
@@ -179,12 +282,17 @@ class TrainCommand:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_training_options(parser, __doc__, "model", "classification")
-        parser.add_argument("--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* "
-                                           "(default: the embedded MNIST-5k)")
-        parser.add_argument("--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, "
-                                             "mnist_demo without)")
-        parser.add_argument("--init-from", metavar="CKPT", help="start from a (baseline) checkpoint: "
-                                                                "hafa.load_pretrained, classifier re-initialised")
+        parser.add_argument(
+            "--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* (default: the embedded MNIST-5k)"
+        )
+        parser.add_argument(
+            "--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, mnist_demo without)"
+        )
+        parser.add_argument(
+            "--init-from",
+            metavar="CKPT",
+            help="start from a (baseline) checkpoint: hafa.load_pretrained, classifier re-initialised",
+        )
         parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
         parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
         recipe = parser.add_argument_group("recipe overrides")
@@ -221,10 +329,20 @@ def _train(args, processes: Processes) -> int:
     recipe = _recipe_from_args(args)
 
     def config_for(name: str) -> dict:
-        return dict(model=name, data=os.path.abspath(data), recipe=recipe, run_dir=os.path.join(args.output, name),
-                    resume=args.resume, init_from=args.init_from, num_classes=args.num_classes,
-                    model_args=model_args(args), grad_checkpointing=args.grad_checkpointing, amp=args.amp,
-                    workers=args.workers, device=args.device)
+        return dict(
+            model=name,
+            data=os.path.abspath(data),
+            recipe=recipe,
+            run_dir=os.path.join(args.output, name),
+            resume=args.resume,
+            init_from=args.init_from,
+            num_classes=args.num_classes,
+            model_args=model_args(args),
+            grad_checkpointing=args.grad_checkpointing,
+            amp=args.amp,
+            workers=args.workers,
+            device=args.device,
+        )
 
     results = train_models(models, config_for, train_one_model, processes)
     return finish_training(results, processes, lambda done: print_best_scores(done, "top-1"))
@@ -253,9 +371,11 @@ class EvalCommand:
 def _evaluate_and_report(args, processes: Processes) -> int:
     metrics = _evaluate_checkpoint(args, processes)
     if processes.is_main:
-        print(f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-              f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
-              + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")"))
+        print(
+            f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+            f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
+            + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")")
+        )
         if args.json:
             write_json(args.json, metrics)
     return 0
@@ -283,8 +403,9 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
     num_classes = len(dataset.classes)
     if args.num_classes is not None and args.num_classes != num_classes:
         raise UserError(f"--num-classes {args.num_classes}, but the checkpoint/data have {num_classes} classes")
-    model = create_classifier(name, num_classes, dict(recipe, drop_path=0.0, drop_rate=0.0),
-                              config.get("model_args") or model_args(args))
+    model = create_classifier(
+        name, num_classes, dict(recipe, drop_path=0.0, drop_rate=0.0), config.get("model_args") or model_args(args)
+    )
     try:
         state, _ = adapt_state_dict(saved["model"] if ours else saved, model)
     except CheckpointMismatchError as error:
@@ -296,8 +417,9 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
 
 
 @torch.no_grad()
-def predict_classification(checkpoint: str, image_path: str, output_png: str, top_k: int = 5,
-                           device: str = "cpu") -> dict:
+def predict_classification(
+    checkpoint: str, image_path: str, output_png: str, top_k: int = 5, device: str = "cpu"
+) -> dict:
     """Classify one image with a `hafa train` checkpoint and write it as a PNG titled with the top
     classes. -> dict(output, top: [(class name, probability %)])."""
     saved = load_checkpoint(checkpoint)
@@ -305,8 +427,9 @@ def predict_classification(checkpoint: str, image_path: str, output_png: str, to
         raise UserError(f"{checkpoint} is not a checkpoint of hafa train")
     config, classes = saved["config"], saved["class_names"]
     recipe = config["recipe"]
-    model = create_classifier(config["model"], len(classes), dict(recipe, drop_path=0.0, drop_rate=0.0),
-                              config["model_args"])
+    model = create_classifier(
+        config["model"], len(classes), dict(recipe, drop_path=0.0, drop_rate=0.0), config["model_args"]
+    )
     model.load_state_dict(adapt_state_dict(saved["model"], model)[0])
     image = read_rgb(image_path)
     if image is None:
@@ -315,8 +438,10 @@ def predict_classification(checkpoint: str, image_path: str, output_png: str, to
     probabilities, indices = logits.float().softmax(-1).topk(min(top_k, len(classes)))
     top = [(classes[i], 100 * p) for p, i in zip(probabilities.tolist(), indices.tolist())]
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     figure, axis = plt.subplots(figsize=(4, 4.6))
     axis.imshow(image)
     axis.set_axis_off()

@@ -1,10 +1,11 @@
 """What the task commands (train, seg-train, det-train and their evals) share on the command line:
 the HAFA model and run options, running a job in one or several processes, training each model of a
 list (a HAFA model and, on request, its baseline), resume checks and the summary against baselines."""
+
 import argparse
 import json
 import os
-from typing import Callable, List, Sequence, Tuple
+from collections.abc import Callable, Sequence
 
 from ..errors import UserError
 from ..models.table import BASELINE
@@ -22,18 +23,24 @@ def add_training_options(parser, description: str, kind: str, task: str) -> None
     """The options every training command has: the models, their baselines, where runs go, --resume."""
     parser.description = description
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--model", nargs="+", help=f"timm {kind} name(s); default {' and '.join(DEMO_MODELS)} "
-                                                   "on the embedded data")
+    parser.add_argument(
+        "--model", nargs="+", help=f"timm {kind} name(s); default {' and '.join(DEMO_MODELS)} on the embedded data"
+    )
     parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
-    parser.add_argument("--output", default=os.path.join("runs", task),
-                        help=f"runs go to OUTPUT/<model> (default runs/{task})")
+    parser.add_argument(
+        "--output", default=os.path.join("runs", task), help=f"runs go to OUTPUT/<model> (default runs/{task})"
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
 
 
 def add_model_options(parser) -> None:
     group = parser.add_argument_group("HAFA model options (ignored for baselines)")
-    group.add_argument("--stage-aggregation", nargs=3, metavar=("T12", "T23", "T34"),
-                       help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4 (default laa laa sia)")
+    group.add_argument(
+        "--stage-aggregation",
+        nargs=3,
+        metavar=("T12", "T23", "T34"),
+        help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4 (default laa laa sia)",
+    )
     group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
     group.add_argument("--cluster-ratio", type=float, help="clusters per token in SIA (default 0.25)")
     group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
@@ -56,13 +63,23 @@ def model_args(args) -> dict:
 def add_run_options(parser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
     parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
-                        help="autocast: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)")
+    parser.add_argument(
+        "--amp",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="autocast: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)",
+    )
 
 
 def add_set_option(group, example: str) -> None:
-    group.add_argument("--set", nargs="+", default=[], action="extend", metavar="KEY=VALUE",
-                       help=f"any recipe setting, e.g. --set {example} (YAML values)")
+    group.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        action="extend",
+        metavar="KEY=VALUE",
+        help=f"any recipe setting, e.g. --set {example} (YAML values)",
+    )
 
 
 def run_in_processes(job: Callable, args) -> int:
@@ -96,15 +113,20 @@ def check_resumable(config: dict) -> None:
     """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
     saved = load_checkpoint(os.path.join(config["run_dir"], "last.pth"))["config"]
     differences = [key for key in RESUME_FIXED if saved.get(key) != config.get(key)]
-    differences += [f"recipe.{k}" for k in config["recipe"]
-                    if k not in RESUME_FREE and saved["recipe"].get(k) != config["recipe"][k]]
+    differences += [
+        f"recipe.{k}"
+        for k in config["recipe"]
+        if k not in RESUME_FREE and saved["recipe"].get(k) != config["recipe"][k]
+    ]
     if differences:
-        raise UserError(f"--resume with settings that differ from the saved run in {config['run_dir']}: "
-                        f"{', '.join(differences)}")
+        raise UserError(
+            f"--resume with settings that differ from the saved run in {config['run_dir']}: {', '.join(differences)}"
+        )
 
 
-def train_models(models: Sequence[str], config_for: Callable[[str], dict], train_one_model: Callable,
-                 processes: Processes) -> List[dict]:
+def train_models(
+    models: Sequence[str], config_for: Callable[[str], dict], train_one_model: Callable, processes: Processes
+) -> list[dict]:
     """train_one_model(config_for(name), processes) for each model in turn, until one is interrupted."""
     results = []
     for name in models:
@@ -117,13 +139,13 @@ def train_models(models: Sequence[str], config_for: Callable[[str], dict], train
     return results
 
 
-def baseline_pairs(results: List[dict]) -> List[Tuple[dict, dict]]:
+def baseline_pairs(results: list[dict]) -> list[tuple[dict, dict]]:
     """(HAFA result, its baseline's result) for the pairs that both trained at least one epoch."""
     trained = {r["model"]: r for r in results if r["best_epoch"] > 0}
     return [(r, trained[BASELINE[r["model"]]]) for r in trained.values() if BASELINE.get(r["model"]) in trained]
 
 
-def print_best_scores(results: List[dict], score: str) -> None:
+def print_best_scores(results: list[dict], score: str) -> None:
     """The best validation score of each model, and each HAFA model against its baseline."""
     print(f"\n| model | best val {score} (%) | at epoch | best checkpoint | curves |")
     print("|---|---:|---:|---|---|")
@@ -133,7 +155,7 @@ def print_best_scores(results: List[dict], score: str) -> None:
         print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
 
 
-def finish_training(results: List[dict], processes: Processes, print_summary: Callable[[List[dict]], None]) -> int:
+def finish_training(results: list[dict], processes: Processes, print_summary: Callable[[list[dict]], None]) -> int:
     """The summary on the main process; -> 130 when a run was interrupted (and how to go on), else 0."""
     interrupted = [r for r in results if r["status"] == "interrupted"]
     if processes.is_main:

@@ -8,10 +8,10 @@ from an ImageNet checkpoint (--init-from). Box and mask AP from COCOeval after e
 process, or several with `torchrun --nproc_per_node=N -m hafa det-train ...`. Without --data, the
 embedded scenes train a HAFA model and its baseline with a short recipe, side by side.
 """
+
 import argparse
 import logging
 import os
-from typing import Optional, Tuple
 
 import torch
 from timm.scheduler import MultiStepLRScheduler
@@ -21,51 +21,118 @@ from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
 from ..errors import UserError
 from ..models.mask_rcnn import PaddingAwareMaskRCNN, create_mask_rcnn
-from .commands import (DEMO_MODELS, add_model_options, add_run_options, add_set_option, add_training_options,
-                       baseline_pairs, finish_training, model_args, models_to_train, prepare_on_main,
-                       run_in_processes, train_models, write_json)
+from .commands import (
+    DEMO_MODELS,
+    add_model_options,
+    add_run_options,
+    add_set_option,
+    add_training_options,
+    baseline_pairs,
+    finish_training,
+    model_args,
+    models_to_train,
+    prepare_on_main,
+    run_in_processes,
+    train_models,
+    write_json,
+)
 from .detection_metrics import METRICS, evaluate_detection
-from .engine import (EpochSampler, Processes, Training, build_optimizer, check_run_dir, load_checkpoint, load_recipe,
-                     override_recipe, train)
+from .engine import (
+    EpochSampler,
+    Processes,
+    Training,
+    build_optimizer,
+    check_run_dir,
+    load_checkpoint,
+    load_recipe,
+    override_recipe,
+    train,
+)
 
 _logger = logging.getLogger("hafa")
 
 # torchvision MaskRCNN settings a recipe may set (the image sizes, proposals and sampled RoIs).
-RCNN_OPTIONS = ("min_size", "max_size", "rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train",
-                "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_test", "rpn_batch_size_per_image",
-                "box_batch_size_per_image", "box_detections_per_img")
+RCNN_OPTIONS = (
+    "min_size",
+    "max_size",
+    "rpn_pre_nms_top_n_train",
+    "rpn_post_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_test",
+    "rpn_batch_size_per_image",
+    "box_batch_size_per_image",
+    "box_detections_per_img",
+)
 
 # Every recipe setting, with the paper's values (coco_mask_rcnn_1x); recipe files override some.
 RECIPE_DEFAULTS = dict(
-    epochs=12, batch_size=2, lr=1e-4, lr_base_batch=16, opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8,
-    weight_decay=1e-4, clip_grad=None, lr_steps=[8, 11], lr_step_rate=0.1, warmup_iters=500, warmup_ratio=0.001,
-    min_size=800, max_size=1333, hflip=0.5, filter_empty=True, fpn_channels=256, drop_path=0.1,
-    rpn_pre_nms_top_n_train=2000, rpn_post_nms_top_n_train=1000, rpn_pre_nms_top_n_test=1000,
-    rpn_post_nms_top_n_test=1000, rpn_batch_size_per_image=256, box_batch_size_per_image=512,
-    box_detections_per_img=100, eval_batch_size=2, seed=0,
+    epochs=12,
+    batch_size=2,
+    lr=1e-4,
+    lr_base_batch=16,
+    opt="adamw",
+    opt_betas=[0.9, 0.999],
+    opt_eps=1e-8,
+    weight_decay=1e-4,
+    clip_grad=None,
+    lr_steps=[8, 11],
+    lr_step_rate=0.1,
+    warmup_iters=500,
+    warmup_ratio=0.001,
+    min_size=800,
+    max_size=1333,
+    hflip=0.5,
+    filter_empty=True,
+    fpn_channels=256,
+    drop_path=0.1,
+    rpn_pre_nms_top_n_train=2000,
+    rpn_post_nms_top_n_train=1000,
+    rpn_pre_nms_top_n_test=1000,
+    rpn_post_nms_top_n_test=1000,
+    rpn_batch_size_per_image=256,
+    box_batch_size_per_image=512,
+    box_detections_per_img=100,
+    eval_batch_size=2,
+    seed=0,
 )
 
 
 # ---------------------------------------------------------------- building blocks
 
-def build_step_scheduler(optimizer: torch.optim.Optimizer, recipe: dict,
-                         updates_per_epoch: int) -> MultiStepLRScheduler:
+
+def build_step_scheduler(
+    optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int
+) -> MultiStepLRScheduler:
     """mmdetection's step schedule, stepped every update: lr rises linearly from warmup_ratio * lr over
     the first warmup_iters updates, then is multiplied by lr_step_rate after each epoch in lr_steps."""
     lr = optimizer.param_groups[0]["lr"]
     # timm applies milestone m from schedule index m - 1, and index u - 1 sets the lr of update u:
     # the first update of epoch e + 1 is update e * updates_per_epoch + 1.
     return MultiStepLRScheduler(
-        optimizer, decay_t=[e * updates_per_epoch + 1 for e in recipe["lr_steps"]], decay_rate=recipe["lr_step_rate"],
-        warmup_t=recipe["warmup_iters"], warmup_lr_init=lr * recipe["warmup_ratio"], warmup_prefix=False,
-        t_in_epochs=False)
+        optimizer,
+        decay_t=[e * updates_per_epoch + 1 for e in recipe["lr_steps"]],
+        decay_rate=recipe["lr_step_rate"],
+        warmup_t=recipe["warmup_iters"],
+        warmup_lr_init=lr * recipe["warmup_ratio"],
+        warmup_prefix=False,
+        t_in_epochs=False,
+    )
 
 
-def detector_for(config: dict, num_classes: int, init_from: Optional[str] = None,
-                 verbose: bool = True) -> PaddingAwareMaskRCNN:
+def detector_for(
+    config: dict, num_classes: int, init_from: str | None = None, verbose: bool = True
+) -> PaddingAwareMaskRCNN:
     recipe = config["recipe"]
-    return create_mask_rcnn(config["model"], num_classes, config["model_args"], recipe["drop_path"],
-                            recipe["fpn_channels"], init_from, verbose, **{k: recipe[k] for k in RCNN_OPTIONS})
+    return create_mask_rcnn(
+        config["model"],
+        num_classes,
+        config["model_args"],
+        recipe["drop_path"],
+        recipe["fpn_channels"],
+        init_from,
+        verbose,
+        **{k: recipe[k] for k in RCNN_OPTIONS},
+    )
 
 
 def default_data() -> str:
@@ -74,13 +141,20 @@ def default_data() -> str:
 
 # ---------------------------------------------------------------- training
 
+
 def train_one_model(config: dict, processes: Processes) -> dict:
     """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
     recipe = config["recipe"]
     check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
-    train_set = CocoInstances(config["data"], config["train_split"], train=True, hflip=recipe["hflip"],
-                              filter_empty=recipe["filter_empty"], seed=recipe["seed"])
+    train_set = CocoInstances(
+        config["data"],
+        config["train_split"],
+        train=True,
+        hflip=recipe["hflip"],
+        filter_empty=recipe["filter_empty"],
+        seed=recipe["seed"],
+    )
     val_set = CocoInstances(config["data"], config["val_split"], train=False, categories=train_set.categories)
     if processes.is_main:
         for message in train_set.dropped.messages(recipe["filter_empty"]):
@@ -93,25 +167,49 @@ def train_one_model(config: dict, processes: Processes) -> dict:
     def loss(network, batch):
         images, targets, skipped = batch
         images = [image.to(processes.device, non_blocking=True) for image in images]
-        targets = [{k: v.to(processes.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-                   for t in targets]
+        targets = [
+            {k: v.to(processes.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
+            for t in targets
+        ]
         return sum(network(images, targets).values()), len(images), skipped
 
     training = Training(
-        name=config["model"], run_dir=config["run_dir"], model=model, train_set=train_set,
-        collate_fn=collate_detection, sampler=sampler, workers=config["workers"], epochs=recipe["epochs"],
-        optimizer=optimizer, scheduler=build_step_scheduler(optimizer, recipe, sampler.batches_per_epoch()), loss=loss,
-        evaluate=lambda network: evaluate_detection(network, val_set, recipe["eval_batch_size"], config["workers"],
-                                                    processes, config["amp"]),
-        score="bbox_AP", resume=config["resume"], amp=config["amp"], clip_grad=recipe["clip_grad"],
-        checkpoint_extra=dict(task="detection", config=config, class_names=train_set.class_names,
-                              category_ids=train_set.category_ids, model_name=config["model"]),
-        curves={"loss": ["train_loss"], "box AP (%)": ["val_bbox_AP", "val_bbox_AP50", "val_bbox_AP75"],
-                "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"]})
+        name=config["model"],
+        run_dir=config["run_dir"],
+        model=model,
+        train_set=train_set,
+        collate_fn=collate_detection,
+        sampler=sampler,
+        workers=config["workers"],
+        epochs=recipe["epochs"],
+        optimizer=optimizer,
+        scheduler=build_step_scheduler(optimizer, recipe, sampler.batches_per_epoch()),
+        loss=loss,
+        evaluate=lambda network: evaluate_detection(
+            network, val_set, recipe["eval_batch_size"], config["workers"], processes, config["amp"]
+        ),
+        score="bbox_AP",
+        resume=config["resume"],
+        amp=config["amp"],
+        clip_grad=recipe["clip_grad"],
+        checkpoint_extra=dict(
+            task="detection",
+            config=config,
+            class_names=train_set.class_names,
+            category_ids=train_set.category_ids,
+            model_name=config["model"],
+        ),
+        curves={
+            "loss": ["train_loss"],
+            "box AP (%)": ["val_bbox_AP", "val_bbox_AP50", "val_bbox_AP75"],
+            "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"],
+        },
+    )
     return dict(train(training, processes), model=config["model"])
 
 
 # ---------------------------------------------------------------- commands
+
 
 def _add_recipe_options(parser) -> None:
     recipe = parser.add_argument_group("recipe overrides")
@@ -132,14 +230,22 @@ class TrainCommand:
     @staticmethod
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_training_options(parser, __doc__, "backbone", "detection")
-        parser.add_argument("--data", help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
-                                           "ROOT/{train,val}[2017]/ (default: the embedded scenes)")
+        parser.add_argument(
+            "--data",
+            help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
+            "ROOT/{train,val}[2017]/ (default: the embedded scenes)",
+        )
         parser.add_argument("--train-split", help="default: train, else train2017")
         parser.add_argument("--val-split", help="default: val, else val2017")
-        parser.add_argument("--recipe", help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, "
-                                             "scenes_mask_rcnn without)")
-        parser.add_argument("--init-from", metavar="CKPT", help="backbone weights from an ImageNet checkpoint "
-                                                                "(baseline or HAFA; hafa.load_pretrained)")
+        parser.add_argument(
+            "--recipe",
+            help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, scenes_mask_rcnn without)",
+        )
+        parser.add_argument(
+            "--init-from",
+            metavar="CKPT",
+            help="backbone weights from an ImageNet checkpoint (baseline or HAFA; hafa.load_pretrained)",
+        )
         _add_recipe_options(parser)
         add_model_options(parser)
         add_run_options(parser)
@@ -150,8 +256,9 @@ class TrainCommand:
 
 
 def _recipe_from_args(args) -> dict:
-    recipe = load_recipe(args.recipe or ("scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"),
-                         RECIPE_DEFAULTS)
+    recipe = load_recipe(
+        args.recipe or ("scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"), RECIPE_DEFAULTS
+    )
     keys = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
     return override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
 
@@ -165,13 +272,24 @@ def _train(args, processes: Processes) -> int:
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     recipe = _recipe_from_args(args)
     data = os.path.abspath(data)
-    splits = dict(train_split=args.train_split or find_split(data, "train"),
-                  val_split=args.val_split or find_split(data, "val"))
+    splits = dict(
+        train_split=args.train_split or find_split(data, "train"), val_split=args.val_split or find_split(data, "val")
+    )
 
     def config_for(name: str) -> dict:
-        return dict(model=name, data=data, **splits, recipe=recipe, run_dir=os.path.join(args.output, name),
-                    resume=args.resume, init_from=args.init_from, model_args=model_args(args), amp=args.amp,
-                    workers=args.workers, device=args.device)
+        return dict(
+            model=name,
+            data=data,
+            **splits,
+            recipe=recipe,
+            run_dir=os.path.join(args.output, name),
+            resume=args.resume,
+            init_from=args.init_from,
+            model_args=model_args(args),
+            amp=args.amp,
+            workers=args.workers,
+            device=args.device,
+        )
 
     results = train_models(models, config_for, train_one_model, processes)
     return finish_training(results, processes, _print_summary)
@@ -183,18 +301,21 @@ def _print_summary(results) -> None:
     best = {r["model"]: load_checkpoint(r["best_checkpoint"])["metrics"] for r in results if r["best_epoch"] > 0}
     for r in results:
         if r["model"] in best:
-            cells = " | ".join(f"{best[r['model']][f'{kind}_{name}']:.1f}" for kind in ("bbox", "segm")
-                               for name in METRICS)
+            cells = " | ".join(
+                f"{best[r['model']][f'{kind}_{name}']:.1f}" for kind in ("bbox", "segm") for name in METRICS
+            )
             print(f"| {r['model']} | {cells} | {r['best_epoch']} |")
     for hafa, base in baseline_pairs(results):
         ours, theirs = best[hafa["model"]], best[base["model"]]
-        print(f"{hafa['model']} vs {base['model']}: {ours['bbox_AP'] - theirs['bbox_AP']:+.1f} box AP, "
-              f"{ours['segm_AP'] - theirs['segm_AP']:+.1f} mask AP")
+        print(
+            f"{hafa['model']} vs {base['model']}: {ours['bbox_AP'] - theirs['bbox_AP']:+.1f} box AP, "
+            f"{ours['segm_AP'] - theirs['segm_AP']:+.1f} mask AP"
+        )
     for r in results:
         print(f"{r['model']}: best checkpoint {r['best_checkpoint']}, curves {r['curves']}")
 
 
-def load_detector(path: str, overrides: Optional[dict] = None) -> Tuple[PaddingAwareMaskRCNN, dict]:
+def load_detector(path: str, overrides: dict | None = None) -> tuple[PaddingAwareMaskRCNN, dict]:
     """The Mask R-CNN of a det-train checkpoint (best.pth / last.pth), in eval mode, and the checkpoint;
     overrides: recipe values to change (e.g. min_size)."""
     saved = load_checkpoint(path)
@@ -215,8 +336,12 @@ class EvalCommand:
         parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa det-train")
         parser.add_argument("--data", help="COCO ROOT (default: the checkpoint's training data)")
         parser.add_argument("--split", help="default: val, else val2017 (the checkpoint's validation split)")
-        parser.add_argument("--batch-size", type=int, help="images per batch (default: the recipe's eval_batch_size; "
-                                                           "batches are padded, so it can change the result slightly)")
+        parser.add_argument(
+            "--batch-size",
+            type=int,
+            help="images per batch (default: the recipe's eval_batch_size; "
+            "batches are padded, so it can change the result slightly)",
+        )
         parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
         parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
         parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
@@ -230,8 +355,10 @@ class EvalCommand:
 def _evaluate_and_report(args, processes: Processes) -> int:
     metrics = _evaluate_checkpoint(args, processes)
     if processes.is_main:
-        print(f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
-              + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):"))
+        print(
+            f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
+            + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):")
+        )
         for kind, title in (("bbox", "box "), ("segm", "mask")):
             print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
         if args.json:
@@ -257,13 +384,24 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
 
 # ---------------------------------------------------------------- one image
 
-PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-           (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+]
 
 
 @torch.no_grad()
-def predict_detection(checkpoint: str, image_path: str, output_png: str, score_threshold: float = 0.5,
-                      device: str = "cpu") -> dict:
+def predict_detection(
+    checkpoint: str, image_path: str, output_png: str, score_threshold: float = 0.5, device: str = "cpu"
+) -> dict:
     """Detect in one image with a det-train checkpoint and write it as a PNG with the boxes, class names,
     scores and masks (> 0.5) drawn. -> dict(output, detections: [(class name, score, [x1, y1, x2, y2])])."""
     from torchvision.transforms.v2 import functional as TF
@@ -283,8 +421,9 @@ def predict_detection(checkpoint: str, image_path: str, output_png: str, score_t
     drawn = pixels
     if len(boxes):
         drawn = draw_segmentation_masks(drawn, masks, alpha=0.45, colors=colors)
-        drawn = draw_bounding_boxes(drawn, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())],
-                                    colors=colors, width=2)
+        drawn = draw_bounding_boxes(
+            drawn, boxes, labels=[f"{n} {s:.2f}" for n, s in zip(names, scores.tolist())], colors=colors, width=2
+        )
     os.makedirs(os.path.dirname(os.path.abspath(output_png)), exist_ok=True)
     TF.to_pil_image(drawn).save(output_png, format="PNG")
     return dict(output=output_png, detections=[(n, s, b) for n, s, b in zip(names, scores.tolist(), boxes.tolist())])

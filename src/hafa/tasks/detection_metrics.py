@@ -1,11 +1,12 @@
 """Detection inference over a COCO split and its metrics through pycocotools' COCOeval: AP, AP50,
 AP75, APs, APm, APl for boxes (bbox_*) and masks (segm_*), in percent, the columns of the paper's
 Table 3. Detections are gathered from every process and scored on the main process."""
+
 import contextlib
 import copy
 import io
 import math
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,8 +24,9 @@ METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 MASK_THRESHOLD = 0.5
 
 
-def detections_to_coco(detections: Sequence[Dict[str, Tensor]], image_ids: Sequence[int],
-                       category_ids: Sequence[int]) -> List[dict]:
+def detections_to_coco(
+    detections: Sequence[dict[str, Tensor]], image_ids: Sequence[int], category_ids: Sequence[int]
+) -> list[dict]:
     """torchvision detections (boxes N x 4 xyxy, labels N in 1..K, scores N, masks N x 1 x H x W
     probabilities) -> COCO results: bbox [x, y, w, h], score, category_id, segmentation (RLE of mask > 0.5)."""
     results = []
@@ -36,12 +38,15 @@ def detections_to_coco(detections: Sequence[Dict[str, Tensor]], image_ids: Seque
         labels, scores = detection["labels"].tolist(), detection["scores"].tolist()
         for box, label, score, rle in zip(boxes.tolist(), labels, scores, rles):
             rle["counts"] = rle["counts"].decode("ascii")
-            results.append(dict(image_id=int(image_id), category_id=category_ids[label - 1], bbox=box, score=score,
-                                segmentation=rle))
+            results.append(
+                dict(
+                    image_id=int(image_id), category_id=category_ids[label - 1], bbox=box, score=score, segmentation=rle
+                )
+            )
     return results
 
 
-def coco_metrics(coco: COCO, results: List[dict], image_ids: Sequence[int]) -> Dict[str, float]:
+def coco_metrics(coco: COCO, results: list[dict], image_ids: Sequence[int]) -> dict[str, float]:
     """COCOeval of `results` on the images `image_ids` of `coco` -> bbox_AP ... segm_APl in percent
     (NaN where the images hold no object of that size; 0 for all when nothing was detected)."""
     if not coco.getAnnIds(imgIds=list(image_ids)):
@@ -64,13 +69,26 @@ def coco_metrics(coco: COCO, results: List[dict], image_ids: Sequence[int]) -> D
 
 
 @torch.no_grad()
-def evaluate_detection(model: nn.Module, dataset: CocoInstances, batch_size: int, workers: int, processes: Processes,
-                       amp: str = "none", desc: str = "eval") -> Dict[str, float]:
+def evaluate_detection(
+    model: nn.Module,
+    dataset: CocoInstances,
+    batch_size: int,
+    workers: int,
+    processes: Processes,
+    amp: str = "none",
+    desc: str = "eval",
+) -> dict[str, float]:
     """Detect on every image of the dataset (shared among the processes), gather, COCOeval on the main process.
     -> bbox_* and segm_* metrics, images evaluated and files skipped, the same on every process."""
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), processes),
-                        num_workers=workers, collate_fn=collate_detection, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), processes),
+        num_workers=workers,
+        collate_fn=collate_detection,
+        generator=torch.Generator().manual_seed(0),
+    )
     results, image_ids, skipped = [], [], 0
     for images, targets, skipped_now in progress_bar(loader, processes, desc=desc, leave=False):
         skipped += skipped_now
@@ -88,6 +106,9 @@ def evaluate_detection(model: nn.Module, dataset: CocoInstances, batch_size: int
         all_ids = [i for part in gathered for i in part[1]]
         if not all_ids:
             raise UserError("no readable evaluation images")
-        metrics = dict(coco_metrics(dataset.coco, all_results, all_ids), images=len(all_ids),
-                       skipped=sum(part[2] for part in gathered))
+        metrics = dict(
+            coco_metrics(dataset.coco, all_results, all_ids),
+            images=len(all_ids),
+            skipped=sum(part[2] for part in gathered),
+        )
     return broadcast_object(metrics, processes)

@@ -1,6 +1,7 @@
 """What every training task shares: processes (torchrun / DDP), atomic checkpoints that load with
 weights_only, exact resume (RNG states of every process), stopping cleanly on a signal, run logs
 (console, CSV, TensorBoard, a picture of the curves), the recipe files and the sample order."""
+
 import csv
 import logging
 import math
@@ -9,10 +10,11 @@ import random
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from importlib.resources import files
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,9 +33,11 @@ _logger = logging.getLogger("hafa")
 
 # ---------------------------------------------------------------- processes
 
+
 @dataclass
 class Processes:
     """This process's place among the training processes (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -48,7 +52,7 @@ class Processes:
         return self.world_size > 1
 
 
-def init_processes(device: Optional[str] = None) -> Processes:
+def init_processes(device: str | None = None) -> Processes:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -76,7 +80,7 @@ def barrier(processes: Processes) -> None:
         dist.barrier()
 
 
-def all_sum(values: List[float], processes: Processes) -> List[float]:
+def all_sum(values: list[float], processes: Processes) -> list[float]:
     """Sum numbers over the processes (float64)."""
     tensor = torch.tensor(values, dtype=torch.float64, device=processes.device)
     if processes.distributed:
@@ -85,6 +89,7 @@ def all_sum(values: List[float], processes: Processes) -> List[float]:
 
 
 # ---------------------------------------------------------------- checkpoints
+
 
 def save_checkpoint(path: str, state: dict) -> None:
     """torch.save to a temporary file, then rename into place: a crash never leaves half a file."""
@@ -107,8 +112,11 @@ def load_checkpoint(path: str) -> dict:
 def rng_state() -> dict:
     """RNG states of this process, as plain data."""
     np_state = np.random.get_state()
-    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
-                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
+    state = dict(
+        torch=torch.get_rng_state(),
+        python=random.getstate(),
+        numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+    )
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -145,12 +153,13 @@ def broadcast_object(value: Any, processes: Processes) -> Any:
     return holder[0]
 
 
-def gather_rng_states(processes: Processes) -> List[dict]:
+def gather_rng_states(processes: Processes) -> list[dict]:
     """Every process's RNG state, in rank order (for the checkpoint rank 0 writes)."""
     return gather_objects(rng_state(), processes)
 
 
 # ---------------------------------------------------------------- stopping
+
 
 class StopOnSignal:
     """SIGINT / SIGTERM ask the loop to stop after the current step (a second SIGINT stops at once).
@@ -186,6 +195,7 @@ class StopOnSignal:
 
 # ---------------------------------------------------------------- sample order
 
+
 class EpochSampler(Sampler):
     """This process's share of a seeded permutation per epoch (the same global order for any number
     of processes: global batch b is samples [b*G, (b+1)*G) of the permutation), starting at a batch
@@ -198,8 +208,10 @@ class EpochSampler(Sampler):
         self.epoch, self.start_batch = 0, 0
         self.global_batch = batch_size * processes.world_size
         if num_samples < self.global_batch:
-            raise UserError(f"{num_samples} training samples cannot fill one global batch of {self.global_batch}; "
-                            "lower --batch-size")
+            raise UserError(
+                f"{num_samples} training samples cannot fill one global batch of {self.global_batch}; "
+                "lower --batch-size"
+            )
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
@@ -210,8 +222,10 @@ class EpochSampler(Sampler):
     def __iter__(self) -> Iterator[int]:
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g) if self.shuffle else torch.arange(self.num_samples)
-        order = order[:self.batches_per_epoch() * self.global_batch].view(-1, self.processes.world_size, self.batch_size)
-        return iter(order[self.start_batch:, self.processes.rank].flatten().tolist())
+        order = order[: self.batches_per_epoch() * self.global_batch].view(
+            -1, self.processes.world_size, self.batch_size
+        )
+        return iter(order[self.start_batch :, self.processes.rank].flatten().tolist())
 
     def __len__(self) -> int:
         return (self.batches_per_epoch() - self.start_batch) * self.batch_size
@@ -231,6 +245,7 @@ class ShardSampler(Sampler):
 
 
 # ---------------------------------------------------------------- recipes
+
 
 def recipe_path(name_or_path: str) -> str:
     """A recipe file: a path, or the name of one shipped in hafa/configs (e.g. 'imagenet_hafa')."""
@@ -257,7 +272,7 @@ def load_recipe(name_or_path: str, defaults: dict) -> dict:
     return {**defaults, **values}
 
 
-def override_recipe(recipe: dict, options: Dict[str, Any], settings: List[str]) -> dict:
+def override_recipe(recipe: dict, options: dict[str, Any], settings: list[str]) -> dict:
     """The recipe with command-line values (None: not given) and `--set KEY=VALUE` items (YAML values)."""
     recipe = {**recipe, **{k: v for k, v in options.items() if v is not None}}
     for item in settings:
@@ -289,6 +304,7 @@ def build_optimizer(model: nn.Module, recipe: dict, global_batch: int) -> torch.
 
 # ---------------------------------------------------------------- logs
 
+
 class RunLog:
     """Per-epoch rows to CSV and TensorBoard, a log file, and a PNG of the curves; main process only."""
 
@@ -307,14 +323,15 @@ class RunLog:
         if not resume and os.path.exists(self.csv_path):
             os.remove(self.csv_path)
         from torch.utils.tensorboard import SummaryWriter
+
         self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
 
-    def scalars(self, step: int, values: Dict[str, float]) -> None:
+    def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
-    def epoch(self, row: Dict[str, float]) -> None:
+    def epoch(self, row: dict[str, float]) -> None:
         """Append one row (the same keys every epoch) to log.csv, dropping rows of epochs redone after a resume."""
         if not self.enabled:
             return
@@ -327,20 +344,22 @@ class RunLog:
         os.replace(self.csv_path + ".partial", self.csv_path)
         self.scalars(row["epoch"], {f"epoch/{k}": v for k, v in row.items() if k != "epoch"})
 
-    def rows(self) -> List[dict]:
+    def rows(self) -> list[dict]:
         if not os.path.exists(self.csv_path):
             return []
         with open(self.csv_path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def plot(self, groups: Dict[str, List[str]]) -> Optional[str]:
+    def plot(self, groups: dict[str, list[str]]) -> str | None:
         """curves.png: one panel per group of columns (e.g. {'loss': [...], 'accuracy (%)': [...]})."""
         rows = self.rows()
         if not self.enabled or not rows:
             return None
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+
         fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
         epochs = [float(r["epoch"]) for r in rows]
         for ax, (title, columns) in zip(axes[0], groups.items()):
@@ -367,8 +386,14 @@ class RunLog:
 def progress_bar(iterable, processes: Processes, **kwargs):
     """tqdm on the main process; on a terminal it redraws, in a log file it writes a line every 30 s."""
     interactive = sys.stderr.isatty()
-    return tqdm(iterable, disable=not processes.is_main, unit="batch", dynamic_ncols=interactive,
-                mininterval=0.2 if interactive else 30, **kwargs)
+    return tqdm(
+        iterable,
+        disable=not processes.is_main,
+        unit="batch",
+        dynamic_ncols=interactive,
+        mininterval=0.2 if interactive else 30,
+        **kwargs,
+    )
 
 
 def setup_console_logging() -> None:
@@ -378,6 +403,7 @@ def setup_console_logging() -> None:
 
 
 # ---------------------------------------------------------------- the training loop
+
 
 class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
@@ -404,6 +430,7 @@ class Training:
     evaluate(model) -> metrics on the validation data (the unwrapped model; every process calls it).
     The best checkpoint is the one with the highest metrics[score].
     """
+
     name: str
     run_dir: str
     model: nn.Module
@@ -414,20 +441,20 @@ class Training:
     epochs: int
     optimizer: torch.optim.Optimizer
     scheduler: Any
-    loss: Callable[[nn.Module, Any], Tuple[torch.Tensor, int, int]]
-    evaluate: Callable[[nn.Module], Dict[str, float]]
+    loss: Callable[[nn.Module, Any], tuple[torch.Tensor, int, int]]
+    evaluate: Callable[[nn.Module], dict[str, float]]
     score: str
     resume: bool = False
     amp: str = "none"
-    clip_grad: Optional[float] = None
+    clip_grad: float | None = None
     checkpoint_extra: dict = field(default_factory=dict)
-    curves: Dict[str, List[str]] = field(default_factory=dict)
+    curves: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
 class TrainState:
-    epoch: int = 0            # epochs completed
-    step_in_epoch: int = 0    # batches of the current epoch done (a run stopped mid-epoch)
+    epoch: int = 0  # epochs completed
+    step_in_epoch: int = 0  # batches of the current epoch done (a run stopped mid-epoch)
     global_step: int = 0
     best_score: float = -math.inf
     best_epoch: int = -1
@@ -473,12 +500,20 @@ def train(t: Training, processes: Processes) -> dict:
         _logger.info("resuming %s at epoch %d, batch %d", t.name, state.epoch + 1, state.step_in_epoch)
     model = t.model
     if processes.distributed:
-        model = DistributedDataParallel(model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None)
+        model = DistributedDataParallel(
+            model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None
+        )
 
     def checkpoint() -> dict:  # every process takes part (RNG states are gathered)
-        return dict(model=t.model.state_dict(), optimizer=t.optimizer.state_dict(), scheduler=t.scheduler.state_dict(),
-                    scaler=scaler.state_dict(), train_state=vars(state).copy(), rng=gather_rng_states(processes),
-                    **t.checkpoint_extra)
+        return dict(
+            model=t.model.state_dict(),
+            optimizer=t.optimizer.state_dict(),
+            scheduler=t.scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            train_state=vars(state).copy(),
+            rng=gather_rng_states(processes),
+            **t.checkpoint_extra,
+        )
 
     log = RunLog(t.run_dir, processes, t.resume)
     status = "finished"
@@ -503,36 +538,71 @@ def train(t: Training, processes: Processes) -> dict:
                 if processes.is_main:
                     save_checkpoint(last_path, saved)
                     if is_best:
-                        save_checkpoint(best_path, dict(model=saved["model"], metrics=metrics, epoch=state.epoch,
-                                                        **t.checkpoint_extra))
-                    row = dict(epoch=state.epoch, train_loss=round(epoch.loss, 5), lr=t.optimizer.param_groups[0]["lr"],
-                               images_per_s=round(epoch.images_per_s, 1), skipped_images=epoch.skipped,
-                               **{f"val_{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)})
+                        save_checkpoint(
+                            best_path,
+                            dict(model=saved["model"], metrics=metrics, epoch=state.epoch, **t.checkpoint_extra),
+                        )
+                    row = dict(
+                        epoch=state.epoch,
+                        train_loss=round(epoch.loss, 5),
+                        lr=t.optimizer.param_groups[0]["lr"],
+                        images_per_s=round(epoch.images_per_s, 1),
+                        skipped_images=epoch.skipped,
+                        **{f"val_{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)},
+                    )
                     log.epoch(row)
                     shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-                    _logger.info("%s epoch %d/%d: train loss %.4f  val %s  %.0f img/s%s", t.name, state.epoch, t.epochs,
-                                 epoch.loss, shown, epoch.images_per_s,
-                                 f"  ({epoch.skipped} unreadable images skipped)" if epoch.skipped else "")
+                    _logger.info(
+                        "%s epoch %d/%d: train loss %.4f  val %s  %.0f img/s%s",
+                        t.name,
+                        state.epoch,
+                        t.epochs,
+                        epoch.loss,
+                        shown,
+                        epoch.images_per_s,
+                        f"  ({epoch.skipped} unreadable images skipped)" if epoch.skipped else "",
+                    )
     finally:
         curves = log.plot(t.curves) if t.curves else None
         log.close()
-    return dict(status=status, best_score=state.best_score, best_epoch=state.best_epoch, epochs_done=state.epoch,
-                run_dir=t.run_dir, best_checkpoint=best_path, curves=curves, network=t.model)
+    return dict(
+        status=status,
+        best_score=state.best_score,
+        best_epoch=state.best_epoch,
+        epochs_done=state.epoch,
+        run_dir=t.run_dir,
+        best_checkpoint=best_path,
+        curves=curves,
+        network=t.model,
+    )
 
 
-def _train_epoch(t: Training, model: nn.Module, scaler, state: TrainState, processes: Processes,
-                 stopper: StopOnSignal) -> _Epoch:
+def _train_epoch(
+    t: Training, model: nn.Module, scaler, state: TrainState, processes: Processes, stopper: StopOnSignal
+) -> _Epoch:
     """One epoch (or its rest after a resume), or less when a stop is requested."""
     model.train()
     t.train_set.set_epoch(state.epoch)
     t.sampler.set_epoch(state.epoch, state.step_in_epoch)
     # The loader's own generator: creating it must not draw from the global RNG, or a resumed run would
     # drift from an uninterrupted one (augmentation is seeded per sample).
-    loader = DataLoader(t.train_set, batch_size=t.sampler.batch_size, sampler=t.sampler, num_workers=t.workers,
-                        collate_fn=t.collate_fn, pin_memory=processes.device.type == "cuda", drop_last=True,
-                        generator=torch.Generator().manual_seed(state.epoch))
-    progress = progress_bar(loader, processes, total=t.sampler.batches_per_epoch(), initial=state.step_in_epoch,
-                            desc=f"{t.name} {state.epoch + 1}/{t.epochs}")
+    loader = DataLoader(
+        t.train_set,
+        batch_size=t.sampler.batch_size,
+        sampler=t.sampler,
+        num_workers=t.workers,
+        collate_fn=t.collate_fn,
+        pin_memory=processes.device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator().manual_seed(state.epoch),
+    )
+    progress = progress_bar(
+        loader,
+        processes,
+        total=t.sampler.batches_per_epoch(),
+        initial=state.step_in_epoch,
+        desc=f"{t.name} {state.epoch + 1}/{t.epochs}",
+    )
     loss_sum, steps, images_seen, skipped, speed, start = 0.0, 0, 0, 0, 0.0, time.perf_counter()
     for batch in progress:
         with autocast_context(t.amp, processes.device):
@@ -542,7 +612,8 @@ def _train_epoch(t: Training, model: nn.Module, scaler, state: TrainState, proce
             raise NonFiniteLoss(
                 f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1}; nothing "
                 f"was saved from this step (the last good checkpoint is {t.run_dir}/last.pth). "
-                "Try a lower --lr, --amp none, or --clip-grad.")
+                "Try a lower --lr, --amp none, or --clip-grad."
+            )
         t.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if t.clip_grad:
@@ -558,8 +629,12 @@ def _train_epoch(t: Training, model: nn.Module, scaler, state: TrainState, proce
         images_seen += images * processes.world_size
         skipped += skipped_now
         speed = images_seen / (time.perf_counter() - start)
-        progress.set_postfix(loss=f"{loss_sum / steps:.4f}", lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
-                             img_s=f"{speed:.0f}", refresh=False)  # drawn at tqdm's own interval
+        progress.set_postfix(
+            loss=f"{loss_sum / steps:.4f}",
+            lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
+            img_s=f"{speed:.0f}",
+            refresh=False,
+        )  # drawn at tqdm's own interval
         if stop:
             progress.close()
             return _Epoch(stopped=True)

@@ -1,5 +1,6 @@
 """`hafa predict`: one image through a checkpoint of hafa train, seg-train or det-train -> a PNG
 (top classes, the segmentation overlay, or the boxes and masks drawn on the image)."""
+
 import os
 
 from matplotlib import cbook
@@ -24,15 +25,19 @@ def run(args) -> int:
     task = load_checkpoint(args.checkpoint).get("task", "classification")
     if task == "segmentation":
         from .segmentation import predict_segmentation
+
         result = predict_segmentation(args.checkpoint, image, output, device=args.device)
         summary = ", ".join(f"{name} {share:.1f}%" for name, share in result["class_shares"].items())
     elif task == "detection":
         from .detection import predict_detection
+
         result = predict_detection(args.checkpoint, image, output, args.score_threshold, device=args.device)
         summary = f"{len(result['detections'])} detections: " + ", ".join(
-            f"{name} {score:.2f}" for name, score, _ in result["detections"])
+            f"{name} {score:.2f}" for name, score, _ in result["detections"]
+        )
     elif task == "classification":
         from .classification import predict_classification
+
         result = predict_classification(args.checkpoint, image, output, device=args.device)
         summary = ", ".join(f"{name} {p:.1f}%" for name, p in result["top"])
     else:

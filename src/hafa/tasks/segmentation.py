@@ -10,9 +10,9 @@ Data: --data ROOT in the ADE20K layout (ROOT/images/{training,validation}, ROOT/
 mask value 0 ignored, 1..K -> classes 0..K-1), or --images DIR --masks DIR --val-images DIR
 --val-masks DIR with masks holding the classes 0..K-1 (255 = ignore).
 """
+
 import argparse
 import os
-from typing import List, Optional
 
 import numpy as np
 import torch
@@ -21,32 +21,82 @@ from timm.scheduler import PolyLRScheduler
 
 from ..data.folder import read_rgb
 from ..data.scenes import SEGMENTATION_CLASSES, default_scenes_root, prepare_scenes
-from ..data.segmentation import (IGNORE_INDEX, EvalTransform, LabelMapping, SegmentationDataset, TrainTransform,
-                                 collate_segmentation, data_pairs)
+from ..data.segmentation import (
+    IGNORE_INDEX,
+    EvalTransform,
+    LabelMapping,
+    SegmentationDataset,
+    TrainTransform,
+    collate_segmentation,
+    data_pairs,
+)
 from ..errors import UserError
 from ..models.semantic_fpn import SemanticFPN, backbone_network, create_semantic_fpn
 from ..pretrained import CheckpointMismatchError, load_pretrained
-from .commands import (DEMO_MODELS, add_model_options, add_run_options, add_set_option, add_training_options,
-                       finish_training, model_args, models_to_train, prepare_on_main, print_best_scores,
-                       run_in_processes, train_models, write_json)
-from .engine import (EpochSampler, Processes, Training, build_optimizer, check_run_dir, load_checkpoint, load_recipe,
-                     override_recipe, train)
+from .commands import (
+    DEMO_MODELS,
+    add_model_options,
+    add_run_options,
+    add_set_option,
+    add_training_options,
+    finish_training,
+    model_args,
+    models_to_train,
+    prepare_on_main,
+    print_best_scores,
+    run_in_processes,
+    train_models,
+    write_json,
+)
+from .engine import (
+    EpochSampler,
+    Processes,
+    Training,
+    build_optimizer,
+    check_run_dir,
+    load_checkpoint,
+    load_recipe,
+    override_recipe,
+    train,
+)
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 
 ADE20K_CLASSES = 150
 
 # Every recipe setting (the paper's values); a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
-    iterations=40000, batch_size=16, lr=1e-4, lr_base_batch=16, min_lr=0.0, poly_power=0.9, warmup_iterations=0,
+    iterations=40000,
+    batch_size=16,
+    lr=1e-4,
+    lr_base_batch=16,
+    min_lr=0.0,
+    poly_power=0.9,
+    warmup_iterations=0,
     warmup_lr=1e-6,
-    opt="adamw", opt_betas=[0.9, 0.999], opt_eps=1e-8, weight_decay=1e-4, clip_grad=None,
-    scale=[2048, 512], ratio_range=[0.5, 2.0], crop_size=[512, 512], cat_max_ratio=0.75, hflip=0.5,
-    color_jitter=[0.125, 0.5, 0.5, 0.1], mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225],
-    drop_path=0.1, head_dropout=0.1, eval_mode="whole", eval_crop=[512, 512], eval_stride=[341, 341], seed=0,
+    opt="adamw",
+    opt_betas=[0.9, 0.999],
+    opt_eps=1e-8,
+    weight_decay=1e-4,
+    clip_grad=None,
+    scale=[2048, 512],
+    ratio_range=[0.5, 2.0],
+    crop_size=[512, 512],
+    cat_max_ratio=0.75,
+    hflip=0.5,
+    color_jitter=[0.125, 0.5, 0.5, 0.1],
+    mean=[0.485, 0.456, 0.406],
+    std=[0.229, 0.224, 0.225],
+    drop_path=0.1,
+    head_dropout=0.1,
+    eval_mode="whole",
+    eval_crop=[512, 512],
+    eval_stride=[341, 341],
+    seed=0,
 )
 
 
 # ---------------------------------------------------------------- training
+
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over the labelled pixels; 0 (with gradients) when a batch has none."""
@@ -57,14 +107,31 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, total_iterations: int) -> PolyLRScheduler:
     """Poly decay, lr = min_lr + (lr - min_lr) * (1 - t / total) ** poly_power, stepped every iteration
     (after a linear warm-up from warmup_lr over warmup_iterations, when there is one)."""
-    return PolyLRScheduler(optimizer, t_initial=total_iterations, power=recipe["poly_power"], lr_min=recipe["min_lr"],
-                           warmup_t=recipe["warmup_iterations"], warmup_lr_init=recipe["warmup_lr"], t_in_epochs=False)
+    return PolyLRScheduler(
+        optimizer,
+        t_initial=total_iterations,
+        power=recipe["poly_power"],
+        lr_min=recipe["min_lr"],
+        warmup_t=recipe["warmup_iterations"],
+        warmup_lr_init=recipe["warmup_lr"],
+        t_in_epochs=False,
+    )
 
 
 def _evaluate(network, dataset, config: dict, processes: Processes, desc: str = "eval") -> dict:
     recipe = config["recipe"]
-    return evaluate_segmentation(network, dataset, config["class_names"], processes, config["workers"], config["amp"],
-                                 recipe["eval_mode"], recipe["eval_crop"], recipe["eval_stride"], desc)
+    return evaluate_segmentation(
+        network,
+        dataset,
+        config["class_names"],
+        processes,
+        config["workers"],
+        config["amp"],
+        recipe["eval_mode"],
+        recipe["eval_crop"],
+        recipe["eval_stride"],
+        desc,
+    )
 
 
 def train_one_model(config: dict, processes: Processes) -> dict:
@@ -73,11 +140,17 @@ def train_one_model(config: dict, processes: Processes) -> dict:
     check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
     labels = LabelMapping(config["num_classes"], config["reduce_zero_label"])
-    train_set = SegmentationDataset(data_pairs(config["data"], "train"), TrainTransform(recipe), labels,
-                                    replace_unreadable=True, seed=recipe["seed"])
+    train_set = SegmentationDataset(
+        data_pairs(config["data"], "train"),
+        TrainTransform(recipe),
+        labels,
+        replace_unreadable=True,
+        seed=recipe["seed"],
+    )
     val_set = SegmentationDataset(data_pairs(config["data"], "val"), EvalTransform(recipe), labels)
-    model = create_semantic_fpn(config["model"], config["num_classes"], config["model_args"], recipe["drop_path"],
-                                recipe["head_dropout"])
+    model = create_semantic_fpn(
+        config["model"], config["num_classes"], config["model_args"], recipe["drop_path"], recipe["head_dropout"]
+    )
     if config["backbone_checkpoint"]:
         _load_backbone(model, config["backbone_checkpoint"], processes.is_main)
     model.to(processes.device)
@@ -94,17 +167,32 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         return segmentation_loss(network(images), targets), images.shape[0], batch.skipped
 
     training = Training(
-        name=config["model"], run_dir=config["run_dir"], model=model, train_set=train_set,
-        collate_fn=collate_segmentation, sampler=sampler, workers=config["workers"], epochs=epochs,
-        optimizer=optimizer, scheduler=scheduler, loss=loss,
+        name=config["model"],
+        run_dir=config["run_dir"],
+        model=model,
+        train_set=train_set,
+        collate_fn=collate_segmentation,
+        sampler=sampler,
+        workers=config["workers"],
+        epochs=epochs,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        loss=loss,
         evaluate=lambda network: _evaluate(network, val_set, config, processes),
-        score="mIoU", resume=config["resume"], amp=config["amp"], clip_grad=recipe["clip_grad"],
-        checkpoint_extra=dict(task="segmentation", config=config, class_names=config["class_names"],
-                              model_name=config["model"]),
-        curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]})
+        score="mIoU",
+        resume=config["resume"],
+        amp=config["amp"],
+        clip_grad=recipe["clip_grad"],
+        checkpoint_extra=dict(
+            task="segmentation", config=config, class_names=config["class_names"], model_name=config["model"]
+        ),
+        curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]},
+    )
     if processes.is_main and not config["resume"]:
-        print(f"{config['model']}: {len(train_set)} training / {len(val_set)} validation images, "
-              f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}")
+        print(
+            f"{config['model']}: {len(train_set)} training / {len(val_set)} validation images, "
+            f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}"
+        )
     return dict(train(training, processes), model=config["model"])
 
 
@@ -120,21 +208,30 @@ def _load_backbone(model: SemanticFPN, path: str, verbose: bool) -> None:
 
 # ---------------------------------------------------------------- data options
 
+
 def _add_data_options(parser, training: bool) -> None:
     split = "training " if training else ""
-    group = parser.add_argument_group("data (default: the embedded scenes)" if training else "data (default: the "
-                                      "checkpoint's validation data)")
-    group.add_argument("--data", metavar="ROOT", help="ADE20K layout: ROOT/images/{training,validation}/*.jpg, "
-                                                      "ROOT/annotations/{training,validation}/*.png")
+    group = parser.add_argument_group(
+        "data (default: the embedded scenes)" if training else "data (default: the checkpoint's validation data)"
+    )
+    group.add_argument(
+        "--data",
+        metavar="ROOT",
+        help="ADE20K layout: ROOT/images/{training,validation}/*.jpg, ROOT/annotations/{training,validation}/*.png",
+    )
     group.add_argument("--images", metavar="DIR", help=f"{split}images (with --masks); masks match by file name")
     group.add_argument("--masks", metavar="DIR", help=f"{split}masks: one class id per pixel, 255 = ignore")
     if training:
         group.add_argument("--val-images", metavar="DIR", help="validation images (with --images)")
         group.add_argument("--val-masks", metavar="DIR", help="validation masks (with --images)")
-        group.add_argument("--num-classes", type=int, help=f"classes (default {ADE20K_CLASSES} with --data; "
-                                                           "needed with --images)")
-        group.add_argument("--reduce-zero-label", action=argparse.BooleanOptionalAction,
-                           help="mask value 0 = ignore, v -> class v-1 (default: on with --data, off with --images)")
+        group.add_argument(
+            "--num-classes", type=int, help=f"classes (default {ADE20K_CLASSES} with --data; needed with --images)"
+        )
+        group.add_argument(
+            "--reduce-zero-label",
+            action=argparse.BooleanOptionalAction,
+            help="mask value 0 = ignore, v -> class v-1 (default: on with --data, off with --images)",
+        )
         group.add_argument("--class-names", metavar="FILE", help="class names, one a line (for logs and legends)")
 
 
@@ -143,12 +240,16 @@ def _data_from_args(args) -> dict:
     folders = [args.images, args.masks, args.val_images, args.val_masks]
     if any(folders):
         if args.data or not all(folders):
-            raise UserError("give either --data ROOT (ADE20K layout) or all of --images, --masks, --val-images and "
-                            "--val-masks")
+            raise UserError(
+                "give either --data ROOT (ADE20K layout) or all of --images, --masks, --val-images and --val-masks"
+            )
         if args.num_classes is None:
             raise UserError("with --images / --masks, say how many classes the masks hold with --num-classes")
-        data = dict(layout="folders", train=[os.path.abspath(args.images), os.path.abspath(args.masks)],
-                    val=[os.path.abspath(args.val_images), os.path.abspath(args.val_masks)])
+        data = dict(
+            layout="folders",
+            train=[os.path.abspath(args.images), os.path.abspath(args.masks)],
+            val=[os.path.abspath(args.val_images), os.path.abspath(args.val_masks)],
+        )
         num_classes, reduce_zero_label, names = args.num_classes, bool(args.reduce_zero_label), None
     elif args.data:
         data = dict(layout="ade20k", root=os.path.abspath(args.data))
@@ -159,15 +260,21 @@ def _data_from_args(args) -> dict:
         data = dict(layout="ade20k", root=os.path.join(default_scenes_root(), "ade"))
         num_classes, reduce_zero_label, names = len(SEGMENTATION_CLASSES), True, list(SEGMENTATION_CLASSES)
         if args.num_classes not in (None, num_classes) or args.reduce_zero_label is False:
-            raise UserError(f"the embedded scenes have {num_classes} classes in the ADE20K convention; "
-                            "--num-classes and --no-reduce-zero-label are for your own data")
+            raise UserError(
+                f"the embedded scenes have {num_classes} classes in the ADE20K convention; "
+                "--num-classes and --no-reduce-zero-label are for your own data"
+            )
     if args.class_names:
         names = _read_class_names(args.class_names, num_classes)
-    return dict(data=data, num_classes=num_classes, reduce_zero_label=reduce_zero_label,
-                class_names=names or [f"class_{i}" for i in range(num_classes)])
+    return dict(
+        data=data,
+        num_classes=num_classes,
+        reduce_zero_label=reduce_zero_label,
+        class_names=names or [f"class_{i}" for i in range(num_classes)],
+    )
 
 
-def _read_class_names(path: str, num_classes: int) -> List[str]:
+def _read_class_names(path: str, num_classes: int) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"class names file not found: {path}")
     with open(path) as f:
@@ -189,6 +296,7 @@ def _ensure_scenes(data: dict, processes: Processes) -> None:
 
 # ---------------------------------------------------------------- seg-train
 
+
 class TrainCommand:
     """hafa seg-train"""
 
@@ -196,10 +304,18 @@ class TrainCommand:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_training_options(parser, __doc__, "backbone", "segmentation")
         _add_data_options(parser, training=True)
-        parser.add_argument("--recipe", help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
-                                             "data options, scenes_semantic_fpn without)")
-        parser.add_argument("--backbone-checkpoint", "--init-from", dest="backbone_checkpoint", metavar="CKPT",
-                            help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)")
+        parser.add_argument(
+            "--recipe",
+            help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
+            "data options, scenes_semantic_fpn without)",
+        )
+        parser.add_argument(
+            "--backbone-checkpoint",
+            "--init-from",
+            dest="backbone_checkpoint",
+            metavar="CKPT",
+            help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)",
+        )
         recipe = parser.add_argument_group("recipe overrides")
         recipe.add_argument("--iterations", type=int, help="rounded to whole epochs")
         recipe.add_argument("--batch-size", type=int, help="per process")
@@ -221,23 +337,39 @@ def _train(args, processes: Processes) -> int:
     own_data = not _is_scenes(data["data"])
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data)
     recipe = load_recipe(args.recipe or ("ade20k_semantic_fpn" if own_data else "scenes_semantic_fpn"), RECIPE_DEFAULTS)
-    options = dict(iterations=args.iterations, batch_size=args.batch_size, lr=args.lr, crop_size=args.crop_size,
-                   eval_mode=args.eval_mode, seed=args.seed)
+    options = dict(
+        iterations=args.iterations,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        crop_size=args.crop_size,
+        eval_mode=args.eval_mode,
+        seed=args.seed,
+    )
     recipe = override_recipe(recipe, options, args.set)
     _ensure_scenes(data["data"], processes)
     if processes.is_main and not own_data:
         print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {data['data']['root']}")
 
     def config_for(name: str) -> dict:
-        return dict(data, model=name, recipe=recipe, run_dir=os.path.join(args.output, name), resume=args.resume,
-                    backbone_checkpoint=args.backbone_checkpoint, model_args=model_args(args), amp=args.amp,
-                    workers=args.workers, device=args.device)
+        return dict(
+            data,
+            model=name,
+            recipe=recipe,
+            run_dir=os.path.join(args.output, name),
+            resume=args.resume,
+            backbone_checkpoint=args.backbone_checkpoint,
+            model_args=model_args(args),
+            amp=args.amp,
+            workers=args.workers,
+            device=args.device,
+        )
 
     results = train_models(models, config_for, train_one_model, processes)
     return finish_training(results, processes, lambda done: print_best_scores(done, "mIoU"))
 
 
 # ---------------------------------------------------------------- checkpoints -> models
+
 
 def load_segmenter(checkpoint: str) -> tuple:
     """A `hafa seg-train` checkpoint -> (SemanticFPN in eval mode on the CPU, its training config)."""
@@ -251,6 +383,7 @@ def load_segmenter(checkpoint: str) -> tuple:
 
 
 # ---------------------------------------------------------------- seg-eval
+
 
 class EvalCommand:
     """hafa seg-eval"""
@@ -301,9 +434,11 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
 
 
 def _print_metrics(metrics: dict) -> None:
-    print(f"{metrics['model']} ({metrics['eval_mode']}): mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
-          f"pixel accuracy {metrics['aAcc']:.2f}%  ({metrics['images']} images"
-          + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")"))
+    print(
+        f"{metrics['model']} ({metrics['eval_mode']}): mIoU {metrics['mIoU']:.2f}%  mAcc {metrics['mAcc']:.2f}%  "
+        f"pixel accuracy {metrics['aAcc']:.2f}%  ({metrics['images']} images"
+        + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")")
+    )
     print("| class | IoU (%) |\n|---|---:|")
     for name, iou in metrics["per_class_IoU"].items():
         print(f"| {name} | {'-' if np.isnan(iou) else f'{iou:.2f}'} |")
@@ -311,12 +446,20 @@ def _print_metrics(metrics: dict) -> None:
 
 # ---------------------------------------------------------------- one image
 
+
 @torch.no_grad()
-def predict_segmentation(checkpoint: str, image_path: str, output_png: str, device: str = "cpu",
-                         eval_mode: Optional[str] = None, alpha: float = 0.5) -> dict:
+def predict_segmentation(
+    checkpoint: str,
+    image_path: str,
+    output_png: str,
+    device: str = "cpu",
+    eval_mode: str | None = None,
+    alpha: float = 0.5,
+) -> dict:
     """Segment one image with a `hafa seg-train` checkpoint and write the image with the classes
     tinted and a legend as a PNG. -> dict(output, labels [H, W] int64 array, class_shares {name: %})."""
     from ..tools.segmentation_overlay import draw_segmentation
+
     model, config = load_segmenter(checkpoint)
     image = read_rgb(image_path)
     if image is None:
@@ -324,14 +467,18 @@ def predict_segmentation(checkpoint: str, image_path: str, output_png: str, devi
     recipe = config["recipe"]
     pixels = EvalTransform(recipe).image_tensor(image)
     model.to(device)
-    logits = infer_logits(model, pixels[None].to(device), eval_mode or recipe["eval_mode"], recipe["eval_crop"],
-                          recipe["eval_stride"])
+    logits = infer_logits(
+        model, pixels[None].to(device), eval_mode or recipe["eval_mode"], recipe["eval_crop"], recipe["eval_stride"]
+    )
     logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     labels = logits.argmax(1)[0].cpu().numpy()
     draw_segmentation(image, labels, config["class_names"], alpha).save(output_png)
     shares = np.bincount(labels.ravel(), minlength=len(config["class_names"])) / labels.size
-    return dict(output=output_png, labels=labels,
-                class_shares={n: 100 * float(s) for n, s in zip(config["class_names"], shares) if s > 0})
+    return dict(
+        output=output_png,
+        labels=labels,
+        class_shares={n: 100 * float(s) for n, s in zip(config["class_names"], shares) if s > 0},
+    )
 
 
 TRAIN = TrainCommand()

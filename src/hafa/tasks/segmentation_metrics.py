@@ -1,7 +1,8 @@
 """Segmentation inference (whole image or sliding window) and metrics from a confusion matrix:
 mIoU, mean class accuracy, pixel accuracy and per-class IoU, all in percent as mmseg reports them."""
+
 import math
-from typing import Dict, List, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -18,10 +19,10 @@ def confusion_matrix(predicted: Tensor, labels: Tensor, num_classes: int) -> Ten
     rows = true class, columns = predicted class."""
     valid = labels != IGNORE_INDEX
     pairs = labels[valid] * num_classes + predicted[valid]
-    return torch.bincount(pairs, minlength=num_classes ** 2).reshape(num_classes, num_classes).cpu()
+    return torch.bincount(pairs, minlength=num_classes**2).reshape(num_classes, num_classes).cpu()
 
 
-def segmentation_metrics(matrix: Tensor, class_names: Sequence[str]) -> Dict[str, object]:
+def segmentation_metrics(matrix: Tensor, class_names: Sequence[str]) -> dict[str, object]:
     """-> mIoU, mAcc, aAcc (pixel accuracy) in %, and IoU per class (NaN for a class that is neither in
     the ground truth nor predicted; such classes are left out of the means, as mmseg does)."""
     matrix = matrix.double()
@@ -29,14 +30,22 @@ def segmentation_metrics(matrix: Tensor, class_names: Sequence[str]) -> Dict[str
     iou = hits / (truth + predicted - hits)
     accuracy = hits / truth
     total = matrix.sum()
-    return dict(mIoU=100 * float(iou.nanmean()), mAcc=100 * float(accuracy.nanmean()),
-                aAcc=100 * float(hits.sum() / total) if total > 0 else math.nan,
-                per_class_IoU={name: 100 * float(v) for name, v in zip(class_names, iou)})
+    return dict(
+        mIoU=100 * float(iou.nanmean()),
+        mAcc=100 * float(accuracy.nanmean()),
+        aAcc=100 * float(hits.sum() / total) if total > 0 else math.nan,
+        per_class_IoU={name: 100 * float(v) for name, v in zip(class_names, iou)},
+    )
 
 
 @torch.no_grad()
-def infer_logits(model: nn.Module, image: Tensor, mode: str = "whole", crop: Sequence[int] = (512, 512),
-                 stride: Sequence[int] = (341, 341)) -> Tensor:
+def infer_logits(
+    model: nn.Module,
+    image: Tensor,
+    mode: str = "whole",
+    crop: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+) -> Tensor:
     """image [1, 3, h, w] -> logits [1, K, h, w]: the whole image at once, or windows of `crop` every
     `stride` pixels (the last ones flush with the border) whose logits are averaged where they overlap."""
     if mode == "whole":
@@ -60,15 +69,29 @@ def infer_logits(model: nn.Module, image: Tensor, mode: str = "whole", crop: Seq
 
 
 @torch.no_grad()
-def evaluate_segmentation(model: nn.Module, dataset: SegmentationDataset, class_names: List[str], processes: Processes,
-                          workers: int = 0, amp: str = "none", mode: str = "whole", crop: Sequence[int] = (512, 512),
-                          stride: Sequence[int] = (341, 341), desc: str = "eval") -> dict:
+def evaluate_segmentation(
+    model: nn.Module,
+    dataset: SegmentationDataset,
+    class_names: list[str],
+    processes: Processes,
+    workers: int = 0,
+    amp: str = "none",
+    mode: str = "whole",
+    crop: Sequence[int] = (512, 512),
+    stride: Sequence[int] = (341, 341),
+    desc: str = "eval",
+) -> dict:
     """Metrics over the dataset (one image at a time, shared among the processes): the logits of the
     resized image are resized back to the original size and compared there."""
     model.eval()
     num_classes = len(class_names)
-    loader = DataLoader(dataset, batch_size=1, sampler=ShardSampler(len(dataset), processes), num_workers=workers,
-                        collate_fn=collate_segmentation)
+    loader = DataLoader(
+        dataset,
+        batch_size=1,
+        sampler=ShardSampler(len(dataset), processes),
+        num_workers=workers,
+        collate_fn=collate_segmentation,
+    )
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     images, skipped = 0, 0
     for batch in progress_bar(loader, processes, desc=desc, leave=False):

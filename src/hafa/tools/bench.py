@@ -13,14 +13,16 @@ independent of other processes; not the process's RSS).
 of classification and of 800 x 1333 detection, and where a HAFA backbone's forward time goes at the
 detection size (torch.profiler: SIA, of which clustering and merging, and the dictionary).
 """
+
 import itertools
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from functools import partial
 
 import timm
 import torch
@@ -35,14 +37,23 @@ from ..models.table import BASELINE, PAPER
 from ..ops import TokenLayout
 from .flops import count_macs
 
-DEFAULT_MODELS = ["hafa_pvt_tiny", "hafa_pvt_v2_b0", "hafa_pvt_v2_b1", "hafa_pvt_v2_b2", "hafa_swin_tiny_patch4_window7_224"]
+DEFAULT_MODELS = [
+    "hafa_pvt_tiny",
+    "hafa_pvt_v2_b0",
+    "hafa_pvt_v2_b1",
+    "hafa_pvt_v2_b2",
+    "hafa_swin_tiny_patch4_window7_224",
+]
 
 # The paper's GPU latency at 224 (ms), Sec. 4.1 text ("Tiny: 7.0ms (+1.4)", ...) and Table 4 (RTX 3090).
 # The baselines' are HAFA's less the "+x" the paper gives.
 PAPER_LATENCY_MS = {
-    "hafa_pvt_tiny": 7.0, "pvt_tiny": 5.6,
-    "hafa_pvt_small": 11.0, "pvt_small": 9.5,
-    "hafa_pvt_large": 24.8, "pvt_large": 23.5,
+    "hafa_pvt_tiny": 7.0,
+    "pvt_tiny": 5.6,
+    "hafa_pvt_small": 11.0,
+    "pvt_small": 9.5,
+    "hafa_pvt_large": 24.8,
+    "pvt_large": 23.5,
     "hafa_pvt_v2_b1": 16.3,
 }
 
@@ -56,25 +67,49 @@ DETECTION_BATCH = 2
 
 
 def add_arguments(parser):
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, metavar="HAFA_MODEL",
-                        help="HAFA models, each measured beside its baseline (default: the tiny / b0 / b1 / b2 / Swin-T sizes)")
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        default=DEFAULT_MODELS,
+        metavar="HAFA_MODEL",
+        help="HAFA models, each measured beside its baseline (default: the tiny / b0 / b1 / b2 / Swin-T sizes)",
+    )
     parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
-    parser.add_argument("--batch-sizes", type=int, nargs=2, default=(1, 32), metavar=("LATENCY", "THROUGHPUT"),
-                        help="batch for latency, and for throughput and the training step (default 1 32)")
+    parser.add_argument(
+        "--batch-sizes",
+        type=int,
+        nargs=2,
+        default=(1, 32),
+        metavar=("LATENCY", "THROUGHPUT"),
+        help="batch for latency, and for throughput and the training step (default 1 32)",
+    )
     parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement (default 5)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
-                        help="wall time, or the process's CPU time: with --threads 1 it barely feels other processes "
-                             "on a shared machine (CPU only; default wall)")
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="wall time, or the process's CPU time: with --threads 1 it barely feels other processes "
+        "on a shared machine (CPU only; default wall)",
+    )
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--quick", action="store_true", help="a quick look: 2 repetitions, 1 warm-up, batches 1 and 8")
-    parser.add_argument("--modules", action="store_true",
-                        help="time LAA and SIA against the plain downsampling, and SIA's share of the backbone at 800x1333")
-    parser.add_argument("--detection-size", type=int, nargs=2, default=DETECTION_SIZE, metavar=("H", "W"),
-                        help="--modules: the detection input, batch 2 (default 800 1333: 4200 stage-3 tokens)")
+    parser.add_argument(
+        "--modules",
+        action="store_true",
+        help="time LAA and SIA against the plain downsampling, and SIA's share of the backbone at 800x1333",
+    )
+    parser.add_argument(
+        "--detection-size",
+        type=int,
+        nargs=2,
+        default=DETECTION_SIZE,
+        metavar=("H", "W"),
+        help="--modules: the detection input, batch 2 (default 800 1333: 4200 stage-3 tokens)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write everything measured as JSON")
 
 
@@ -101,9 +136,10 @@ def _synchronize(device: torch.device) -> None:
 @dataclass
 class Timing:
     """Seconds of repeated runs: median and half the interquartile range (ms), and the samples."""
+
     median_ms: float
     spread_ms: float
-    samples_ms: List[float]
+    samples_ms: list[float]
 
     @classmethod
     def of(cls, seconds: Sequence[float]) -> "Timing":
@@ -119,8 +155,14 @@ class Timing:
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def interleaved_timings(calls: Dict[str, Callable[[], object]], device: torch.device, warmup: int, reps: int,
-                        progress: Optional[tqdm] = None, clock: str = "wall") -> Dict[str, Timing]:
+def interleaved_timings(
+    calls: dict[str, Callable[[], object]],
+    device: torch.device,
+    warmup: int,
+    reps: int,
+    progress: tqdm | None = None,
+    clock: str = "wall",
+) -> dict[str, Timing]:
     """Run every call `warmup` times, then `reps` timed times, taking the calls in turn each round."""
     seconds = {name: [] for name in calls}
     now = CLOCKS[clock]
@@ -145,18 +187,21 @@ def peak_memory_mb(call: Callable[[], object], device: torch.device) -> float:
         before = torch.cuda.memory_allocated(device)
         call()
         _synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         call()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU)
-    return max(itertools.accumulate((nbytes for _, nbytes in events), initial=0)) / 2 ** 20
+    events = sorted(
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    )
+    return max(itertools.accumulate((nbytes for _, nbytes in events), initial=0)) / 2**20
 
 
 class Subject:
     """A model under measurement, with its inputs and its training step."""
 
-    def __init__(self, name: str, device: torch.device, img_size: int, batch_sizes: Tuple[int, int], seed: int = 0):
+    def __init__(self, name: str, device: torch.device, img_size: int, batch_sizes: tuple[int, int], seed: int = 0):
         torch.manual_seed(seed)
         self.name = name
         self.model = timm.create_model(name).to(device)
@@ -181,23 +226,26 @@ class Subject:
 # --- model mode ------------------------------------------------------------------------------------
 
 
-def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
-def measure_models(names: List[str], args, device: torch.device) -> List[dict]:
+def measure_models(names: list[str], args, device: torch.device) -> list[dict]:
     """One row per model, in the order given; timings interleaved across all of them."""
     small, large = args.batch_sizes
     subjects = {n: Subject(n, device, args.img_size, (small, large)) for n in names}
-    kinds = [("latency", lambda s: (lambda: s.infer(small))), ("forward", lambda s: (lambda: s.infer(large)))]
+    kinds = [("latency", lambda s: lambda: s.infer(small)), ("forward", lambda s: lambda: s.infer(large))]
     if not args.no_train:
         kinds.append(("train_step", lambda s: s.train_step))
     rows = {n: dict(model=n) for n in names}
-    with tqdm(total=len(kinds) * len(names) * (args.warmup + args.reps), desc="timing", unit="run", disable=None) as bar:
+    with tqdm(
+        total=len(kinds) * len(names) * (args.warmup + args.reps), desc="timing", unit="run", disable=None
+    ) as bar:
         for kind, make_call in kinds:
             bar.set_postfix_str(kind)
-            timings = interleaved_timings({n: make_call(s) for n, s in subjects.items()}, device, args.warmup, args.reps,
-                                          bar, args.clock)
+            timings = interleaved_timings(
+                {n: make_call(s) for n, s in subjects.items()}, device, args.warmup, args.reps, bar, args.clock
+            )
             for n, timing in timings.items():
                 rows[n][kind] = asdict(timing)
     for n, s in tqdm(subjects.items(), desc="params, MACs, memory", disable=None):
@@ -206,7 +254,7 @@ def measure_models(names: List[str], args, device: torch.device) -> List[dict]:
         row["gmacs"] = round(count_macs(s.model, (1, 3, args.img_size, args.img_size)) / 1e9, 3)
         row["throughput_img_s"] = round(large / row["forward"]["median_ms"] * 1e3, 2)
         if not args.no_memory:
-            row["memory_mb"] = {"forward": round(peak_memory_mb(lambda: s.infer(large), device), 1)}
+            row["memory_mb"] = {"forward": round(peak_memory_mb(partial(s.infer, large), device), 1)}
             if not args.no_train:
                 row["memory_mb"]["train_step"] = round(peak_memory_mb(s.train_step, device), 1)
         paper = PAPER.get(n, (None, None, None))
@@ -216,15 +264,21 @@ def measure_models(names: List[str], args, device: torch.device) -> List[dict]:
 
 def pair_ratios(hafa: dict, baseline: dict) -> dict:
     """HAFA / baseline for each figure (time ratios for the timings), ours and the paper's."""
-    ratios = dict(model=hafa["model"], baseline=baseline["model"],
-                  params=_ratio(hafa["params_m"], baseline["params_m"]), gmacs=_ratio(hafa["gmacs"], baseline["gmacs"]))
+    ratios = dict(
+        model=hafa["model"],
+        baseline=baseline["model"],
+        params=_ratio(hafa["params_m"], baseline["params_m"]),
+        gmacs=_ratio(hafa["gmacs"], baseline["gmacs"]),
+    )
     for kind in ("latency", "forward", "train_step"):
         if kind in hafa:
             ratios[kind] = _ratio(hafa[kind]["median_ms"], baseline[kind]["median_ms"])
     ratios["throughput"] = _ratio(hafa["throughput_img_s"], baseline["throughput_img_s"])
     for kind in hafa.get("memory_mb", {}):
         ratios[f"memory_{kind}"] = _ratio(hafa["memory_mb"][kind], baseline["memory_mb"][kind])
-    ratios["paper"] = {key: _ratio(hafa["paper"][key], baseline["paper"][key]) for key in ("params_m", "gflops", "gpu_latency_ms")}
+    ratios["paper"] = {
+        key: _ratio(hafa["paper"][key], baseline["paper"][key]) for key in ("params_m", "gflops", "gpu_latency_ms")
+    }
     return ratios
 
 
@@ -232,11 +286,17 @@ def _cell(value, fmt: str = "{}") -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def models_markdown(rows: List[dict], ratios: List[dict], args) -> str:
+def models_markdown(rows: list[dict], ratios: list[dict], args) -> str:
     small, large = args.batch_sizes
     by_name = {r["model"]: r for r in rows}
-    head = ["model", "params (M)", f"GMACs @{args.img_size}", f"latency b{small} (ms)", f"forward b{large} (ms)",
-            f"img/s b{large}"]
+    head = [
+        "model",
+        "params (M)",
+        f"GMACs @{args.img_size}",
+        f"latency b{small} (ms)",
+        f"forward b{large} (ms)",
+        f"img/s b{large}",
+    ]
     if not args.no_train:
         head.append(f"train step b{large} (ms)")
     if not args.no_memory:
@@ -244,9 +304,15 @@ def models_markdown(rows: List[dict], ratios: List[dict], args) -> str:
     head += ["paper params (M)", "paper GFLOPs", "paper GPU latency (ms)"]
     lines = ["| " + " | ".join(head) + " |", "|---" + "|---:" * (len(head) - 1) + "|"]
 
-    def figures(row: dict) -> List[str]:
-        cells = [row["model"], _cell(row["params_m"], "{:.2f}"), _cell(row["gmacs"], "{:.2f}"), str(Timing(**row["latency"])),
-                 str(Timing(**row["forward"])), _cell(row["throughput_img_s"], "{:.1f}")]
+    def figures(row: dict) -> list[str]:
+        cells = [
+            row["model"],
+            _cell(row["params_m"], "{:.2f}"),
+            _cell(row["gmacs"], "{:.2f}"),
+            str(Timing(**row["latency"])),
+            str(Timing(**row["forward"])),
+            _cell(row["throughput_img_s"], "{:.1f}"),
+        ]
         if not args.no_train:
             cells.append(str(Timing(**row["train_step"])))
         if not args.no_memory:
@@ -254,8 +320,10 @@ def models_markdown(rows: List[dict], ratios: List[dict], args) -> str:
         paper = row["paper"]
         return cells + [_cell(paper["params_m"]), _cell(paper["gflops"]), _cell(paper["gpu_latency_ms"])]
 
-    def ratio_cells(r: dict) -> List[str]:
-        cells = ["**HAFA / baseline**"] + [_cell(r.get(k), "**{:.3f}**") for k in ("params", "gmacs", "latency", "forward")]
+    def ratio_cells(r: dict) -> list[str]:
+        cells = ["**HAFA / baseline**"] + [
+            _cell(r.get(k), "**{:.3f}**") for k in ("params", "gmacs", "latency", "forward")
+        ]
         cells.append(_cell(r["throughput"], "{:.3f}"))
         if not args.no_train:
             cells.append(_cell(r.get("train_step"), "**{:.3f}**"))
@@ -270,12 +338,16 @@ def models_markdown(rows: List[dict], ratios: List[dict], args) -> str:
     return "\n".join(lines)
 
 
-def target_lines(ratios: List[dict]) -> List[str]:
+def target_lines(ratios: list[dict]) -> list[str]:
     lines = []
     for r in ratios:
         if r["model"] not in TARGET_PAIRS:
             continue
-        checks = [f"{kind} {r[kind]:.3f} {'<=' if r[kind] <= limit else '>'} {limit}" for kind, limit in TARGETS.items() if kind in r]
+        checks = [
+            f"{kind} {r[kind]:.3f} {'<=' if r[kind] <= limit else '>'} {limit}"
+            for kind, limit in TARGETS.items()
+            if kind in r
+        ]
         lines.append(f"- {r['model']}: " + ", ".join(checks))
     return lines
 
@@ -289,10 +361,18 @@ def _cpu_name() -> str:
 
 
 def settings(args, device: torch.device) -> dict:
-    return dict(device=str(device), device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-                threads=torch.get_num_threads(), torch=torch.__version__, timm=timm.__version__,
-                img_size=args.img_size, batch_sizes=list(args.batch_sizes), reps=args.reps, warmup=args.warmup,
-                clock=args.clock)
+    return dict(
+        device=str(device),
+        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        timm=timm.__version__,
+        img_size=args.img_size,
+        batch_sizes=list(args.batch_sizes),
+        reps=args.reps,
+        warmup=args.warmup,
+        clock=args.clock,
+    )
 
 
 # --- module mode -----------------------------------------------------------------------------------
@@ -303,7 +383,7 @@ def transition(stage: nn.Module) -> nn.Module:
     return stage.patch_embed if hasattr(stage, "patch_embed") else stage.downsample
 
 
-def stage_shapes(name: str, size: Tuple[int, int]) -> List[Tuple[int, int, int]]:
+def stage_shapes(name: str, size: tuple[int, int]) -> list[tuple[int, int, int]]:
     """(C, H, W) of each stage's output for an image of `size`, computed on the meta device (no arithmetic)."""
     with torch.device("meta"):
         model = timm.create_model(name, stage_aggregation=BASELINE_AGGREGATION)
@@ -311,7 +391,7 @@ def stage_shapes(name: str, size: Tuple[int, int]) -> List[Tuple[int, int, int]]
     return [tuple(m.shape[1:]) for m in maps]
 
 
-def measure_transitions(name: str, args, device: torch.device, bar: tqdm) -> List[dict]:
+def measure_transitions(name: str, args, device: torch.device, bar: tqdm) -> list[dict]:
     """Each HAFA transition (LAA, LAA, SIA) against the baseline's downsampling, on random stage inputs."""
     torch.manual_seed(0)
     hafa = timm.create_model(name).to(device).eval()
@@ -328,13 +408,28 @@ def measure_transitions(name: str, args, device: torch.device, bar: tqdm) -> Lis
             layout = TokenLayout((height, width))
             modules = {"hafa": transition(hafa.stage_list[i]), "baseline": transition(baseline.stage_list[i])}
             with torch.inference_mode():
-                timings = interleaved_timings({k: (lambda m=m: run_downsample(m, tokens, layout)) for k, m in modules.items()},
-                                              device, args.warmup, args.reps, bar, args.clock)
-            rows.append(dict(model=name, input=label, batch=batch, transition=f"{i}->{i + 1}",
-                             layer=type(modules["hafa"]).__name__, baseline_layer=type(modules["baseline"]).__name__,
-                             tokens=f"{height}x{width}x{channels}", hafa=asdict(timings["hafa"]),
-                             baseline=asdict(timings["baseline"]),
-                             ratio=_ratio(timings["hafa"].median_ms, timings["baseline"].median_ms)))
+                timings = interleaved_timings(
+                    {k: partial(run_downsample, m, tokens, layout) for k, m in modules.items()},
+                    device,
+                    args.warmup,
+                    args.reps,
+                    bar,
+                    args.clock,
+                )
+            rows.append(
+                dict(
+                    model=name,
+                    input=label,
+                    batch=batch,
+                    transition=f"{i}->{i + 1}",
+                    layer=type(modules["hafa"]).__name__,
+                    baseline_layer=type(modules["baseline"]).__name__,
+                    tokens=f"{height}x{width}x{channels}",
+                    hafa=asdict(timings["hafa"]),
+                    baseline=asdict(timings["baseline"]),
+                    ratio=_ratio(timings["hafa"].median_ms, timings["baseline"].median_ms),
+                )
+            )
     return rows
 
 
@@ -344,7 +439,7 @@ def _code_label(function: Callable) -> str:
     return f"/{os.path.basename(code.co_filename)}({code.co_firstlineno}): {code.co_name}"
 
 
-def _union_ns(intervals: List[Tuple[int, int]]) -> int:
+def _union_ns(intervals: list[tuple[int, int]]) -> int:
     total, end = 0, None
     for start, stop in sorted(intervals):
         if end is None or start > end:
@@ -356,7 +451,7 @@ def _union_ns(intervals: List[Tuple[int, int]]) -> int:
     return total
 
 
-def forward_breakdown(name: str, device: torch.device, size: Tuple[int, int], batch: int) -> dict:
+def forward_breakdown(name: str, device: torch.device, size: tuple[int, int], batch: int) -> dict:
     """Where one forward of the backbone goes (torch.profiler with Python function events): total ms, and
     the share of SIA (whole module; of which clustering and merging), of the dictionary's token2map /
     map2token outside SIA, and of LAA."""
@@ -368,8 +463,11 @@ def forward_breakdown(name: str, device: torch.device, size: Tuple[int, int], ba
     model = timm.create_model(name).to(device).eval()
     images = torch.randn(batch, 3, *size, device=device)
     parts = {
-        "sia": [SIA.forward], "clustering": [clustering.cluster_dpc_knn], "merging": [merge.merge_tokens],
-        "dictionary": [token_map.token2map, token_map.map2token], "laa": [LAA.forward, LAAPatchMerging.forward],
+        "sia": [SIA.forward],
+        "clustering": [clustering.cluster_dpc_knn],
+        "merging": [merge.merge_tokens],
+        "dictionary": [token_map.token2map, token_map.map2token],
+        "laa": [LAA.forward, LAAPatchMerging.forward],
     }
     labels = {part: tuple(_code_label(f) for f in functions) for part, functions in parts.items()}
     with torch.inference_mode():
@@ -381,28 +479,48 @@ def forward_breakdown(name: str, device: torch.device, size: Tuple[int, int], ba
             _synchronize(device)
             total_s = time.perf_counter() - start
     events = [e for e in prof.profiler.kineto_results.events() if e.is_python_function()]
-    spans = {part: [(e.start_ns(), e.end_ns()) for e in events if e.name().endswith(part_labels)]
-             for part, part_labels in labels.items()}
+    spans = {
+        part: [(e.start_ns(), e.end_ns()) for e in events if e.name().endswith(part_labels)]
+        for part, part_labels in labels.items()
+    }
     forward = [(e.start_ns(), e.end_ns()) for e in events if e.name().endswith(": forward_features")]
     total_ns = max(b - a for a, b in forward)
     share = {part: round(_union_ns(s) / total_ns, 4) for part, s in spans.items()}
     sia_and_dictionary = _union_ns(spans["sia"] + spans["dictionary"]) / total_ns
-    return dict(model=name, input=f"{size[0]}x{size[1]}", batch=batch, forward_ms=round(total_s * 1e3, 1),
-                share=share, sia_with_dictionary=round(sia_and_dictionary, 4))
+    return dict(
+        model=name,
+        input=f"{size[0]}x{size[1]}",
+        batch=batch,
+        forward_ms=round(total_s * 1e3, 1),
+        share=share,
+        sia_with_dictionary=round(sia_and_dictionary, 4),
+    )
 
 
-def modules_markdown(rows: List[dict], breakdowns: List[dict]) -> str:
-    lines = ["| model | input | batch | transition | HAFA layer (ms) | baseline layer (ms) | HAFA / baseline |",
-             "|---|---|---:|---|---:|---:|---:|"]
+def modules_markdown(rows: list[dict], breakdowns: list[dict]) -> str:
+    lines = [
+        "| model | input | batch | transition | HAFA layer (ms) | baseline layer (ms) | HAFA / baseline |",
+        "|---|---|---:|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['input']} ({r['tokens']} in) | {r['batch']} | {r['transition']} | "
-                     f"{r['layer']} {Timing(**r['hafa'])} | {r['baseline_layer']} {Timing(**r['baseline'])} | **{r['ratio']:.2f}** |")
-    lines += ["", "| model | input, batch | forward (ms) | SIA + dictionary | SIA | clustering | merging | dictionary (outside SIA) | LAA |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {r['model']} | {r['input']} ({r['tokens']} in) | {r['batch']} | {r['transition']} | "
+            f"{r['layer']} {Timing(**r['hafa'])} | {r['baseline_layer']} {Timing(**r['baseline'])} | "
+            f"**{r['ratio']:.2f}** |"
+        )
+    lines += [
+        "",
+        "| model | input, batch | forward (ms) | SIA + dictionary | SIA | clustering | merging "
+        "| dictionary (outside SIA) | LAA |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for b in breakdowns:
         s = b["share"]
-        lines.append(f"| {b['model']} | {b['input']}, {b['batch']} | {b['forward_ms']:.0f} | **{b['sia_with_dictionary']:.1%}** | "
-                     f"{s['sia']:.1%} | {s['clustering']:.1%} | {s['merging']:.1%} | {s['dictionary']:.1%} | {s['laa']:.1%} |")
+        lines.append(
+            f"| {b['model']} | {b['input']}, {b['batch']} | {b['forward_ms']:.0f} | "
+            f"**{b['sia_with_dictionary']:.1%}** | "
+            f"{s['sia']:.1%} | {s['clustering']:.1%} | {s['merging']:.1%} | {s['dictionary']:.1%} | {s['laa']:.1%} |"
+        )
     return "\n".join(lines)
 
 
@@ -424,19 +542,29 @@ def run(args) -> int:
     if args.clock == "cpu" and device.type != "cpu":
         raise UserError("--clock cpu measures CPU time: use it with --device cpu")
     result = dict(settings=settings(args, device))
-    print(f"device {result['settings']['device']} ({result['settings']['device_name']}), {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}; {args.clock} clock, median ± half the interquartile range of {args.reps} "
-          f"interleaved runs after {args.warmup} warm-up")
+    print(
+        f"device {result['settings']['device']} ({result['settings']['device_name']}), "
+        f"{torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; {args.clock} clock, median ± half the interquartile range of {args.reps} "
+        f"interleaved runs after {args.warmup} warm-up"
+    )
     if args.modules:
-        with tqdm(total=len(args.models) * 3 * 3 * (args.warmup + args.reps), desc="layers", unit="run", disable=None) as bar:
+        with tqdm(
+            total=len(args.models) * 3 * 3 * (args.warmup + args.reps), desc="layers", unit="run", disable=None
+        ) as bar:
             rows = [row for name in args.models for row in measure_transitions(name, args, device, bar)]
-        breakdowns = [forward_breakdown(name, device, tuple(args.detection_size), DETECTION_BATCH)
-                      for name in tqdm(args.models, desc="backbone profiles", disable=None)]
+        breakdowns = [
+            forward_breakdown(name, device, tuple(args.detection_size), DETECTION_BATCH)
+            for name in tqdm(args.models, desc="backbone profiles", disable=None)
+        ]
         result.update(layers=rows, backbones=breakdowns)
         print(modules_markdown(rows, breakdowns))
-        print(f"\nSIA + dictionary share of the backbone's forward at {args.detection_size[0]}x{args.detection_size[1]}, batch "
-              f"{DETECTION_BATCH} (target < {SIA_SHARE_TARGET:.0%}; shares from torch.profiler, whose Python tracing adds "
-              "a little to every Python call):")
+        print(
+            "\nSIA + dictionary share of the backbone's forward at "
+            f"{args.detection_size[0]}x{args.detection_size[1]}, batch {DETECTION_BATCH} "
+            f"(target < {SIA_SHARE_TARGET:.0%}; shares from torch.profiler, whose Python tracing adds "
+            "a little to every Python call):"
+        )
         for b in breakdowns:
             print(f"- {b['model']}: {b['sia_with_dictionary']:.1%}")
     else:

@@ -19,11 +19,11 @@ The export goes through torch.export (torch.onnx.export(..., dynamo=True), opset
   onnxruntime runs exactly (checked on every export) and fast: at 224 each image's last stage has
   only 49 pixels and 49 tokens, i.e. few bags.
 """
+
 import logging
 import time
 from collections import Counter
 from pathlib import Path
-from typing import List
 
 import timm
 import torch
@@ -39,11 +39,17 @@ def add_arguments(parser):
     parser.add_argument("--checkpoint", help="weights to load with hafa.load_pretrained (default: random weights)")
     parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
     parser.add_argument("--batch", type=int, default=2, help="batch of the example input that is traced (default 2)")
-    parser.add_argument("--check-batches", type=int, nargs="+", default=[1, 3],
-                        help="batches run by onnxruntime besides the traced one (default 1 3)")
+    parser.add_argument(
+        "--check-batches",
+        type=int,
+        nargs="+",
+        default=[1, 3],
+        help="batches run by onnxruntime besides the traced one (default 1 3)",
+    )
     parser.add_argument("--output", "-o", help="ONNX file to write (default MODEL.onnx)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also compare torch.compile(model) with eager mode (outputs and time)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also compare torch.compile(model) with eager mode (outputs and time)"
+    )
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (with --compile)")
 
 
@@ -55,6 +61,7 @@ def build_model(name: str, checkpoint: str = None) -> torch.nn.Module:
     model = timm.create_model(name).eval()
     if checkpoint:
         from ..pretrained import load_pretrained
+
         if not Path(checkpoint).is_file():
             raise UserError(f"no checkpoint at {checkpoint}")
         load_pretrained(model, checkpoint)
@@ -77,13 +84,21 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str) -> Non
     for name in ("onnx_ir", "onnxscript"):
         logging.getLogger(name).setLevel(logging.ERROR)
     with torch.no_grad():
-        program = torch.onnx.export(model, (example,), input_names=["images"], output_names=["logits"],
-                                    dynamic_shapes=({0: batch},), opset_version=OPSET, dynamo=True, verbose=False,
-                                    custom_translation_table={torch.ops.aten.sort.stable: _stable_sort})
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: batch},),
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+            custom_translation_table={torch.ops.aten.sort.stable: _stable_sort},
+        )
     program.save(path)
 
 
-def onnxruntime_differences(path: str, model: torch.nn.Module, inputs: List[torch.Tensor]) -> List[float]:
+def onnxruntime_differences(path: str, model: torch.nn.Module, inputs: list[torch.Tensor]) -> list[float]:
     """Max |onnxruntime - PyTorch| of the outputs, for each input."""
     import onnxruntime
 
@@ -122,8 +137,12 @@ def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dic
             return sorted(times)[len(times) // 2] * 1e3
 
         eager_ms, compiled_ms = median_ms(model), median_ms(compiled)
-    return dict(max_abs_difference=float((out - expected).abs().max()), compile_s=compile_s,
-                eager_ms=eager_ms, compiled_ms=compiled_ms)
+    return dict(
+        max_abs_difference=float((out - expected).abs().max()),
+        compile_s=compile_s,
+        eager_ms=eager_ms,
+        compiled_ms=compiled_ms,
+    )
 
 
 def run(args) -> int:
@@ -139,11 +158,16 @@ def run(args) -> int:
         path = args.output or f"{args.model}.onnx"
         start = time.perf_counter()
         export_onnx(model, example, path)
-        print(f"wrote {path} ({Path(path).stat().st_size / 2 ** 20:.1f} MB, opset {OPSET}, dynamic batch) "
-              f"in {time.perf_counter() - start:.0f} s")
+        print(
+            f"wrote {path} ({Path(path).stat().st_size / 2**20:.1f} MB, opset {OPSET}, dynamic batch) "
+            f"in {time.perf_counter() - start:.0f} s"
+        )
         ops = onnx_op_counts(path)
-        notable = [op for op in ("GridSample", "TopK", "ScatterElements", "GatherElements", "ArgMin", "ArgMax", "Loop")
-                   if op in ops]
+        notable = [
+            op
+            for op in ("GridSample", "TopK", "ScatterElements", "GatherElements", "ArgMin", "ArgMax", "Loop")
+            if op in ops
+        ]
         print("ops: " + ", ".join(f"{op} x{ops[op]}" for op in notable) + f"; {sum(ops.values())} nodes in all")
         batches = [args.batch] + [b for b in args.check_batches if b != args.batch]
         inputs = [example] + [torch.randn(b, *size) for b in batches[1:]]
@@ -151,6 +175,9 @@ def run(args) -> int:
             print(f"onnxruntime vs PyTorch, batch {b}: max abs difference {difference:.2e}")
     if args.compile:
         result = compile_check(model, example)
-        print(f"torch.compile vs eager, batch {args.batch}: max abs difference {result['max_abs_difference']:.2e}; "
-              f"compiled in {result['compile_s']:.0f} s; {result['eager_ms']:.1f} ms eager, {result['compiled_ms']:.1f} ms compiled")
+        print(
+            f"torch.compile vs eager, batch {args.batch}: max abs difference {result['max_abs_difference']:.2e}; "
+            f"compiled in {result['compile_s']:.0f} s; "
+            f"{result['eager_ms']:.1f} ms eager, {result['compiled_ms']:.1f} ms compiled"
+        )
     return 0

@@ -5,8 +5,8 @@ attention, bilinear sampling (LAA), top-k and sort (DPC-KNN) and scatters (mergi
 dictionary), so those get formulas here: attention as its two matmuls, 4 MACs per bilinear sample
 and channel, and one per element for top-k, sort comparisons and scatter adds.
 """
+
 import math
-from typing import Tuple
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -49,7 +49,7 @@ CUSTOM_FLOPS = {
 
 
 @torch.no_grad()
-def count_macs(model: torch.nn.Module, input_size: Tuple[int, int, int, int] = (1, 3, 224, 224)) -> int:
+def count_macs(model: torch.nn.Module, input_size: tuple[int, int, int, int] = (1, 3, 224, 224)) -> int:
     """Multiply-accumulates of one forward pass in eval mode (FLOPs / 2)."""
     was_training = model.training
     model.eval()

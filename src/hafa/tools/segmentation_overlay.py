@@ -1,7 +1,8 @@
 """A picture of a segmentation: the image with each class tinted in its colour, and a legend of the
 classes present (with their share of the pixels) on the right."""
+
 import colorsys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -9,13 +10,16 @@ from PIL import Image, ImageDraw, ImageFont
 
 def class_colours(num_classes: int) -> np.ndarray:
     """[K, 3] uint8 colours, well apart in hue (golden-ratio steps), the same for every call."""
-    colours = [colorsys.hsv_to_rgb((0.13 + 0.618034 * i) % 1.0, 0.75 if i % 2 else 0.95, 0.95 if i % 3 else 0.8)
-               for i in range(num_classes)]
+    colours = [
+        colorsys.hsv_to_rgb((0.13 + 0.618034 * i) % 1.0, 0.75 if i % 2 else 0.95, 0.95 if i % 3 else 0.8)
+        for i in range(num_classes)
+    ]
     return (np.array(colours) * 255).round().astype(np.uint8)
 
 
-def draw_segmentation(image: Image.Image, labels: np.ndarray, class_names: Sequence[str],
-                      alpha: float = 0.5) -> Image.Image:
+def draw_segmentation(
+    image: Image.Image, labels: np.ndarray, class_names: Sequence[str], alpha: float = 0.5
+) -> Image.Image:
     """image (RGB, W x H), labels [H, W] class ids -> RGB image of the overlay plus a legend panel."""
     colours = class_colours(len(class_names))
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -33,7 +37,10 @@ def draw_segmentation(image: Image.Image, labels: np.ndarray, class_names: Seque
     draw = ImageDraw.Draw(canvas)
     for row, (class_id, text) in enumerate(entries):
         top = 6 + row * line
-        draw.rectangle([image.width + 6, top, image.width + 6 + font_size, top + font_size],
-                       fill=tuple(int(c) for c in colours[class_id]), outline=(0, 0, 0))
+        draw.rectangle(
+            [image.width + 6, top, image.width + 6 + font_size, top + font_size],
+            fill=tuple(int(c) for c in colours[class_id]),
+            outline=(0, 0, 0),
+        )
         draw.text((image.width + 12 + font_size, top - 1), text, fill=(0, 0, 0), font=font)
     return canvas

@@ -9,8 +9,8 @@ SIA modules and on the LAA offset predictors, so any model and input size works.
 With random weights (or a baseline checkpoint) LAA's offsets are exactly zero and the points sit on
 the fixed grid; a trained HAFA checkpoint (--checkpoint) moves them. The title says which.
 """
+
 from pathlib import Path
-from typing import List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -35,20 +35,27 @@ def add_arguments(parser):
     parser.add_argument("--model", default="hafa_pvt_v2_b1", help="HAFA model (default hafa_pvt_v2_b1)")
     parser.add_argument("--checkpoint", help="weights to load with hafa.load_pretrained (default: random weights)")
     parser.add_argument("--cluster-ratio", type=float, default=0.25, help="SIA's clusters per token (default 0.25)")
-    parser.add_argument("--img-size", type=int, nargs="+", metavar="N",
-                        help="model input: N (square) or H W (default: the image's aspect, shorter side 224)")
+    parser.add_argument(
+        "--img-size",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="model input: N (square) or H W (default: the image's aspect, shorter side 224)",
+    )
     parser.add_argument("--scale", type=int, default=2, help="PNG pixels per input pixel (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the cluster colours")
-    parser.add_argument("--output", "-o", default="hafa_visualize.png", help="PNG to write (default hafa_visualize.png)")
+    parser.add_argument(
+        "--output", "-o", default="hafa_visualize.png", help="PNG to write (default hafa_visualize.png)"
+    )
 
 
-def figure_size(input_size: Tuple[int, int], scale: int) -> Tuple[int, int]:
+def figure_size(input_size: tuple[int, int], scale: int) -> tuple[int, int]:
     """(width, height) in pixels of the PNG for a model input of (H, W): three panels and a title band."""
     height, width = input_size
     return 3 * width * scale, height * scale + TITLE_BAND_PX
 
 
-def input_size_for(image: Image.Image, img_size: Optional[List[int]]) -> Tuple[int, int]:
+def input_size_for(image: Image.Image, img_size: list[int] | None) -> tuple[int, int]:
     """(H, W) of the model input: as asked, or the image's aspect with the shorter side 224."""
     if img_size:
         if len(img_size) > 2 or min(img_size) < 32:
@@ -59,9 +66,10 @@ def input_size_for(image: Image.Image, img_size: Optional[List[int]]) -> Tuple[i
     return round(height * 224 / short), round(width * 224 / short)
 
 
-def load_image(path: Optional[str]) -> Image.Image:
+def load_image(path: str | None) -> Image.Image:
     if path is None:
         import matplotlib.cbook
+
         path = matplotlib.cbook.get_sample_data(SAMPLE_IMAGE, asfileobj=False)
     try:
         return Image.open(path).convert("RGB")
@@ -71,7 +79,7 @@ def load_image(path: Optional[str]) -> Image.Image:
         raise UserError(f"cannot read {path} as an image: {error}") from None
 
 
-def _laa_geometry(module) -> Tuple[tuple, tuple, tuple]:
+def _laa_geometry(module) -> tuple[tuple, tuple, tuple]:
     """(kernel, stride, padding) of an LAA-like layer's sampling grid."""
     if isinstance(module, LAA):
         return module.proj.kernel_size, module.proj.stride, module.proj.padding
@@ -82,23 +90,31 @@ class Recorder:
     """Forward hooks that keep SIA outputs and, for every LAA, its input size and predicted offsets."""
 
     def __init__(self, model: torch.nn.Module):
-        self.sia: List[SIAOutput] = []
-        self.laa: List[dict] = []
+        self.sia: list[SIAOutput] = []
+        self.laa: list[dict] = []
         self.handles = []
         for module in model.modules():
             if isinstance(module, SIA):
                 self.handles.append(module.register_forward_hook(lambda m, args, out: self.sia.append(out)))
             elif isinstance(module, (LAA, LAAPatchMerging)):
-                self.handles.append(module.offset.register_forward_hook(
-                    lambda m, args, out, layer=module: self.laa.append(
-                        dict(offsets=out.detach(), input_size=tuple(args[0].shape[-2:]), geometry=_laa_geometry(layer)))))
+                self.handles.append(
+                    module.offset.register_forward_hook(
+                        lambda m, args, out, layer=module: self.laa.append(
+                            dict(
+                                offsets=out.detach(),
+                                input_size=tuple(args[0].shape[-2:]),
+                                geometry=_laa_geometry(layer),
+                            )
+                        )
+                    )
+                )
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
 
 
-def cluster_labels(sia: SIAOutput, image_size: Tuple[int, int]) -> np.ndarray:
+def cluster_labels(sia: SIAOutput, image_size: tuple[int, int]) -> np.ndarray:
     """H x W cluster id of every image pixel (first image of the batch), nearest cell of the dictionary grid."""
     grid = sia.layout.index[0].view(1, 1, *sia.layout.grid_size).float()
     return F.interpolate(grid, size=image_size, mode="nearest")[0, 0].long().numpy()
@@ -120,7 +136,7 @@ def cluster_picture(image: np.ndarray, labels: np.ndarray, seed: int) -> np.ndar
     return picture
 
 
-def sampling_points(record: dict, image_size: Tuple[int, int]) -> Tuple[np.ndarray, np.ndarray]:
+def sampling_points(record: dict, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Image-pixel (x, y) of a sparse grid of an LAA's output positions, first image of the batch:
     the centres of their fixed kernels (P x 2) and their sampling points P_I + O_f (P x K x 2)."""
     offsets = record["offsets"][:1].float()
@@ -141,10 +157,19 @@ def sampling_points(record: dict, image_size: Tuple[int, int]) -> Tuple[np.ndarr
     return to_image(fixed).mean(1).numpy(), to_image(moved).numpy()
 
 
-def draw(image: np.ndarray, labels: Optional[np.ndarray], laa_points: List[Tuple[np.ndarray, np.ndarray]],
-         title: str, captions: List[str], scale: int, seed: int, path: str) -> Tuple[int, int]:
+def draw(
+    image: np.ndarray,
+    labels: np.ndarray | None,
+    laa_points: list[tuple[np.ndarray, np.ndarray]],
+    title: str,
+    captions: list[str],
+    scale: int,
+    seed: int,
+    path: str,
+) -> tuple[int, int]:
     """Write the three-panel PNG; returns its (width, height) in pixels."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.collections import LineCollection
@@ -169,7 +194,9 @@ def draw(image: np.ndarray, labels: Optional[np.ndarray], laa_points: List[Tuple
     for (centres, points), colour in zip(laa_points, LAA_COLOURS.values()):
         segments = np.stack([np.broadcast_to(centres[:, None], points.shape), points], 2).reshape(-1, 2, 2)
         axes[2].add_collection(LineCollection(segments, colors=colour, linewidths=0.6, alpha=0.7))
-        axes[2].scatter(points[..., 0].ravel(), points[..., 1].ravel(), s=6, color=colour, edgecolors="black", linewidths=0.3)
+        axes[2].scatter(
+            points[..., 0].ravel(), points[..., 1].ravel(), s=6, color=colour, edgecolors="black", linewidths=0.3
+        )
         axes[2].scatter(centres[:, 0], centres[:, 1], s=14, marker="+", color="white", linewidths=0.8)
     for ax in axes:
         ax.set_xlim(-0.5, width - 0.5)
@@ -193,6 +220,7 @@ def run(args) -> int:
     weights = "random weights"
     if args.checkpoint:
         from ..pretrained import load_pretrained
+
         if not Path(args.checkpoint).is_file():
             raise UserError(f"no checkpoint at {args.checkpoint}")
         load_pretrained(model, args.checkpoint)
@@ -200,7 +228,9 @@ def run(args) -> int:
     resized = image.resize((size[1], size[0]), Image.BICUBIC)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0
     cfg = model.pretrained_cfg
-    x = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(cfg["std"])[:, None, None]
+    x = (torch.from_numpy(pixels).permute(2, 0, 1) - torch.tensor(cfg["mean"])[:, None, None]) / torch.tensor(
+        cfg["std"]
+    )[:, None, None]
 
     recorder = Recorder(model)
     with torch.no_grad():
@@ -211,13 +241,23 @@ def run(args) -> int:
     laa_points = [sampling_points(record, size) for record in recorder.laa]
     moved = any(bool(record["offsets"].any()) for record in recorder.laa)
     clusters = recorder.sia[0].layout.num_tokens if recorder.sia else 0
-    title = (f"{args.model} ({weights}), input {size[0]}x{size[1]}, cluster ratio {args.cluster_ratio:g}: {clusters} clusters"
-             + ("" if moved or not recorder.laa else "\nLAA offsets are all zero (random or baseline weights): "
-                "points sit on the fixed grid; a trained HAFA --checkpoint moves them"))
+    title = (
+        f"{args.model} ({weights}), input {size[0]}x{size[1]}, "
+        f"cluster ratio {args.cluster_ratio:g}: {clusters} clusters"
+        + (
+            ""
+            if moved or not recorder.laa
+            else "\nLAA offsets are all zero (random or baseline weights): "
+            "points sit on the fixed grid; a trained HAFA --checkpoint moves them"
+        )
+    )
     laa_caption = "LAA sampling points: " + ", ".join(
-        f"{name} {i + 1}->{i + 2}" for i, name in zip(range(len(laa_points)), LAA_COLOURS))
+        f"{name} {i + 1}->{i + 2}" for i, name in zip(range(len(laa_points)), LAA_COLOURS)
+    )
     captions = ["input", "SIA clusters (dictionary of stage 3)", laa_caption if laa_points else "no LAA in this model"]
     width, height = draw(pixels, labels, laa_points, title, captions, args.scale, args.seed, args.output)
-    print(f"wrote {args.output} ({width}x{height}): {clusters} clusters, {len(laa_points)} LAA layers"
-          + ("" if moved else ", offsets zero"))
+    print(
+        f"wrote {args.output} ({width}x{height}): {clusters} clusters, {len(laa_points)} LAA layers"
+        + ("" if moved else ", offsets zero")
+    )
     return 0
