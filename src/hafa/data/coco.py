@@ -2,21 +2,26 @@
     ROOT/annotations/instances_<split>.json   (images, annotations, categories)
     ROOT/<split>/<file_name>                  (COCO 2017: split train2017 / val2017)
 
-The annotation file is checked when it is read, with messages naming the file and what is wrong:
-invalid JSON, missing keys, duplicate ids, annotations of image ids that are not listed, category ids
-that are not in the categories, segmentations that are neither polygons nor RLE, listed images
-missing from the folder. A missing 'area' is computed from the mask (COCOeval needs it).
+Every field of the annotation file is checked whenever it is read (`instances_problems`; cheap next to
+parsing the json), so that neither training nor COCOeval ever sees a broken annotation. Refused, with
+messages naming the file, the ids and what is wrong (up to ten problems at once): invalid JSON, missing
+keys, ids that are not whole numbers, duplicate ids, annotations of image ids that are not listed,
+category ids that are not in the categories, no categories, no annotations, images without a size in
+whole pixels, bboxes that are not four finite numbers [x, y, width, height] or have a negative size,
+NaN or infinite coordinates, polygons of fewer than three points, empty segmentations, RLE of another
+size than its image, non-finite areas, iscrowd other than 0 / 1. A missing 'area' is computed from the
+mask (COCOeval needs it). data/checks.py adds the image files (present, readable, of the listed size).
 
 Training targets (what the loader of the training split returns):
 - crowd annotations (iscrowd=1) are left out (torchvision's Mask R-CNN has no ignore regions;
   COCOeval ignores them in evaluation);
-- degenerate boxes (width or height <= 1 pixel inside the image) and empty masks (no polygon with
-  three points, or zero area) are dropped and counted (`dropped`, reported by the task);
+- boxes are clipped to the image (counted); degenerate boxes (width or height <= 1 pixel inside the
+  image) and empty masks (zero area) are dropped and counted (`dropped`, reported by the task);
 - images left without objects are skipped by default (filter_empty, as mmdetection's training
   does); with filter_empty=False they stay in as pure negatives.
 Evaluation uses every listed image against the file itself (COCOeval). Unreadable image files are
-skipped with a warning and counted, as in data/folder.py: in training the next readable image takes
-their place, in evaluation they are left out.
+skipped with a warning and counted (data/files.py): in training the next readable image takes their
+place, in evaluation they are left out.
 
 Augmentation (training): horizontal flip of the image, its boxes and its masks, seeded per
 (seed, epoch, index) so that a sample looks the same in any process or worker and after a resume.
@@ -26,6 +31,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -40,7 +46,8 @@ from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as TF
 
 from ..errors import UserError
-from .folder import read_rgb, sample_seed
+from .files import first_readable, many_problems, read_rgb
+from .folder import sample_seed
 
 _logger = logging.getLogger(__name__)
 
@@ -67,64 +74,174 @@ def find_split(root: str, role: str) -> str:
     raise UserError(f"no {role} annotations in {root}: expected {expected}")
 
 
-def _first(values, limit: int = 10) -> str:
+def first_items(values, limit: int = 10) -> str:
     values = list(values)
     return ", ".join(str(v) for v in values[:limit]) + (f" ... ({len(values)} in all)" if len(values) > limit else "")
 
 
-def _check_segmentation(segmentation) -> bool:
-    """Polygons (a list of flat [x1, y1, x2, y2, ...] lists) or RLE ({'counts', 'size'})."""
-    if isinstance(segmentation, list):
-        return all(
-            isinstance(p, list) and len(p) % 2 == 0 and all(isinstance(v, (int, float)) for v in p)
-            for p in segmentation
-        )
-    return isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def read_instances(path: str) -> dict:
-    """The content of an instances json, checked (see the module docstring); UserError naming the problem."""
-    if not os.path.isfile(path):
-        raise UserError(f"annotation file not found: {path}")
-    try:
-        with open(path) as f:
-            content = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise UserError(f"{path} is not valid JSON: {error}") from error
-    if not isinstance(content, dict):
-        raise UserError(f"{path}: expected a JSON object with images, annotations and categories")
-    missing = [key for key in REQUIRED_KEYS if not isinstance(content.get(key), list)]
-    if missing:
-        raise UserError(f"{path} has no list of {', '.join(missing)}")
+def is_whole_number(value) -> bool:
+    return _is_number(value) and math.isfinite(value) and value == int(value)
+
+
+def _finite_numbers(values) -> bool:
+    """True for a list of numbers, none NaN or infinite (one sum over the list; the overflow of finite
+    values to infinity that it could mistake for an infinite value needs coordinates beyond 1e300)."""
+    if not isinstance(values, list) or not all(_is_number(v) for v in values):
+        return False
+    return math.isfinite(sum(values))
+
+
+def _mask_problem(segmentation, height, width) -> str | None:
+    """What is wrong with a segmentation (polygons or RLE) of an image of this size, or None."""
+    if isinstance(segmentation, dict):
+        size, counts = segmentation.get("size"), segmentation.get("counts")
+        if not (isinstance(size, list) and len(size) == 2 and isinstance(counts, (str, list))):
+            return "segmentation must be polygons or RLE ({'size': [height, width], 'counts': ...})"
+        if size != [height, width]:
+            return "RLE size differs from the image's [height, width]; the RLE belongs to another image"
+        if isinstance(counts, list) and not (
+            all(is_whole_number(c) and c >= 0 for c in counts) and sum(counts) == size[0] * size[1]
+        ):
+            return "RLE counts must be whole numbers >= 0 adding up to height * width"
+        return None
+    if not isinstance(segmentation, list) or not all(isinstance(p, list) for p in segmentation):
+        return "segmentation must be polygons or RLE (a list of [x1, y1, x2, y2, ...] lists, or {'size', 'counts'})"
+    if not segmentation:
+        return "segmentation is empty: Mask R-CNN needs a mask per object (give a polygon, or drop the annotation)"
+    if not all(_finite_numbers(p) for p in segmentation):
+        return "polygon coordinates must be finite numbers (NaN, infinity or a non-number found)"
+    if not all(len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
+        return "a polygon needs at least 3 points (an even count of 6 or more numbers); fix or drop it"
+    return None
+
+
+def _box_problem(box) -> str | None:
+    """What is wrong with a bbox, or None."""
+    if not (isinstance(box, list) and len(box) == 4 and all(_is_number(v) for v in box)):
+        return "bbox must be [x, y, width, height], four numbers"
+    if not _finite_numbers(box):
+        return "bbox holds NaN or infinity"
+    if box[2] < 0 or box[3] < 0:
+        return "bbox has a negative width or height (COCO boxes are [x, y, width, height], not corners)"
+    return None
+
+
+def _entry_problems(path: str, content: dict) -> list[str]:
+    """Entries that are not objects with the required keys, and duplicate ids."""
+    problems = []
     for section, keys in REQUIRED_KEYS.items():
         for key in keys:
             lacking = [i for i, entry in enumerate(content[section]) if not isinstance(entry, dict) or key not in entry]
             if lacking:
-                raise UserError(f"{path}: {len(lacking)} {section} lack '{key}' (entries {_first(lacking)})")
-        duplicates = [i for i, n in Counter(entry["id"] for entry in content[section]).items() if n > 1]
+                problems.append(f"{path}: {len(lacking)} {section} lack '{key}' (entries {first_items(lacking)})")
+        for key in ("id", "image_id", "category_id") if section == "annotations" else ("id",):
+            not_whole = [
+                e[key] for e in content[section] if isinstance(e, dict) and key in e and not is_whole_number(e[key])
+            ]
+            if not_whole:
+                problems.append(
+                    f"{path}: {section} {key}s must be whole numbers, not {first_items(map(repr, not_whole))}"
+                )
+        ids = [entry.get("id") for entry in content[section] if isinstance(entry, dict)]
+        duplicates = [i for i, n in Counter(i for i in ids if is_whole_number(i)).items() if n > 1]
         if duplicates:
-            raise UserError(f"{path}: duplicate {section} ids: {_first(duplicates)}")
-    image_ids = {image["id"] for image in content["images"]}
+            problems.append(f"{path}: duplicate {section} ids: {first_items(duplicates)}")
+    return problems
+
+
+def instances_problems(path: str, content) -> list[str]:
+    """Every problem of the content of an instances json, each naming the file, the ids and what to do."""
+    if not isinstance(content, dict):
+        return [f"{path}: expected a JSON object with images, annotations and categories"]
+    missing = [key for key in REQUIRED_KEYS if not isinstance(content.get(key), list)]
+    if missing:
+        return [f"{path} has no list of {', '.join(missing)}"]
+    problems = _entry_problems(path, content)
+    if problems:
+        return problems
+    images = {image["id"]: image for image in content["images"]}
+    bad_images = [
+        i
+        for i, image in images.items()
+        if not (
+            is_whole_number(image["height"])
+            and is_whole_number(image["width"])
+            and image["height"] > 0
+            and image["width"] > 0
+        )
+        or not (isinstance(image["file_name"], str) and image["file_name"])
+    ]
+    if bad_images:
+        problems.append(
+            f"{path}: images {first_items(bad_images)} need a file_name and a height and width in whole pixels > 0"
+        )
     category_ids = {category["id"] for category in content["categories"]}
+    if not category_ids:
+        problems.append(f"{path}: no categories")
     annotations = content["annotations"]
-    unknown_images = {a["image_id"] for a in annotations} - image_ids
+    if not annotations:
+        problems.append(f"{path}: no annotations (nothing to train on or to evaluate against)")
+    unknown_images = {a["image_id"] for a in annotations} - set(images)
     if unknown_images:
-        raise UserError(
-            f"{path}: annotations refer to image ids that are not in its images: {_first(sorted(unknown_images))}"
+        problems.append(
+            f"{path}: annotations refer to image ids that are not in its images: {first_items(sorted(unknown_images))}"
         )
     unknown_categories = {a["category_id"] for a in annotations} - category_ids
     if unknown_categories:
-        raise UserError(
+        problems.append(
             f"{path}: annotations use category ids that are not in its categories "
-            f"({_first(sorted(category_ids))}): {_first(sorted(unknown_categories))}"
+            f"({first_items(sorted(category_ids))}): {first_items(sorted(unknown_categories))}"
         )
-    bad_boxes = [a["id"] for a in annotations if not (isinstance(a["bbox"], list) and len(a["bbox"]) == 4)]
-    if bad_boxes:
-        raise UserError(f"{path}: bbox must be [x, y, width, height]; not so in annotations {_first(bad_boxes)}")
-    bad_masks = [a["id"] for a in annotations if not _check_segmentation(a["segmentation"])]
-    if bad_masks:
-        raise UserError(f"{path}: segmentation must be polygons or RLE; not so in annotations {_first(bad_masks)}")
+    by_problem = defaultdict(list)
+    for annotation in annotations:
+        image = images.get(annotation["image_id"], {})
+        found = [
+            _box_problem(annotation["bbox"]),
+            _mask_problem(annotation["segmentation"], image.get("height"), image.get("width")),
+        ]
+        if "area" in annotation and not (_is_number(annotation["area"]) and math.isfinite(annotation["area"])):
+            found.append("area must be a finite number")
+        if annotation.get("iscrowd", 0) not in (0, 1):
+            found.append("iscrowd must be 0 or 1")
+        for problem in found:
+            if problem:
+                by_problem[problem].append(annotation["id"])
+    problems += [f"{path}: annotations {first_items(ids)}: {problem}" for problem, ids in by_problem.items()]
+    return problems
+
+
+def parse_instances(path: str) -> tuple[dict | None, list[str]]:
+    """-> (the content of an instances json or None, the list of its problems)."""
+    if not os.path.isfile(path):
+        return None, [f"annotation file not found: {path}"]
+    try:
+        with open(path) as f:
+            content = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        return None, [f"{path} is not valid JSON: {error}"]
+    return content, instances_problems(path, content)
+
+
+def read_instances(path: str) -> dict:
+    """The content of an instances json, checked (see the module docstring); UserError listing its problems."""
+    content, problems = parse_instances(path)
+    if problems:
+        raise many_problems(problems)
     return content
+
+
+def size_problem(image_path: str, size: tuple[int, int], json_path: str, image: dict) -> str | None:
+    """The message for an image file whose size (width, height) is not the one its json entry lists."""
+    if size == (image["width"], image["height"]):
+        return None
+    return (
+        f"{image_path} is {size[0]} x {size[1]} pixels, but {json_path} says {image['width']} x {image['height']}; "
+        "fix the json's width and height (or the file)"
+    )
 
 
 def load_coco(path: str) -> COCO:
@@ -142,19 +259,18 @@ def load_coco(path: str) -> COCO:
 
 
 def _has_mask(annotation: dict) -> bool:
-    """False for an empty mask: no polygon of three points or more, or zero area."""
-    segmentation = annotation["segmentation"]
-    if isinstance(segmentation, list) and not any(len(polygon) >= 6 for polygon in segmentation):
-        return False
+    """False for an empty mask (zero area); a checked file has no polygon of fewer than three points."""
     return annotation["area"] > 0
 
 
 @dataclass
 class Dropped:
-    """What a training split leaves out: annotation ids of degenerate boxes and empty masks, the
-    number of crowd annotations, the ids of images left without objects (skipped or kept as negatives)."""
+    """What a training split leaves out or changes: annotation ids of degenerate boxes, of boxes clipped
+    to their image and of empty masks, the number of crowd annotations, the ids of images left without
+    objects (skipped or kept as negatives)."""
 
     degenerate_boxes: list[int] = field(default_factory=list)
+    clipped_boxes: list[int] = field(default_factory=list)
     empty_masks: list[int] = field(default_factory=list)
     crowd: int = 0
     images_without_objects: list[int] = field(default_factory=list)
@@ -164,15 +280,22 @@ class Dropped:
         if self.degenerate_boxes:
             lines.append(
                 f"dropped {len(self.degenerate_boxes)} degenerate boxes (width or height <= 1 px; "
-                f"annotation ids {_first(self.degenerate_boxes)})"
+                f"annotation ids {first_items(self.degenerate_boxes)})"
+            )
+        if self.clipped_boxes:
+            lines.append(
+                f"clipped {len(self.clipped_boxes)} boxes that extend beyond their image "
+                f"(annotation ids {first_items(self.clipped_boxes)})"
             )
         if self.empty_masks:
-            lines.append(f"dropped {len(self.empty_masks)} empty masks (annotation ids {_first(self.empty_masks)})")
+            lines.append(
+                f"dropped {len(self.empty_masks)} empty masks (annotation ids {first_items(self.empty_masks)})"
+            )
         if self.images_without_objects:
             what = "skipped" if filter_empty else "kept as negatives"
             lines.append(
                 f"{len(self.images_without_objects)} training images without objects {what} "
-                f"(image ids {_first(self.images_without_objects)})"
+                f"(image ids {first_items(self.images_without_objects)})"
             )
         return lines
 
@@ -227,7 +350,7 @@ class CocoInstances(Dataset):
         missing = [n for n in names if n not in present and not os.path.isfile(os.path.join(self.image_dir, n))]
         if missing:
             raise UserError(
-                f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: {_first(missing)}"
+                f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: {first_items(missing)}"
             )
 
     def _training_objects(self) -> dict[int, list[dict]]:
@@ -242,7 +365,10 @@ class CocoInstances(Dataset):
             box = [max(0.0, x), max(0.0, y), min(float(image["width"]), x + w), min(float(image["height"]), y + h)]
             if box[2] - box[0] <= 1 or box[3] - box[1] <= 1:
                 self.dropped.degenerate_boxes.append(annotation["id"])
-            elif not _has_mask(annotation):
+                continue
+            if box != [x, y, x + w, y + h]:
+                self.dropped.clipped_boxes.append(annotation["id"])
+            if not _has_mask(annotation):
                 self.dropped.empty_masks.append(annotation["id"])
             else:
                 objects[annotation["image_id"]].append(dict(annotation, box=box))
@@ -258,17 +384,15 @@ class CocoInstances(Dataset):
     def image_path(self, image_id: int) -> str:
         return os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
 
-    def _read(self, image_id: int) -> torch.Tensor | None:
+    def _read(self, image_id: int) -> tuple[torch.Tensor, int] | None:
+        """-> (image 3 x H x W in [0, 1], its id), or None when unreadable."""
         image = read_rgb(self.image_path(image_id))
         if image is None:
             return None
-        info = self.coco.imgs[image_id]
-        if image.size != (info["width"], info["height"]):
-            raise UserError(
-                f"{self.image_path(image_id)} is {image.size[0]} x {image.size[1]} pixels, but {self.path} "
-                f"says {info['width']} x {info['height']}"
-            )
-        return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True)
+        problem = size_problem(self.image_path(image_id), image.size, self.path, self.coco.imgs[image_id])
+        if problem:
+            raise UserError(problem)
+        return TF.to_dtype(TF.pil_to_tensor(image), torch.float32, scale=True), image_id
 
     def _target(self, image_id: int, height: int, width: int, flip: bool) -> dict:
         objects = self.objects[image_id]
@@ -293,19 +417,16 @@ class CocoInstances(Dataset):
         )
 
     def __getitem__(self, index: int):
-        skipped = 0
-        for attempt in range(min(len(self.image_ids), 16) if self.train else 1):
-            image_id = self.image_ids[(index + attempt) % len(self.image_ids)]
-            image = self._read(image_id)
-            if image is not None:
-                break
-            skipped += 1
-        else:
-            if self.train:
-                raise UserError(
-                    f"{skipped} images in a row cannot be read, starting at {self.image_path(self.image_ids[index])}"
-                )
+        read, skipped = first_readable(
+            lambda i: self._read(self.image_ids[i]),
+            index,
+            len(self.image_ids),
+            self.train,
+            lambda i: self.image_path(self.image_ids[i]),
+        )
+        if read is None:
             return None, dict(image_id=self.image_ids[index]), skipped
+        image, image_id = read
         if not self.train:
             return image, dict(image_id=image_id), skipped
         generator = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, index))

@@ -1,14 +1,14 @@
 """Image classification data in the standard folder layout: ROOT/{train,val}/<class>/<image>.
 
 Checked up front so that a wrong path, an empty split or a class folder without images gets a
-message naming it. Images are read with PIL and converted to RGB (grayscale, RGBA and palette
-images work). An unreadable or truncated image is skipped with a warning naming the file and
-counted: in training its place in the batch goes to the next readable image (so that batches keep
-their size in every process), in evaluation it is left out.
+message naming it (data/checks.py reads every file's header before training). Images are read as
+8-bit RGB by data/files.py (grayscale, RGBA, palette and 16/32-bit images work). An unreadable or
+truncated image is skipped with a warning naming the file and counted: in training its place in the
+batch goes to the next readable image (so that batches keep their size in every process), in
+evaluation it is left out.
 """
 
 import hashlib
-import logging
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -16,13 +16,12 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from ..errors import UserError
+from .files import first_readable, read_rgb
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-_logger = logging.getLogger(__name__)
 
 
 def _is_image(name: str) -> bool:
@@ -51,16 +50,6 @@ def scan_split(root: str, split: str) -> tuple[list[str], list[tuple[str, int]]]
             f"(images end with {', '.join(IMAGE_EXTENSIONS)})"
         )
     return classes, samples
-
-
-def read_rgb(path: str) -> Image.Image | None:
-    """The image as RGB, or None (with a warning) when the file cannot be decoded."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        _logger.warning("skipping unreadable image %s: %s", path, error)
-        return None
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -121,18 +110,20 @@ class ImageFolderDataset(Dataset):
     def _sample_seed(self, index: int) -> int:
         return sample_seed(self.seed, self.epoch, index)
 
+    def _read(self, index: int):
+        path, target = self.samples[index]
+        image = read_rgb(path)
+        return None if image is None else (image, target)
+
     def __getitem__(self, index: int):
-        skipped = 0
-        for attempt in range(min(len(self.samples), 16) if self.replace_unreadable else 1):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
-            image = read_rgb(path)
-            if image is not None:
-                with _seeded(self._sample_seed(index)):
-                    return self.transform(image), target, skipped
-            skipped += 1
-        if self.replace_unreadable:
-            raise UserError(f"{skipped} images in a row cannot be read, starting at {self.samples[index][0]}")
-        return None, self.samples[index][1], skipped
+        read, skipped = first_readable(
+            self._read, index, len(self.samples), self.replace_unreadable, lambda i: self.samples[i][0]
+        )
+        if read is None:
+            return None, self.samples[index][1], skipped
+        image, target = read
+        with _seeded(self._sample_seed(index)):
+            return self.transform(image), target, skipped
 
 
 def collate_skipping(batch):

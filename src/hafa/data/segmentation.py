@@ -5,7 +5,9 @@ Layouts (pairs match by file name without extension):
              value 0 is "other" (ignored) and 1..K become classes 0..K-1 (reduce_zero_label).
     folders  --images DIR --masks DIR (and the same for validation); the mask values are the classes
              0..K-1 unless reduce_zero_label is asked for.
-Masks hold one class id per pixel (PNG mode L, P, I or 1); 255 is "ignore" in both layouts.
+Masks hold one class id per pixel (PNG mode L, P, I, I;16 or 1, read as they are: a 16-bit mask is
+never scaled); 255 is "ignore" in both layouts. A JPEG mask is refused: its compression turns the edges
+between classes into other class ids.
 
 Bad input: an image without a mask (or a mask without an image) is left out with a warning that
 counts them and names a few; an unreadable image or mask is skipped with a warning and counted
@@ -13,7 +15,8 @@ counts them and names a few; an unreadable image or mask is skipped with a warni
 adds nothing to the loss or the metrics). A class id outside 0..K-1 (other than ignore), a mask of
 another size than its image and a colour mask are errors naming the file: they mean the wrong
 --num-classes or --reduce-zero-label, or masks that are not class ids, which no training should
-silently paper over. Each sample reports its problem and the task raises it in the main process.
+silently paper over. data/checks.py finds them all before training; when the check is skipped,
+each sample reports its problem and the task raises it in the main process.
 """
 
 import logging
@@ -31,11 +34,13 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import ColorJitter
 
 from ..errors import UserError
-from .folder import IMAGE_EXTENSIONS, _is_image, _seeded, read_rgb, sample_seed
+from .files import UNREADABLE, first_readable, read_rgb
+from .folder import IMAGE_EXTENSIONS, _is_image, _seeded, sample_seed
 
 IGNORE_INDEX = 255
 ADE20K_SPLITS = {"train": "training", "val": "validation"}
-MASK_MODES = ("1", "L", "P", "I", "I;16")
+MASK_MODES = ("1", "L", "P", "I", "I;16", "I;16B", "I;16L", "I;16N")
+LOSSY_FORMATS = ("JPEG", "MPO")  # PIL names camera JPEGs MPO
 _logger = logging.getLogger(__name__)
 
 Pair = tuple[str, str]  # (image path, mask path)
@@ -106,17 +111,39 @@ def data_pairs(data: dict, split: str) -> list[Pair]:
 # ---------------------------------------------------------------- reading masks
 
 
+def mask_file_problem(path: str, mode: str, image_format: str | None) -> str | None:
+    """Why a file of this mode and format cannot be a mask, or None."""
+    if image_format in LOSSY_FORMATS:
+        return (
+            f"{path}: a JPEG mask is lossy (its compression changes the class ids along every edge); "
+            "save the masks as PNG"
+        )
+    if mode not in MASK_MODES:
+        return f"{path}: a mask must hold one class id per pixel (PNG mode L, P, I or 1), not a {mode} image"
+    return None
+
+
+def size_problem(
+    mask_path: str, mask_size: tuple[int, int], image_path: str, image_size: tuple[int, int]
+) -> str | None:
+    """The message for a mask of another size (width, height) than its image, or None."""
+    if mask_size == image_size:
+        return None
+    return (
+        f"{mask_path} is {mask_size[0]}x{mask_size[1]} but its image {image_path} is "
+        f"{image_size[0]}x{image_size[1]} (width x height)"
+    )
+
+
 def read_mask(path: str) -> np.ndarray | None:
     """The mask's values as an H x W array (palette indices for mode P), or None when unreadable."""
     try:
         with Image.open(path) as mask:
-            mask.load()
-            if mask.mode not in MASK_MODES:
-                raise UserError(
-                    f"{path}: a mask must hold one class id per pixel (PNG mode L, P, I or 1), not a {mask.mode} image"
-                )
+            problem = mask_file_problem(path, mask.mode, mask.format)
+            if problem:
+                raise UserError(problem)
             return np.array(mask)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
+    except UNREADABLE as error:
         _logger.warning("skipping unreadable mask %s: %s", path, error)
         return None
 
@@ -129,26 +156,35 @@ class LabelMapping:
             raise UserError(f"the number of classes must be 1..{IGNORE_INDEX}, not {num_classes}")
         self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
 
+    def ignored(self, values: np.ndarray) -> np.ndarray:
+        """Which mask values mean "ignore"."""
+        return (values == IGNORE_INDEX) | ((values == 0) if self.reduce_zero_label else False)
+
+    def invalid(self, values: np.ndarray) -> np.ndarray:
+        """The distinct mask values that are neither classes nor ignore, sorted."""
+        values = np.unique(values).astype(np.int64)
+        labels = values - 1 if self.reduce_zero_label else values
+        return values[~self.ignored(values) & ((labels < 0) | (labels >= self.num_classes))]
+
+    def problem(self, path: str, invalid: np.ndarray) -> str:
+        """The message for a mask holding the values `invalid`."""
+        first = 1 if self.reduce_zero_label else 0
+        shown = ", ".join(str(v) for v in invalid[:10])
+        return (
+            f"{path}: mask values {shown} are not classes: with {self.num_classes} classes"
+            f"{' and --reduce-zero-label' if self.reduce_zero_label else ''} the values are "
+            f"{first}..{first + self.num_classes - 1} ({'0 and ' if self.reduce_zero_label else ''}"
+            f"{IGNORE_INDEX} = ignore); check --num-classes and --reduce-zero-label"
+        )
+
     def __call__(self, values: np.ndarray, path: str) -> np.ndarray:
         """-> int64 labels; UserError naming the file and the values that are not classes."""
+        invalid = self.invalid(values)
+        if invalid.size:
+            raise UserError(self.problem(path, invalid))
         values = values.astype(np.int64)
-        ignore = values == IGNORE_INDEX
-        if self.reduce_zero_label:
-            ignore |= values == 0
-            labels = values - 1
-        else:
-            labels = values
-        bad = ~ignore & ((labels < 0) | (labels >= self.num_classes))
-        if bad.any():
-            first = 1 if self.reduce_zero_label else 0
-            shown = ", ".join(str(v) for v in np.unique(values[bad])[:10])
-            raise UserError(
-                f"{path}: mask values {shown} are not classes: with {self.num_classes} classes"
-                f"{' and --reduce-zero-label' if self.reduce_zero_label else ''} the values are "
-                f"{first}..{first + self.num_classes - 1} ({'0 and ' if self.reduce_zero_label else ''}"
-                f"{IGNORE_INDEX} = ignore); check --num-classes and --reduce-zero-label"
-            )
-        labels[ignore] = IGNORE_INDEX
+        labels = values - 1 if self.reduce_zero_label else values
+        labels[self.ignored(values)] = IGNORE_INDEX
         return labels
 
 
@@ -295,25 +331,24 @@ class SegmentationDataset(Dataset):
         image = read_rgb(image_path) if values is not None else None
         if image is None:
             return None
-        if values.shape != (image.height, image.width):
-            raise UserError(
-                f"{mask_path} is {values.shape[1]}x{values.shape[0]} but its image {image_path} is "
-                f"{image.width}x{image.height} (width x height)"
-            )
+        problem = size_problem(mask_path, (values.shape[1], values.shape[0]), image_path, image.size)
+        if problem:
+            raise UserError(problem)
         return image, self.labels(values, mask_path)
 
     def __getitem__(self, index: int) -> SegmentationSample:
-        skipped = 0
-        for attempt in range(min(len(self.pairs), 16) if self.replace_unreadable else 1):
-            try:
-                read = self._read(self.pairs[(index + attempt) % len(self.pairs)])
-            except UserError as error:
-                return SegmentationSample(None, None, skipped, str(error))
-            if read is not None:
-                with _seeded(sample_seed(self.seed, self.epoch, index)):
-                    image, labels = self.transform(*read)
-                return SegmentationSample(image, labels, skipped, None)
-            skipped += 1
-        if self.replace_unreadable:
-            raise UserError(f"{skipped} image/mask pairs in a row cannot be read, starting at {self.pairs[index][0]}")
-        return SegmentationSample(None, None, skipped, None)
+        try:
+            read, skipped = first_readable(
+                lambda i: self._read(self.pairs[i]),
+                index,
+                len(self.pairs),
+                self.replace_unreadable,
+                lambda i: self.pairs[i][0],
+            )
+        except UserError as error:
+            return SegmentationSample(None, None, 0, str(error))
+        if read is None:
+            return SegmentationSample(None, None, skipped, None)
+        with _seeded(sample_seed(self.seed, self.epoch, index)):
+            image, labels = self.transform(*read)
+        return SegmentationSample(image, labels, skipped, None)
