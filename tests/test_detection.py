@@ -12,15 +12,17 @@ import timm
 import torch
 from PIL import Image
 
+from hafa.checkpoint import read_file
 from hafa.cli import main
 from hafa.data.coco import CocoInstances, collate_detection
 from hafa.data.scenes import SHAPES, make_scene
 from hafa.errors import UserError
 from hafa.layers import SIA
-from hafa.models.mask_rcnn import batch_padding_mask, create_mask_rcnn
+from hafa.models.mask_rcnn import batch_padding_mask
+from hafa.pretrained import load_pretrained
 from hafa.tasks.detection import build_step_scheduler, predict_detection
 from hafa.tasks.detection_metrics import coco_metrics, detections_to_coco
-from hafa.tasks.engine import load_checkpoint
+from hafa.tasks.networks import backbone_of, create_network, detector_arguments
 
 SIZES = [(72, 100), (97, 66), (120, 84), (88, 110), (66, 90), (100, 76)]  # (height, width)
 TINY = [
@@ -110,9 +112,16 @@ def test_padding_mask_reaches_sia_as_tokens_outside_the_images():
     assert torch.equal(mask[1], expected)
 
 
+def small_detector(name: str) -> torch.nn.Module:
+    args = detector_arguments(
+        name, num_classes=3, hafa_options={}, drop_path_rate=0.0, fpn_channels=32, rcnn=dict(min_size=72, max_size=120)
+    )
+    return create_network("detection", name, args)
+
+
 def test_mask_rcnn_trains_and_detects_on_images_of_different_sizes():
     for name in ("hafa_pvt_v2_b0", "pvt_v2_b0"):
-        model = create_mask_rcnn(name, 3, fpn_channels=32, min_size=72, max_size=120)
+        model = small_detector(name)
         images = [torch.rand(3, 72, 100), torch.rand(3, 97, 66)]
         masks = [torch.zeros(1, 72, 100, dtype=torch.uint8), torch.zeros(1, 97, 66, dtype=torch.uint8)]
         masks[0][0, 10:40, 20:50] = masks[1][0, 30:60, 5:40] = 1
@@ -133,7 +142,8 @@ def test_backbone_initialised_from_an_imagenet_baseline_checkpoint(tmp_path):
     baseline = timm.create_model("pvt_v2_b0")
     path = str(tmp_path / "pvt_v2_b0.pth")
     torch.save(baseline.state_dict(), path)
-    model = create_mask_rcnn("hafa_pvt_v2_b0", 3, fpn_channels=32, init_from=path, verbose=False)
+    model = small_detector("hafa_pvt_v2_b0")
+    load_pretrained(backbone_of("detection", model), path, verbose=False)
     body = model.backbone.body
     assert torch.equal(body.patch_embed.proj.weight, baseline.patch_embed.proj.weight)
     assert torch.equal(body.stages[1].blocks[0].attn.q.weight, baseline.stages[1].blocks[0].attn.q.weight)
@@ -281,7 +291,7 @@ def test_degenerate_boxes_empty_masks_crowds_and_images_without_objects(coco_cop
     assert target["boxes"].shape == (0, 4)
     assert target["masks"].shape == (0, *image.shape[-2:])
     images, targets, skipped = collate_detection([kept[index], kept[(index + 1) % len(kept)]])
-    model = create_mask_rcnn("pvt_v2_b0", 3, fpn_channels=32, min_size=72, max_size=120)
+    model = small_detector("pvt_v2_b0")
     assert torch.isfinite(sum(model(images, targets).values()))  # a pure negative trains
 
 
@@ -325,9 +335,9 @@ def test_det_train_eval_and_predict_end_to_end(tiny_coco, tmp_path, capsys):
     assert "box AP" in printed
     assert "hafa_pvt_v2_b0 vs pvt_v2_b0:" in printed
     best = os.path.join(output, "hafa_pvt_v2_b0", "best.pth")
-    saved = load_checkpoint(best)
+    saved = read_file(best)
     assert saved["task"] == "detection"
-    assert saved["class_names"] == list(SHAPES)
+    assert saved["classes"] == list(SHAPES)
     assert set(saved["metrics"]) >= {
         f"{k}_{m}" for k in ("bbox", "segm") for m in ("AP", "AP50", "AP75", "APs", "APm", "APl")
     }
@@ -374,10 +384,10 @@ def test_det_train_resumes_exactly(tiny_coco, tmp_path):
     assert main([*common, "--epochs", "2", "--output", straight]) == 0
     assert main([*common, "--epochs", "1", "--output", split]) == 0
     assert main([*common, "--epochs", "2", "--output", split, "--resume"]) == 0
-    a = load_checkpoint(os.path.join(straight, "pvt_v2_b0", "last.pth"))
-    b = load_checkpoint(os.path.join(split, "pvt_v2_b0", "last.pth"))
+    a = read_file(os.path.join(straight, "pvt_v2_b0", "last.pth"))
+    b = read_file(os.path.join(split, "pvt_v2_b0", "last.pth"))
     assert a["train_state"] == b["train_state"]
-    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert main([*common, "--epochs", "2", "--output", split]) == 2  # never overwrites a run
 
 

@@ -3,25 +3,58 @@
 A checkpoint written by a `hafa` command is a dict of plain data (loadable with weights_only=True):
 
     format="hafa", version=1, task="classification" | "segmentation" | "detection",
-    model={"name": str, "args": dict}, classes=[...], settings={...}, state_dict={name: Tensor}, ...
+    model={"name": str, "args": dict}, classes=[...], settings={...}, state_dict={name: Tensor},
+    metrics={...}, and in last.pth the training state (optimizer, scheduler, scaler, train_state, rng, data).
+
+model.args are the complete keyword arguments of `hafa.tasks.networks.create_network`, so that
+`build_model` rebuilds exactly the trained network, and every one of its tensors must come from the
+file: a command never evaluates, predicts, exports or draws from newly initialised weights.
 
 Plain state dicts (timm, the official PVT releases) and their usual wrappers ("state_dict",
 "model", "model_ema", a "module." prefix from DistributedDataParallel) are read too.
 """
 
 import os
+from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import UserError
 
 FORMAT = "hafa"
 VERSION = 1
+# task -> (the command that writes its checkpoints, the command that evaluates them)
+TASK_COMMANDS = {
+    "classification": ("hafa train", "hafa eval"),
+    "segmentation": ("hafa seg-train", "hafa seg-eval"),
+    "detection": ("hafa det-train", "hafa det-eval"),
+}
+REQUIRED_FIELDS = ("task", "model", "classes", "settings", "state_dict")
+NAMES_SHOWN = 8
 
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot serve the request: unreadable, another model, another task."""
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint written by a `hafa` training command (see the module docstring)."""
+
+    path: str
+    task: str
+    model_name: str
+    model_args: dict
+    classes: list[str]
+    settings: dict
+    state_dict: dict[str, Tensor]
+    metrics: dict = field(default_factory=dict)
+    content: dict = field(default_factory=dict)  # the whole file, training state included
+
+    def describe(self) -> str:
+        """e.g. 'a segmentation checkpoint of hafa_pvt_v2_b0 (written by hafa seg-train)'."""
+        return f"a {self.task} checkpoint of {self.model_name} (written by {TASK_COMMANDS[self.task][0]})"
 
 
 def read_file(path: str) -> object:
@@ -58,3 +91,186 @@ def state_dict_of(content: object) -> dict[str, Tensor]:
     if not isinstance(content, dict) or not content or not all(isinstance(v, Tensor) for v in content.values()):
         raise CheckpointError("the file does not hold a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in content.items()}
+
+
+def is_hafa_checkpoint(content: object) -> bool:
+    return isinstance(content, dict) and content.get("format") == FORMAT
+
+
+def checkpoint_content(
+    *,
+    task: str,
+    model_name: str,
+    model_args: dict,
+    classes: list[str],
+    settings: dict,
+    state_dict: dict[str, Tensor] | None = None,
+    metrics: dict | None = None,
+    **training_state,
+) -> dict:
+    """The dict a checkpoint file holds (format 1); training_state: what last.pth adds to resume."""
+    if task not in TASK_COMMANDS:
+        raise ValueError(f"unknown task {task!r}")
+    return dict(
+        format=FORMAT,
+        version=VERSION,
+        task=task,
+        model=dict(name=model_name, args=model_args),
+        classes=list(classes),
+        settings=settings,
+        state_dict=state_dict,
+        metrics=metrics or {},
+        **training_state,
+    )
+
+
+def as_checkpoint(content: dict, path: str) -> Checkpoint:
+    """A hafa checkpoint's content as a Checkpoint; CheckpointError when it is not one this version reads."""
+    if content.get("version") != VERSION:
+        raise CheckpointError(
+            f"{path} is a hafa checkpoint of format version {content.get('version')}; this hafa reads version {VERSION}"
+        )
+    missing = [key for key in REQUIRED_FIELDS if key not in content]
+    if missing or content.get("task") not in TASK_COMMANDS:
+        raise CheckpointError(f"{path} is an incomplete hafa checkpoint (missing {', '.join(missing) or 'a task'})")
+    return Checkpoint(
+        path=path,
+        task=content["task"],
+        model_name=content["model"]["name"],
+        model_args=content["model"]["args"],
+        classes=list(content["classes"]),
+        settings=content["settings"],
+        state_dict=content["state_dict"],
+        metrics=content.get("metrics") or {},
+        content=content,
+    )
+
+
+def read_checkpoint_or_state_dict(path: str) -> Checkpoint | dict[str, Tensor]:
+    """A hafa checkpoint, or else the plain state dict the file holds (timm, official PVT)."""
+    content = read_file(path)
+    if is_hafa_checkpoint(content):
+        return as_checkpoint(content, path)
+    if isinstance(content, dict) and "config" in content and "model" in content:
+        raise CheckpointError(
+            f"{path} was written by an older hafa (before checkpoint format {VERSION}); it does not record its "
+            "model completely: retrain it, or read its weights with hafa.load_pretrained"
+        )
+    try:
+        return state_dict_of(content)
+    except CheckpointError:
+        raise CheckpointError(f"{path} holds neither a hafa checkpoint nor a state dict of tensors") from None
+
+
+def read_checkpoint(path: str, task: str, command: str) -> Checkpoint:
+    """A checkpoint of `task`, for `command` (e.g. 'hafa seg-eval'); one clear line for anything else."""
+    content = read_checkpoint_or_state_dict(path)
+    if not isinstance(content, Checkpoint):
+        raise CheckpointError(
+            f"{path} is a plain state dict; {command} takes a checkpoint of {TASK_COMMANDS[task][0]} "
+            "(best.pth / last.pth), which records the model, its classes and its recipe"
+        )
+    check_task(content, task, command)
+    return content
+
+
+def check_task(checkpoint: Checkpoint, task: str, command: str) -> None:
+    if checkpoint.task != task:
+        raise CheckpointError(
+            f"{checkpoint.path} is {checkpoint.describe()}; {command} takes {task} checkpoints "
+            f"(evaluate this one with {TASK_COMMANDS[checkpoint.task][1]})"
+        )
+
+
+def _names(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
+
+
+def load_exactly(model: nn.Module, state_dict: dict[str, Tensor], source: str, model_name: str) -> None:
+    """Load a state dict that must hold every tensor of `model`, with its shape, and nothing else."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    reshaped = [
+        f"{name} {tuple(state_dict[name].shape)} vs {tuple(tensor.shape)}"
+        for name, tensor in expected.items()
+        if name in state_dict and state_dict[name].shape != tensor.shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} ({_names(missing)})")
+    if extra:
+        problems.append(f"extra {len(extra)} ({_names(extra)})")
+    if reshaped:
+        problems.append(f"other shapes in {len(reshaped)} (checkpoint vs model: {_names(reshaped)})")
+    if problems:
+        raise CheckpointError(
+            f"{source} does not hold exactly the weights of {model_name}: {'; '.join(problems)}. "
+            "Nothing is computed from newly initialised weights."
+        )
+    model.load_state_dict(state_dict)
+
+
+def build_model(checkpoint: Checkpoint) -> nn.Module:
+    """The exact network a checkpoint was trained as, with all of its weights, in eval mode on the CPU."""
+    from .tasks.networks import create_network
+
+    model = create_network(checkpoint.task, checkpoint.model_name, checkpoint.model_args)
+    load_exactly(model, checkpoint.state_dict, checkpoint.path, checkpoint.model_name)
+    return model.eval()
+
+
+def build_classifier_from_state_dict(
+    state_dict: dict[str, Tensor], path: str, model_name: str | None, num_classes: int | None, img_size: int = 224
+) -> nn.Module:
+    """A classifier for a plain state dict (timm or official names), which must hold all its weights."""
+    from .pretrained import adapt_state_dict
+    from .tasks.networks import classifier_arguments, create_network
+
+    if model_name is None or num_classes is None:
+        raise CheckpointError(
+            f"{path} is a plain state dict: say which model it holds with --model and how many classes its "
+            "classifier has with --num-classes"
+        )
+    args = classifier_arguments(model_name, num_classes=num_classes, hafa_options={}, img_size=img_size)
+    model = create_network("classification", model_name, args)
+    adapted, report = adapt_state_dict(state_dict, model)
+    problems = []
+    if report.newly_initialised:
+        problems.append(f"missing {len(report.newly_initialised)} ({_names(report.newly_initialised)})")
+    if report.unused:
+        problems.append(f"extra {len(report.unused)} ({_names(report.unused)})")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not hold exactly the weights of {model_name} with {num_classes} classes: "
+            f"{'; '.join(problems)}. Nothing is computed from newly initialised weights."
+        )
+    model.load_state_dict(adapted)
+    return model.eval()
+
+
+def check_model_options(
+    checkpoint: Checkpoint,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    hafa_options: dict | None = None,
+) -> None:
+    """Model options given on the command line must agree with the checkpoint: it alone says the model."""
+    conflicts = []
+    if model_name is not None and model_name != checkpoint.model_name:
+        conflicts.append(f"--model {model_name} vs the checkpoint's {checkpoint.model_name}")
+    if num_classes is not None and num_classes != len(checkpoint.classes):
+        conflicts.append(f"--num-classes {num_classes} vs the checkpoint's {len(checkpoint.classes)}")
+    saved = checkpoint.model_args.get("backbone", checkpoint.model_args)
+    for option, value in (hafa_options or {}).items():
+        value = list(value) if isinstance(value, tuple) else value
+        if saved.get(option) != value:
+            shown = " ".join(map(str, value)) if isinstance(value, list) else value
+            conflicts.append(f"--{option.replace('_', '-')} {shown} vs the checkpoint's {saved.get(option)}")
+    if conflicts:
+        raise CheckpointError(
+            f"{checkpoint.path} holds another model than the options say: {'; '.join(conflicts)}. "
+            "Leave the model options out: the checkpoint says what its model is"
+        )

@@ -18,7 +18,6 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..errors import UserError, unknown_name
-from ..pretrained import load_pretrained
 from ._base import HafaBackbone
 
 STRIDES = [4, 8, 16, 32]
@@ -86,40 +85,20 @@ class PaddingAwareMaskRCNN(MaskRCNN):
         return self.transform.postprocess(detections, batch.image_sizes, original_sizes)
 
 
-def create_backbone_body(name: str, model_args: dict | None = None, drop_path: float = 0.0) -> nn.Module:
-    """The timm model (HAFA or baseline) whose stage maps feed the FPN; any input size."""
-    if name not in timm.list_models():
-        raise unknown_name("model", name, timm.list_models())
-    kwargs = dict(num_classes=0, drop_path_rate=drop_path, **((model_args or {}) if name.startswith("hafa_") else {}))
-    try:
-        return timm.create_model(name, strict_img_size=False, **kwargs)  # timm's Swin checks the input size otherwise
-    except TypeError as error:
-        if "strict_img_size" not in str(error):
-            raise
-        return timm.create_model(name, **kwargs)
-
-
 def create_mask_rcnn(
-    name: str,
-    num_classes: int,
-    model_args: dict | None = None,
-    drop_path: float = 0.0,
-    fpn_channels: int = 256,
-    init_from: str | None = None,
-    verbose: bool = True,
-    **rcnn_options,
+    name: str, *, num_classes: int, backbone: dict, fpn_channels: int = 256, rcnn: dict | None = None
 ) -> PaddingAwareMaskRCNN:
     """Mask R-CNN for `num_classes` object classes (torchvision adds the background class 0) on the
-    timm backbone `name`; init_from: an ImageNet (baseline or HAFA) checkpoint for the backbone.
-    rcnn_options go to torchvision's MaskRCNN (min_size, max_size, rpn_*, box_* ...)."""
-    body = create_backbone_body(name, model_args, drop_path)
-    if init_from:
-        load_pretrained(body, init_from, verbose=verbose)
+    timm model `name` (backbone: its timm keywords); rcnn: torchvision MaskRCNN options (min_size,
+    max_size, rpn_*, box_* ...)."""
+    if name not in timm.list_models():
+        raise unknown_name("model", name, timm.list_models())
+    body = timm.create_model(name, **backbone)
     cfg = body.pretrained_cfg
     return PaddingAwareMaskRCNN(
         FeaturePyramidBackbone(body, fpn_channels),
         num_classes=num_classes + 1,
         image_mean=list(cfg["mean"]),
         image_std=list(cfg["std"]),
-        **rcnn_options,
+        **(rcnn or {}),
     )

@@ -78,16 +78,11 @@ class SemanticFPN(nn.Module):
         return logits[..., :height, :width]
 
 
-def create_backbone(name: str, model_args: dict, drop_path: float) -> nn.Module:
-    """timm features_only backbone with the four maps at strides 4-32; HAFA options only for HAFA models."""
+def create_backbone(name: str, backbone_args: dict) -> nn.Module:
+    """timm features_only backbone giving the four maps at strides 4-32 (backbone_args: its timm keywords)."""
     if name not in timm.list_models():
         raise unknown_name("model", name, timm.list_models())
-    kwargs = dict(features_only=True, out_indices=(0, 1, 2, 3), drop_path_rate=drop_path)
-    if name.startswith("hafa_"):
-        kwargs.update(model_args)
-    elif name.startswith("swin"):
-        kwargs["strict_img_size"] = False  # timm's Swin pads windows itself when allowed other sizes
-    backbone = timm.create_model(name, **kwargs)
+    backbone = timm.create_model(name, features_only=True, out_indices=(0, 1, 2, 3), **backbone_args)
     if backbone.feature_info.reduction() != [4, 8, 16, 32]:
         raise UserError(
             f"{name}'s first four maps are at strides {backbone.feature_info.reduction()}; Semantic FPN "
@@ -96,12 +91,20 @@ def create_backbone(name: str, model_args: dict, drop_path: float) -> nn.Module:
     return backbone
 
 
-def backbone_network(backbone: nn.Module) -> nn.Module:
-    """The network whose parameter names match a classification checkpoint of the same model."""
-    return getattr(backbone, "model", backbone)
-
-
 def create_semantic_fpn(
-    name: str, num_classes: int, model_args: dict = None, drop_path: float = 0.0, dropout: float = 0.1
+    name: str,
+    *,
+    num_classes: int,
+    backbone: dict,
+    dropout: float = 0.1,
+    fpn_channels: int = 256,
+    head_channels: int = 128,
 ) -> SemanticFPN:
-    return SemanticFPN(create_backbone(name, model_args or {}, drop_path), num_classes, dropout=dropout)
+    """Semantic FPN on the timm model `name` (backbone: its timm keywords, e.g. drop_path_rate)."""
+    return SemanticFPN(
+        backbone=create_backbone(name, backbone),
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        head_channels=head_channels,
+        dropout=dropout,
+    )

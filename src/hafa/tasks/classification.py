@@ -9,7 +9,6 @@ embedded MNIST-5k trains a HAFA model and its baseline with a short recipe, side
 import argparse
 import os
 
-import timm
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup, create_transform
@@ -18,10 +17,20 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 from torch.utils.data import DataLoader
 
+from ..checkpoint import (
+    Checkpoint,
+    build_classifier_from_state_dict,
+    build_model,
+    check_model_options,
+    check_task,
+    checkpoint_content,
+    read_checkpoint,
+    read_checkpoint_or_state_dict,
+)
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
-from ..errors import UserError, unknown_name
-from ..pretrained import CheckpointMismatchError, adapt_state_dict, load_pretrained
+from ..errors import UserError
+from ..pretrained import load_pretrained
 from .commands import (
     DEMO_MODELS,
     add_model_options,
@@ -46,12 +55,12 @@ from .engine import (
     autocast_context,
     build_optimizer,
     check_run_dir,
-    load_checkpoint,
     load_recipe,
     override_recipe,
     progress_bar,
     train,
 )
+from .networks import classifier_arguments, create_network
 
 # Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
@@ -90,20 +99,6 @@ RECIPE_DEFAULTS = dict(
 
 
 # ---------------------------------------------------------------- building blocks
-
-
-def create_classifier(name: str, num_classes: int, recipe: dict, model_args: dict) -> torch.nn.Module:
-    """A timm model (HAFA or baseline) for `num_classes`; UserError with suggestions for unknown names."""
-    if name not in timm.list_models():
-        raise unknown_name("model", name, timm.list_models())
-    kwargs = dict(num_classes=num_classes, drop_path_rate=recipe["drop_path"], drop_rate=recipe["drop_rate"])
-    kwargs.update(model_args if name.startswith("hafa_") else {})
-    try:
-        return timm.create_model(name, img_size=recipe["img_size"], **kwargs)
-    except TypeError as error:
-        if "img_size" not in str(error):
-            raise
-        return timm.create_model(name, **kwargs)  # families that take any input size without it
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int):
@@ -226,7 +221,15 @@ def train_one_model(config: dict, processes: Processes) -> dict:
     classes = train_set.classes
     if config["num_classes"] is not None and config["num_classes"] != len(classes):
         raise UserError(f"--num-classes {config['num_classes']} but {config['data']} has {len(classes)} classes")
-    model = create_classifier(config["model"], len(classes), recipe, config["model_args"])
+    model_args = classifier_arguments(
+        config["model"],
+        num_classes=len(classes),
+        hafa_options=config["model_args"],
+        img_size=recipe["img_size"],
+        drop_path_rate=recipe["drop_path"],
+        drop_rate=recipe["drop_rate"],
+    )
+    model = create_network("classification", config["model"], model_args)
     if config["init_from"]:
         load_pretrained(model, config["init_from"], verbose=processes.is_main)
     if config["grad_checkpointing"]:
@@ -267,7 +270,9 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         resume=config["resume"],
         amp=config["amp"],
         clip_grad=recipe["clip_grad"],
-        checkpoint_extra=dict(config=config, class_names=classes, model_name=config["model"]),
+        header=checkpoint_content(
+            task="classification", model_name=config["model"], model_args=model_args, classes=classes, settings=config
+        ),
         curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]},
     )
     return dict(train(training, processes), model=config["model"])
@@ -382,35 +387,30 @@ def _evaluate_and_report(args, processes: Processes) -> int:
 
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:
-    saved = load_checkpoint(args.checkpoint)
-    ours = isinstance(saved, dict) and "config" in saved and "model" in saved
-    config = saved["config"] if ours else {}
-    name = args.model or config.get("model")
-    if name is None:
-        raise UserError(f"{args.checkpoint} is a plain state dict: say which model it holds with --model")
-    if ours and args.model and args.model != saved["model_name"]:
-        raise UserError(f"{args.checkpoint} holds a {saved['model_name']}, not a {args.model}")
-    recipe = dict(config.get("recipe", RECIPE_DEFAULTS))
+    source = read_checkpoint_or_state_dict(args.checkpoint)
+    if isinstance(source, Checkpoint):
+        check_task(source, "classification", "hafa eval")
+        check_model_options(source, model_name=args.model, num_classes=args.num_classes, hafa_options=model_args(args))
+        recipe, classes, data = dict(source.settings["recipe"]), source.classes, args.data or source.settings["data"]
+    else:
+        if model_args(args):
+            raise UserError("HAFA model options are for building a model; a plain state dict is read as --model is")
+        recipe, classes, data = dict(RECIPE_DEFAULTS), None, args.data
     if args.img_size:
         recipe["img_size"] = args.img_size
-    data = args.data or config.get("data")
     if data is None:
-        raise UserError("say which data to evaluate on with --data")
+        raise UserError(f"{args.checkpoint} is a plain state dict: say which data to evaluate on with --data")
     if data == os.path.abspath(default_data_root()):
         data = prepare_mnist5k(data)  # the embedded set, written again if the cache was cleared
-    class_names = saved.get("class_names") if ours else None
-    dataset = ImageFolderDataset(data, "val", eval_transform(recipe), classes=class_names)
-    num_classes = len(dataset.classes)
-    if args.num_classes is not None and args.num_classes != num_classes:
-        raise UserError(f"--num-classes {args.num_classes}, but the checkpoint/data have {num_classes} classes")
-    model = create_classifier(
-        name, num_classes, dict(recipe, drop_path=0.0, drop_rate=0.0), config.get("model_args") or model_args(args)
-    )
-    try:
-        state, _ = adapt_state_dict(saved["model"] if ours else saved, model)
-    except CheckpointMismatchError as error:
-        raise UserError(f"{args.checkpoint} does not fit {name} with {num_classes} classes: {error}") from error
-    model.load_state_dict(state)
+    dataset = ImageFolderDataset(data, "val", eval_transform(recipe), classes=classes)
+    if isinstance(source, Checkpoint):
+        model, name = build_model(source), source.model_name
+    else:
+        num_classes = args.num_classes or len(dataset.classes)
+        if num_classes != len(dataset.classes):
+            raise UserError(f"--num-classes {num_classes}, but {data} has {len(dataset.classes)} classes")
+        model = build_classifier_from_state_dict(source, args.checkpoint, args.model, num_classes, recipe["img_size"])
+        name = args.model
     model.to(processes.device)
     metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=name, data=data, checkpoint=args.checkpoint)
@@ -422,15 +422,9 @@ def predict_classification(
 ) -> dict:
     """Classify one image with a `hafa train` checkpoint and write it as a PNG titled with the top
     classes. -> dict(output, top: [(class name, probability %)])."""
-    saved = load_checkpoint(checkpoint)
-    if not (isinstance(saved, dict) and "config" in saved and "class_names" in saved):
-        raise UserError(f"{checkpoint} is not a checkpoint of hafa train")
-    config, classes = saved["config"], saved["class_names"]
-    recipe = config["recipe"]
-    model = create_classifier(
-        config["model"], len(classes), dict(recipe, drop_path=0.0, drop_rate=0.0), config["model_args"]
-    )
-    model.load_state_dict(adapt_state_dict(saved["model"], model)[0])
+    saved = read_checkpoint(checkpoint, "classification", "hafa predict")
+    classes, recipe = saved.classes, saved.settings["recipe"]
+    model = build_model(saved)
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read the image {image_path}")

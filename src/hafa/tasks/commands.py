@@ -7,9 +7,10 @@ import json
 import os
 from collections.abc import Callable, Sequence
 
+from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
 from ..models.table import BASELINE
-from .engine import Processes, barrier, close_processes, init_processes, load_checkpoint, setup_console_logging
+from .engine import Processes, barrier, close_processes, init_processes, setup_console_logging
 
 # the embedded-data demos of every task: the smallest HAFA model and its baseline
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
@@ -111,7 +112,11 @@ def models_to_train(names: Sequence[str], with_baselines: bool, demo_models: Seq
 
 def check_resumable(config: dict) -> None:
     """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
-    saved = load_checkpoint(os.path.join(config["run_dir"], "last.pth"))["config"]
+    last = os.path.join(config["run_dir"], "last.pth")
+    checkpoint = read_checkpoint_or_state_dict(last)
+    if not isinstance(checkpoint, Checkpoint):
+        raise UserError(f"{last} is not a checkpoint of a hafa run; it cannot be resumed")
+    saved = checkpoint.settings
     differences = [key for key in RESUME_FIXED if saved.get(key) != config.get(key)]
     differences += [
         f"recipe.{k}"

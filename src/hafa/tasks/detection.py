@@ -15,12 +15,14 @@ import os
 
 import torch
 from timm.scheduler import MultiStepLRScheduler
+from torch import nn
 
+from ..checkpoint import Checkpoint, build_model, checkpoint_content, read_checkpoint, read_file
 from ..data.coco import CocoInstances, collate_detection, find_split
 from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
 from ..errors import UserError
-from ..models.mask_rcnn import PaddingAwareMaskRCNN, create_mask_rcnn
+from ..pretrained import load_pretrained
 from .commands import (
     DEMO_MODELS,
     add_model_options,
@@ -43,11 +45,11 @@ from .engine import (
     Training,
     build_optimizer,
     check_run_dir,
-    load_checkpoint,
     load_recipe,
     override_recipe,
     train,
 )
+from .networks import backbone_of, create_network, detector_arguments
 
 _logger = logging.getLogger("hafa")
 
@@ -119,19 +121,15 @@ def build_step_scheduler(
     )
 
 
-def detector_for(
-    config: dict, num_classes: int, init_from: str | None = None, verbose: bool = True
-) -> PaddingAwareMaskRCNN:
+def detector_arguments_for(config: dict, num_classes: int) -> dict:
     recipe = config["recipe"]
-    return create_mask_rcnn(
+    return detector_arguments(
         config["model"],
-        num_classes,
-        config["model_args"],
-        recipe["drop_path"],
-        recipe["fpn_channels"],
-        init_from,
-        verbose,
-        **{k: recipe[k] for k in RCNN_OPTIONS},
+        num_classes=num_classes,
+        hafa_options=config["model_args"],
+        drop_path_rate=recipe["drop_path"],
+        fpn_channels=recipe["fpn_channels"],
+        rcnn={k: recipe[k] for k in RCNN_OPTIONS},
     )
 
 
@@ -159,7 +157,10 @@ def train_one_model(config: dict, processes: Processes) -> dict:
     if processes.is_main:
         for message in train_set.dropped.messages(recipe["filter_empty"]):
             _logger.warning("%s: %s", train_set.path, message)
-    model = detector_for(config, len(train_set.class_names), config["init_from"], processes.is_main)
+    model_args = detector_arguments_for(config, len(train_set.class_names))
+    model = create_network("detection", config["model"], model_args)
+    if config["init_from"]:
+        load_pretrained(backbone_of("detection", model), config["init_from"], verbose=processes.is_main)
     model.to(processes.device)
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
@@ -192,12 +193,12 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         resume=config["resume"],
         amp=config["amp"],
         clip_grad=recipe["clip_grad"],
-        checkpoint_extra=dict(
+        header=checkpoint_content(
             task="detection",
-            config=config,
-            class_names=train_set.class_names,
-            category_ids=train_set.category_ids,
             model_name=config["model"],
+            model_args=model_args,
+            classes=train_set.class_names,
+            settings=dict(config, category_ids=train_set.category_ids),
         ),
         curves={
             "loss": ["train_loss"],
@@ -298,7 +299,7 @@ def _train(args, processes: Processes) -> int:
 def _print_summary(results) -> None:
     print("\n| model | box AP | AP50 | AP75 | APs | APm | APl | mask AP | AP50 | AP75 | APs | APm | APl | at epoch |")
     print("|---|" + "---:|" * 13)
-    best = {r["model"]: load_checkpoint(r["best_checkpoint"])["metrics"] for r in results if r["best_epoch"] > 0}
+    best = {r["model"]: read_file(r["best_checkpoint"])["metrics"] for r in results if r["best_epoch"] > 0}
     for r in results:
         if r["model"] in best:
             cells = " | ".join(
@@ -315,17 +316,14 @@ def _print_summary(results) -> None:
         print(f"{r['model']}: best checkpoint {r['best_checkpoint']}, curves {r['curves']}")
 
 
-def load_detector(path: str, overrides: dict | None = None) -> tuple[PaddingAwareMaskRCNN, dict]:
-    """The Mask R-CNN of a det-train checkpoint (best.pth / last.pth), in eval mode, and the checkpoint;
-    overrides: recipe values to change (e.g. min_size)."""
-    saved = load_checkpoint(path)
-    if not isinstance(saved, dict) or saved.get("task") != "detection":
-        raise UserError(f"{path} is not a checkpoint of hafa det-train")
-    config = dict(saved["config"], recipe={**saved["config"]["recipe"], **(overrides or {})})
-    saved["config"] = config
-    model = detector_for(config, len(saved["class_names"]), verbose=False)
-    model.load_state_dict(saved["model"])
-    return model.eval(), saved
+def load_detector(path: str, command: str, image_sizes: dict | None = None) -> tuple[nn.Module, Checkpoint]:
+    """The exact Mask R-CNN of a det-train checkpoint, in eval mode, and the checkpoint; image_sizes:
+    min_size / max_size to resize to instead of the recipe's (they change the inputs, not the weights)."""
+    saved = read_checkpoint(path, "detection", command)
+    model = build_model(saved)
+    for key, value in (image_sizes or {}).items():
+        setattr(model.transform, key, (value,) if key == "min_size" else value)
+    return model, saved
 
 
 class EvalCommand:
@@ -368,18 +366,18 @@ def _evaluate_and_report(args, processes: Processes) -> int:
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
-    model, saved = load_detector(args.checkpoint, overrides)
-    config = saved["config"]
+    model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides)
+    config = saved.settings
     data = args.data or config["data"]
     if args.data is None and not os.path.isdir(data) and data.endswith(os.path.join("scenes", "coco")):
         data = default_data()  # the embedded scenes, written again after the cache was cleared
     split = args.split or (config["val_split"] if args.data is None else find_split(data, "val"))
-    categories = list(zip(saved["category_ids"], saved["class_names"]))
+    categories = list(zip(config["category_ids"], saved.classes))
     dataset = CocoInstances(data, split, train=False, categories=categories)
     model.to(processes.device)
     batch_size = args.batch_size or config["recipe"]["eval_batch_size"]
     metrics = evaluate_detection(model, dataset, batch_size, args.workers, processes, args.amp)
-    return dict(metrics, model=saved["model_name"], data=data, split=split, checkpoint=args.checkpoint)
+    return dict(metrics, model=saved.model_name, data=data, split=split, checkpoint=args.checkpoint)
 
 
 # ---------------------------------------------------------------- one image
@@ -407,7 +405,7 @@ def predict_detection(
     from torchvision.transforms.v2 import functional as TF
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    model, saved = load_detector(checkpoint)
+    model, saved = load_detector(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read image {image_path}")
@@ -416,7 +414,7 @@ def predict_detection(
     keep = detection["scores"] >= score_threshold
     boxes, labels, scores = (detection[key][keep].cpu() for key in ("boxes", "labels", "scores"))
     masks = detection["masks"][keep, 0].cpu() > 0.5
-    names = [saved["class_names"][label - 1] for label in labels.tolist()]
+    names = [saved.classes[label - 1] for label in labels.tolist()]
     colors = [PALETTE[(label - 1) % len(PALETTE)] for label in labels.tolist()]
     drawn = pixels
     if len(boxes):

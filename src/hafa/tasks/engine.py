@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
+from ..checkpoint import read_file, write_file
 from ..errors import UserError
 
 _logger = logging.getLogger("hafa")
@@ -88,25 +89,7 @@ def all_sum(values: list[float], processes: Processes) -> list[float]:
     return tensor.tolist()
 
 
-# ---------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(path: str, state: dict) -> None:
-    """torch.save to a temporary file, then rename into place: a crash never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    torch.save(state, partial)
-    os.replace(partial, path)
-
-
-def load_checkpoint(path: str) -> dict:
-    """A checkpoint as data (weights_only=True): never unpickles code. UserError when unreadable."""
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise UserError(f"cannot read checkpoint {path} (corrupt, or not a plain-data checkpoint): {error}") from error
+# ---------------------------------------------------------------- RNG states
 
 
 def rng_state() -> dict:
@@ -428,7 +411,8 @@ class Training:
 
     loss(model, batch) -> (loss, images in the batch, unreadable files skipped), run under autocast.
     evaluate(model) -> metrics on the validation data (the unwrapped model; every process calls it).
-    The best checkpoint is the one with the highest metrics[score].
+    The best checkpoint is the one with the highest metrics[score]; both checkpoints are `header`
+    (format, task, model, classes, settings) plus the weights, metrics and, in last.pth, the training state.
     """
 
     name: str
@@ -447,7 +431,7 @@ class Training:
     resume: bool = False
     amp: str = "none"
     clip_grad: float | None = None
-    checkpoint_extra: dict = field(default_factory=dict)
+    header: dict = field(default_factory=dict)  # hafa.checkpoint.checkpoint_content without weights
     curves: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -488,8 +472,8 @@ def train(t: Training, processes: Processes) -> dict:
     scaler = torch.amp.GradScaler(processes.device.type, enabled=t.amp == "fp16")
     state = TrainState()
     if t.resume:
-        saved = load_checkpoint(last_path)
-        t.model.load_state_dict(saved["model"])
+        saved = read_file(last_path)
+        t.model.load_state_dict(saved["state_dict"])
         t.optimizer.load_state_dict(saved["optimizer"])
         t.scheduler.load_state_dict(saved["scheduler"])
         scaler.load_state_dict(saved["scaler"])
@@ -504,15 +488,16 @@ def train(t: Training, processes: Processes) -> dict:
             model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None
         )
 
-    def checkpoint() -> dict:  # every process takes part (RNG states are gathered)
+    def checkpoint(metrics: dict) -> dict:  # every process takes part (RNG states are gathered)
         return dict(
-            model=t.model.state_dict(),
+            t.header,
+            state_dict=t.model.state_dict(),
+            metrics=metrics,
             optimizer=t.optimizer.state_dict(),
             scheduler=t.scheduler.state_dict(),
             scaler=scaler.state_dict(),
             train_state=vars(state).copy(),
             rng=gather_rng_states(processes),
-            **t.checkpoint_extra,
         )
 
     log = RunLog(t.run_dir, processes, t.resume)
@@ -522,9 +507,9 @@ def train(t: Training, processes: Processes) -> dict:
             while state.epoch < t.epochs:
                 epoch = _train_epoch(t, model, scaler, state, processes, stopper)
                 if epoch.stopped:
-                    saved = checkpoint()
+                    saved = checkpoint({})
                     if processes.is_main:
-                        save_checkpoint(last_path, saved)
+                        write_file(last_path, saved)
                     status = "interrupted"
                     break
                 metrics = t.evaluate(t.model)
@@ -534,13 +519,13 @@ def train(t: Training, processes: Processes) -> dict:
                 is_best = metrics[t.score] > state.best_score
                 if is_best:
                     state.best_score, state.best_epoch = metrics[t.score], state.epoch
-                saved = checkpoint()
+                saved = checkpoint(metrics)
                 if processes.is_main:
-                    save_checkpoint(last_path, saved)
+                    write_file(last_path, saved)
                     if is_best:
-                        save_checkpoint(
+                        write_file(
                             best_path,
-                            dict(model=saved["model"], metrics=metrics, epoch=state.epoch, **t.checkpoint_extra),
+                            dict(t.header, state_dict=saved["state_dict"], metrics=metrics, epoch=state.epoch),
                         )
                     row = dict(
                         epoch=state.epoch,

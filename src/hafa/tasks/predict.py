@@ -5,8 +5,8 @@ import os
 
 from matplotlib import cbook
 
+from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
-from .engine import load_checkpoint
 
 
 def add_arguments(parser) -> None:
@@ -22,7 +22,13 @@ def run(args) -> int:
     if not os.path.isfile(image):
         raise UserError(f"image not found: {image}")
     output = args.output or f"{os.path.splitext(os.path.basename(image))[0]}_prediction.png"
-    task = load_checkpoint(args.checkpoint).get("task", "classification")
+    source = read_checkpoint_or_state_dict(args.checkpoint)
+    if not isinstance(source, Checkpoint):
+        raise UserError(
+            f"{args.checkpoint} is a plain state dict; hafa predict takes a checkpoint of hafa train, seg-train or "
+            "det-train (best.pth / last.pth), which records the model, its class names and its recipe"
+        )
+    task = source.task
     if task == "segmentation":
         from .segmentation import predict_segmentation
 
@@ -35,12 +41,10 @@ def run(args) -> int:
         summary = f"{len(result['detections'])} detections: " + ", ".join(
             f"{name} {score:.2f}" for name, score, _ in result["detections"]
         )
-    elif task == "classification":
+    else:
         from .classification import predict_classification
 
         result = predict_classification(args.checkpoint, image, output, device=args.device)
         summary = ", ".join(f"{name} {p:.1f}%" for name, p in result["top"])
-    else:
-        raise UserError(f"{args.checkpoint} holds a checkpoint of an unknown task {task!r}")
     print(f"{task}: {summary}\nwrote {result['output']}")
     return 0

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 
+from ..checkpoint import build_model, checkpoint_content, read_checkpoint
 from ..data.folder import read_rgb
 from ..data.scenes import SEGMENTATION_CLASSES, default_scenes_root, prepare_scenes
 from ..data.segmentation import (
@@ -31,8 +32,7 @@ from ..data.segmentation import (
     data_pairs,
 )
 from ..errors import UserError
-from ..models.semantic_fpn import SemanticFPN, backbone_network, create_semantic_fpn
-from ..pretrained import CheckpointMismatchError, load_pretrained
+from ..pretrained import load_pretrained
 from .commands import (
     DEMO_MODELS,
     add_model_options,
@@ -54,11 +54,11 @@ from .engine import (
     Training,
     build_optimizer,
     check_run_dir,
-    load_checkpoint,
     load_recipe,
     override_recipe,
     train,
 )
+from .networks import backbone_of, create_network, segmenter_arguments
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 
 ADE20K_CLASSES = 150
@@ -148,11 +148,16 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         seed=recipe["seed"],
     )
     val_set = SegmentationDataset(data_pairs(config["data"], "val"), EvalTransform(recipe), labels)
-    model = create_semantic_fpn(
-        config["model"], config["num_classes"], config["model_args"], recipe["drop_path"], recipe["head_dropout"]
+    model_args = segmenter_arguments(
+        config["model"],
+        num_classes=config["num_classes"],
+        hafa_options=config["model_args"],
+        drop_path_rate=recipe["drop_path"],
+        dropout=recipe["head_dropout"],
     )
+    model = create_network("segmentation", config["model"], model_args)
     if config["backbone_checkpoint"]:
-        _load_backbone(model, config["backbone_checkpoint"], processes.is_main)
+        load_pretrained(backbone_of("segmentation", model), config["backbone_checkpoint"], verbose=processes.is_main)
     model.to(processes.device)
 
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
@@ -183,8 +188,12 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         resume=config["resume"],
         amp=config["amp"],
         clip_grad=recipe["clip_grad"],
-        checkpoint_extra=dict(
-            task="segmentation", config=config, class_names=config["class_names"], model_name=config["model"]
+        header=checkpoint_content(
+            task="segmentation",
+            model_name=config["model"],
+            model_args=model_args,
+            classes=config["class_names"],
+            settings=config,
         ),
         curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]},
     )
@@ -194,16 +203,6 @@ def train_one_model(config: dict, processes: Processes) -> dict:
             f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}"
         )
     return dict(train(training, processes), model=config["model"])
-
-
-def _load_backbone(model: SemanticFPN, path: str, verbose: bool) -> None:
-    """An ImageNet (or `hafa train`) checkpoint into the backbone; its classifier is left out."""
-    if not os.path.isfile(path):
-        raise UserError(f"backbone checkpoint not found: {path}")
-    try:
-        load_pretrained(backbone_network(model.backbone), path, verbose=verbose)
-    except CheckpointMismatchError as error:
-        raise UserError(f"{path} does not fit the backbone: {error}") from error
 
 
 # ---------------------------------------------------------------- data options
@@ -371,15 +370,10 @@ def _train(args, processes: Processes) -> int:
 # ---------------------------------------------------------------- checkpoints -> models
 
 
-def load_segmenter(checkpoint: str) -> tuple:
-    """A `hafa seg-train` checkpoint -> (SemanticFPN in eval mode on the CPU, its training config)."""
-    saved = load_checkpoint(checkpoint)
-    if not isinstance(saved, dict) or saved.get("task") != "segmentation":
-        raise UserError(f"{checkpoint} is not a checkpoint of hafa seg-train")
-    config = saved["config"]
-    model = create_semantic_fpn(config["model"], config["num_classes"], config["model_args"])
-    model.load_state_dict(saved["model"])
-    return model.eval(), config
+def load_segmenter(checkpoint: str, command: str) -> tuple:
+    """A `hafa seg-train` checkpoint -> (its exact SemanticFPN in eval mode on the CPU, its training settings)."""
+    saved = read_checkpoint(checkpoint, "segmentation", command)
+    return build_model(saved), saved.settings
 
 
 # ---------------------------------------------------------------- seg-eval
@@ -413,7 +407,7 @@ def _evaluate_and_report(args, processes: Processes) -> int:
 
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:
-    model, config = load_segmenter(args.checkpoint)
+    model, config = load_segmenter(args.checkpoint, "hafa seg-eval")
     if args.data and (args.images or args.masks):
         raise UserError("give either --data ROOT or --images DIR --masks DIR")
     if args.images or args.masks:
@@ -460,7 +454,7 @@ def predict_segmentation(
     tinted and a legend as a PNG. -> dict(output, labels [H, W] int64 array, class_shares {name: %})."""
     from ..tools.segmentation_overlay import draw_segmentation
 
-    model, config = load_segmenter(checkpoint)
+    model, config = load_segmenter(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read the image {image_path}")
