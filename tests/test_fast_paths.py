@@ -1,6 +1,7 @@
-"""The speed-ups of issue 6 compute what the plain forms compute: blocked symmetric distances, kept
+"""The fast paths compute what the plain forms compute: blocked symmetric distances, kept
 distances reused by DPC-KNN, blocked exact neighbour distances."""
 
+import pytest
 import torch
 
 from hafa.ops import clustering
@@ -25,3 +26,43 @@ def test_dpc_knn_with_blocked_distances_and_small_cache_blocks_matches_the_refer
         ref_ids, ref_centres, _, _ = dpc_knn_reference(x[b], 12, 4)
         assert centres[b].tolist() == ref_centres.tolist()
         assert ids[b].tolist() == ref_ids.tolist()
+
+
+def _scan_every_token(monkeypatch):
+    monkeypatch.setattr(clustering, "_scans_every_token", lambda x: True)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dpc_knn_scanning_every_token_matches_the_reference(monkeypatch, seed):
+    # The GPU / compiled path (fixed shapes, no sync), run on CPU.
+    _scan_every_token(monkeypatch)
+    g = torch.Generator().manual_seed(200 + seed)
+    x = torch.randn(2, 33, 5, generator=g, dtype=torch.float64)
+    if seed % 2:
+        x = torch.randint(-2, 3, (2, 33, 5), generator=g).double()  # tied densities and distances
+    mask = torch.zeros(2, 33, dtype=torch.bool)
+    mask[1, 25:] = True
+    ids, centres = clustering.cluster_dpc_knn(x, 9, k=4, mask=mask if seed > 2 else None)
+    for b in range(2):
+        ref_ids, ref_centres, _, _ = dpc_knn_reference(x[b], 9, 4, mask[b] if seed > 2 else None)
+        assert centres[b].tolist() == ref_centres.tolist()
+        assert ids[b].tolist() == ref_ids.tolist()
+
+
+def test_dpc_knn_scanning_every_token_in_row_chunks_equals_the_peak_path(monkeypatch):
+    x = torch.randn(3, 120, 16, generator=torch.Generator().manual_seed(9))
+    expected = clustering.cluster_dpc_knn(x, 30)
+    _scan_every_token(monkeypatch)
+    monkeypatch.setattr(clustering, "_MAX_BLOCK_ELEMENTS", 3 * 120 * 7)  # distances not kept, 7 rows a chunk
+    for got, want in zip(clustering.cluster_dpc_knn(x, 30), expected):
+        assert torch.equal(got, want)
+
+
+def test_dpc_knn_ignores_autocast():
+    # Far from the origin, bf16 products cannot tell the neighbours apart: clustering must stay in float32.
+    x = 100 + torch.randn(2, 64, 32, generator=torch.Generator().manual_seed(4))
+    expected = clustering.cluster_dpc_knn(x, 16)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        got = clustering.cluster_dpc_knn(x, 16)
+    for g, e in zip(got, expected):
+        assert torch.equal(g, e)
