@@ -303,6 +303,14 @@ def annotation_change(change):
             "annotations 2: polygon coordinates must be finite numbers (NaN, infinity or a non-number found)",
         ),
         (
+            annotation_change(lambda a: a.update(segmentation=[[1, 2, 3, "4", 5, 6]])),
+            "annotations 2: polygon coordinates must be finite numbers (NaN, infinity or a non-number found)",
+        ),
+        (
+            annotation_change(lambda a: a.update(bbox=[1, None, 3, 4])),
+            "annotations 2: bbox must be [x, y, width, height], four numbers",
+        ),
+        (
             annotation_change(lambda a: (a.update(segmentation=[]), a.pop("area"))),
             "annotations 2: segmentation is empty: Mask R-CNN needs a mask per object (give a polygon, or drop the "
             "annotation)",
@@ -327,6 +335,7 @@ def annotation_change(change):
             "images 1 need a file_name and a height and width in whole pixels > 0",
         ),
         (lambda c: dict(c, annotations=[]), "no annotations (nothing to train on or to evaluate against)"),
+        (lambda c: (c["categories"][0].update(name=["a"]), c)[1], "categories 1 need a name (a non-empty string)"),
         (lambda c: dict(c, categories=[], annotations=[]), "no categories"),
     ],
 )
