@@ -323,7 +323,7 @@ def annotation_change(change):
             annotation_change(lambda a: a.update(segmentation=dict(size=[12, 16], counts=[100, 5]))),
             "annotations 2: RLE counts must be whole numbers >= 0 adding up to height * width",
         ),
-        (annotation_change(lambda a: a.update(area=float("nan"))), "annotations 2: area must be a finite number"),
+        (annotation_change(lambda a: a.update(area=float("nan"))), "annotations 2: area must be a finite number >= 0"),
         (annotation_change(lambda a: a.update(iscrowd=2)), "annotations 2: iscrowd must be 0 or 1"),
         (
             annotation_change(lambda a: a.update(category_id="2")),

@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..errors import UserError
-from .coco import annotation_path, first_items, is_whole_number, parse_instances, size_problem
+from .coco import annotation_path, find_missing_images, first_items, is_whole_number, parse_instances, size_problem
 from .files import UNREADABLE, many_problems, read_header
 from .folder import scan_split
 from .segmentation import IGNORE_INDEX, LabelMapping, Pair, data_pairs, mask_file_problem
@@ -48,7 +48,6 @@ class DataCheck:
 class FileReport(NamedTuple):
     problems: tuple[str, ...] = ()
     unreadable: str | None = None  # "path: reason" of a file that exists but cannot be read
-    missing: str | None = None  # the name of a listed file that does not exist
     labelled: bool = True  # a mask with at least one pixel that is not ignored
 
 
@@ -194,8 +193,6 @@ def check_segmentation_pairs(
 
 def _inspect_coco_image(image_dir: str, json_path: str, image: dict) -> FileReport:
     path = os.path.join(image_dir, image["file_name"])
-    if not os.path.isfile(path):
-        return FileReport(missing=image["file_name"])
     try:
         header = read_header(path)
     except UNREADABLE as error:
@@ -227,7 +224,7 @@ def check_coco(root: str, splits: Sequence[str], *, workers: int | None = None, 
         path, image_dir = annotation_path(root, split), os.path.join(root, split)
         content, problems = parse_instances(path)
         findings.problems += problems
-        if content is None or not isinstance(content, dict) or not isinstance(content.get("images"), list):
+        if not isinstance(content, dict) or not isinstance(content.get("images"), list):
             continue
         if not problems:
             found = sorted((c["id"], c["name"]) for c in content["categories"])
@@ -244,21 +241,17 @@ def check_coco(root: str, splits: Sequence[str], *, workers: int | None = None, 
                     f"{path}: {len(beyond)} boxes extend beyond their image (clipped in training): "
                     f"annotations {first_items(beyond)}"
                 )
-        if not os.path.isdir(image_dir):
-            findings.problems.append(f"image folder not found: {image_dir} (the images of {path})")
-            continue
         images = [
             image
             for image in content["images"]
             if isinstance(image, dict) and isinstance(image.get("file_name"), str) and image["file_name"]
         ]
+        missing, problem = find_missing_images(path, image_dir, [image["file_name"] for image in images])
+        if problem:
+            findings.problems.append(problem)
+        images = [image for image in images if image["file_name"] not in missing]
         reports = _scan(images, partial(_inspect_coco_image, image_dir, path), image_dir, workers, progress)
-        missing = [r.missing for r in reports if r.missing]
-        if missing:
-            findings.problems.append(
-                f"{len(missing)} images listed in {path} are missing from {image_dir}: {first_items(missing)}"
-            )
         findings.problems += [problem for report in reports for problem in report.problems]
-        findings.readability([r for r in reports if not r.missing], image_dir)
+        findings.readability(reports, image_dir)
         findings.report.files += len(reports)
     return findings.finish()

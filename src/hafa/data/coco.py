@@ -210,8 +210,9 @@ def instances_problems(path: str, content) -> list[str]:
             _box_problem(annotation["bbox"]),
             _mask_problem(annotation["segmentation"], image.get("height"), image.get("width")),
         ]
-        if "area" in annotation and not (_is_number(annotation["area"]) and math.isfinite(annotation["area"])):
-            found.append("area must be a finite number")
+        area = annotation.get("area", 0)
+        if not (_is_number(area) and math.isfinite(area) and area >= 0):
+            found.append("area must be a finite number >= 0")
         if annotation.get("iscrowd", 0) not in (0, 1):
             found.append("iscrowd must be 0 or 1")
         for problem in found:
@@ -249,6 +250,19 @@ def size_problem(image_path: str, size: tuple[int, int], json_path: str, image: 
         f"{image_path} is {size[0]} x {size[1]} pixels, but {json_path} says {image['width']} x {image['height']}; "
         "fix the json's width and height (or the file)"
     )
+
+
+def find_missing_images(json_path: str, image_dir: str, names: list[str]) -> tuple[set[str], str | None]:
+    """-> (the listed file names that are not files in image_dir, a problem naming them or the missing folder)."""
+    if not os.path.isdir(image_dir):
+        return set(names), f"image folder not found: {image_dir} (the images of {json_path})"
+    present = set(os.listdir(image_dir))
+    missing = [n for n in names if n not in present and not os.path.isfile(os.path.join(image_dir, n))]
+    if not missing:
+        return set(), None
+    return set(
+        missing
+    ), f"{len(missing)} images listed in {json_path} are missing from {image_dir}: {first_items(missing)}"
 
 
 def load_coco(path: str) -> COCO:
@@ -350,15 +364,10 @@ class CocoInstances(Dataset):
         self.image_ids = image_ids
 
     def _check_files(self) -> None:
-        if not os.path.isdir(self.image_dir):
-            raise UserError(f"image folder not found: {self.image_dir} (the images of {self.path})")
-        present = set(os.listdir(self.image_dir))
         names = [image["file_name"] for image in self.coco.dataset["images"]]
-        missing = [n for n in names if n not in present and not os.path.isfile(os.path.join(self.image_dir, n))]
-        if missing:
-            raise UserError(
-                f"{len(missing)} images listed in {self.path} are missing from {self.image_dir}: {first_items(missing)}"
-            )
+        _, problem = find_missing_images(self.path, self.image_dir, names)
+        if problem:
+            raise UserError(problem)
 
     def _training_objects(self) -> dict[int, list[dict]]:
         """image id -> its usable annotations (boxes clipped to the image, as x1, y1, x2, y2)."""
