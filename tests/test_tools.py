@@ -134,6 +134,8 @@ def test_visualize_keeps_the_images_aspect_and_shows_moved_points_from_a_checkpo
         str(checkpoint),
         "--scale",
         "1",
+        "--num-classes",
+        "1000",
         "--cluster-ratio",
         "0.1",
         "-o",

@@ -222,9 +222,15 @@ def build_model(checkpoint: Checkpoint) -> nn.Module:
 
 
 def build_classifier_from_state_dict(
-    state_dict: dict[str, Tensor], path: str, model_name: str | None, num_classes: int | None, img_size: int = 224
+    state_dict: dict[str, Tensor],
+    path: str,
+    model_name: str | None,
+    num_classes: int | None,
+    hafa_options: dict | None = None,
+    img_size: int = 224,
 ) -> nn.Module:
-    """A classifier for a plain state dict (timm or official names), which must hold all its weights."""
+    """A classifier for a plain state dict (timm or official names), which must hold all its weights:
+    `model_name` with `num_classes` classes and the HAFA options (those without weights may differ)."""
     from .pretrained import adapt_state_dict
     from .tasks.networks import classifier_arguments, create_network
 
@@ -233,7 +239,7 @@ def build_classifier_from_state_dict(
             f"{path} is a plain state dict: say which model it holds with --model and how many classes its "
             "classifier has with --num-classes"
         )
-    args = classifier_arguments(model_name, num_classes=num_classes, hafa_options={}, img_size=img_size)
+    args = classifier_arguments(model_name, num_classes=num_classes, hafa_options=hafa_options or {}, img_size=img_size)
     model = create_network("classification", model_name, args)
     adapted, report = adapt_state_dict(state_dict, model)
     problems = []

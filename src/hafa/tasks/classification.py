@@ -393,8 +393,6 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
         check_model_options(source, model_name=args.model, num_classes=args.num_classes, hafa_options=model_args(args))
         recipe, classes, data = dict(source.settings["recipe"]), source.classes, args.data or source.settings["data"]
     else:
-        if model_args(args):
-            raise UserError("HAFA model options are for building a model; a plain state dict is read as --model is")
         recipe, classes, data = dict(RECIPE_DEFAULTS), None, args.data
     if args.img_size:
         recipe["img_size"] = args.img_size
@@ -409,7 +407,9 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
         num_classes = args.num_classes or len(dataset.classes)
         if num_classes != len(dataset.classes):
             raise UserError(f"--num-classes {num_classes}, but {data} has {len(dataset.classes)} classes")
-        model = build_classifier_from_state_dict(source, args.checkpoint, args.model, num_classes, recipe["img_size"])
+        model = build_classifier_from_state_dict(
+            source, args.checkpoint, args.model, num_classes, model_args(args), recipe["img_size"]
+        )
         name = args.model
     model.to(processes.device)
     metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)

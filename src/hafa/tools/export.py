@@ -28,15 +28,29 @@ from pathlib import Path
 import timm
 import torch
 
+from ..checkpoint import (
+    Checkpoint,
+    build_classifier_from_state_dict,
+    check_model_options,
+    check_task,
+    read_checkpoint_or_state_dict,
+)
+from ..checkpoint import build_model as build_model_of
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
 
 OPSET = 18
+DEFAULT_MODEL = "hafa_pvt_v2_b0"
 
 
 def add_arguments(parser):
-    parser.add_argument("--model", default="hafa_pvt_v2_b0", help="HAFA (or baseline) model (default hafa_pvt_v2_b0)")
-    parser.add_argument("--checkpoint", help="weights to load with hafa.load_pretrained (default: random weights)")
+    parser.add_argument(
+        "--model", help="HAFA (or baseline) model (default: the checkpoint's, else hafa_pvt_v2_b0 with random weights)"
+    )
+    parser.add_argument(
+        "--checkpoint", help="best.pth / last.pth of hafa train, or a plain state dict with --model and --num-classes"
+    )
+    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict's classifier")
     parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
     parser.add_argument("--batch", type=int, default=2, help="batch of the example input that is traced (default 2)")
     parser.add_argument(
@@ -53,19 +67,21 @@ def add_arguments(parser):
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (with --compile)")
 
 
-def build_model(name: str, checkpoint: str = None) -> torch.nn.Module:
-    known = set(BASELINE) | set(BASELINE.values())
-    if name not in known:
-        raise unknown_name("model", name, sorted(known))
-    torch.manual_seed(0)
-    model = timm.create_model(name).eval()
-    if checkpoint:
-        from ..pretrained import load_pretrained
-
-        if not Path(checkpoint).is_file():
-            raise UserError(f"no checkpoint at {checkpoint}")
-        load_pretrained(model, checkpoint)
-    return model
+def build_model(name: str | None, checkpoint: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
+    """The model to export, in eval mode: a checkpoint's exact classifier, or `name` with random weights."""
+    if checkpoint is None:
+        name = name or DEFAULT_MODEL
+        known = set(BASELINE) | set(BASELINE.values())
+        if name not in known:
+            raise unknown_name("model", name, sorted(known))
+        torch.manual_seed(0)
+        return timm.create_model(name, num_classes=1000 if num_classes is None else num_classes).eval()
+    source = read_checkpoint_or_state_dict(checkpoint)
+    if isinstance(source, Checkpoint):
+        check_task(source, "classification", "hafa export")
+        check_model_options(source, model_name=name, num_classes=num_classes)
+        return build_model_of(source)
+    return build_classifier_from_state_dict(source, checkpoint, name, num_classes)
 
 
 def _stable_sort(self, stable=None, dim: int = -1, descending: bool = False):
@@ -150,12 +166,13 @@ def run(args) -> int:
         raise UserError("batches must be >= 1 and --img-size >= 32")
     if args.no_onnx and not args.compile:
         raise UserError("--no-onnx leaves nothing to do without --compile")
-    model = build_model(args.model, args.checkpoint)
+    model = build_model(args.model, args.checkpoint, args.num_classes)
+    name = model.pretrained_cfg["architecture"]
     size = (3, args.img_size, args.img_size)
     torch.manual_seed(1)
     example = torch.randn(args.batch, *size)
     if not args.no_onnx:
-        path = args.output or f"{args.model}.onnx"
+        path = args.output or f"{name}.onnx"
         start = time.perf_counter()
         export_onnx(model, example, path)
         print(

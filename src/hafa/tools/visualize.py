@@ -18,12 +18,21 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..checkpoint import (
+    Checkpoint,
+    build_classifier_from_state_dict,
+    check_model_options,
+    check_task,
+    read_checkpoint_or_state_dict,
+)
+from ..checkpoint import build_model as build_model_of
 from ..errors import UserError, unknown_name
 from ..layers import LAA, SIA, SIAOutput
 from ..layers.laa import sampling_positions
 from ..models.swin import LAAPatchMerging
 from ..models.table import BASELINE
 
+DEFAULT_MODEL = "hafa_pvt_v2_b1"
 TITLE_BAND_PX = 64
 POINTS_PER_SIDE = 6  # output positions of each LAA shown per image side
 SAMPLE_IMAGE = "grace_hopper.jpg"  # matplotlib's bundled sample
@@ -32,9 +41,16 @@ LAA_COLOURS = {"yellow": "#ffd400", "cyan": "#00e5ff", "magenta": "#ff4fd8"}  # 
 
 def add_arguments(parser):
     parser.add_argument("--image", help=f"image file (default: matplotlib's bundled {SAMPLE_IMAGE})")
-    parser.add_argument("--model", default="hafa_pvt_v2_b1", help="HAFA model (default hafa_pvt_v2_b1)")
-    parser.add_argument("--checkpoint", help="weights to load with hafa.load_pretrained (default: random weights)")
-    parser.add_argument("--cluster-ratio", type=float, default=0.25, help="SIA's clusters per token (default 0.25)")
+    parser.add_argument(
+        "--model", help=f"HAFA model (default: the checkpoint's, else {DEFAULT_MODEL} with random weights)"
+    )
+    parser.add_argument(
+        "--checkpoint", help="best.pth / last.pth of hafa train, or a plain state dict with --model and --num-classes"
+    )
+    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict's classifier")
+    parser.add_argument(
+        "--cluster-ratio", type=float, help="SIA's clusters per token (default: the checkpoint's, else 0.25)"
+    )
     parser.add_argument(
         "--img-size",
         type=int,
@@ -206,25 +222,35 @@ def draw(
     return fig_w, fig_h
 
 
+def build_model(args) -> tuple[torch.nn.Module, str]:
+    """The model to draw, in eval mode, and where its weights come from (a checkpoint exactly, or random)."""
+    options = {} if args.cluster_ratio is None else dict(cluster_ratio=args.cluster_ratio)
+    if args.checkpoint is None:
+        name = args.model or DEFAULT_MODEL
+        if name not in BASELINE:
+            raise unknown_name("HAFA model", name, sorted(BASELINE))
+        torch.manual_seed(args.seed)
+        return timm.create_model(name, **options).eval(), "random weights"
+    source = read_checkpoint_or_state_dict(args.checkpoint)
+    if isinstance(source, Checkpoint):
+        check_task(source, "classification", "hafa visualize")
+        check_model_options(source, model_name=args.model, num_classes=args.num_classes, hafa_options=options)
+        return build_model_of(source), Path(args.checkpoint).name
+    model = build_classifier_from_state_dict(source, args.checkpoint, args.model, args.num_classes, options)
+    return model, Path(args.checkpoint).name
+
+
 def run(args) -> int:
-    if args.model not in BASELINE:
-        raise unknown_name("HAFA model", args.model, sorted(BASELINE))
-    if not 0 < args.cluster_ratio <= 1:
+    if args.cluster_ratio is not None and not 0 < args.cluster_ratio <= 1:
         raise UserError("--cluster-ratio must be in (0, 1]")
     if args.scale < 1:
         raise UserError("--scale must be at least 1")
     image = load_image(args.image)
     size = input_size_for(image, args.img_size)
-    torch.manual_seed(args.seed)
-    model = timm.create_model(args.model, cluster_ratio=args.cluster_ratio).eval()
-    weights = "random weights"
-    if args.checkpoint:
-        from ..pretrained import load_pretrained
-
-        if not Path(args.checkpoint).is_file():
-            raise UserError(f"no checkpoint at {args.checkpoint}")
-        load_pretrained(model, args.checkpoint)
-        weights = Path(args.checkpoint).name
+    model, weights = build_model(args)
+    name = model.pretrained_cfg["architecture"]
+    sia = [module for module in model.modules() if isinstance(module, SIA)]
+    cluster_ratio = sia[0].cluster_ratio if sia else 0.0
     resized = image.resize((size[1], size[0]), Image.BICUBIC)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0
     cfg = model.pretrained_cfg
@@ -241,15 +267,11 @@ def run(args) -> int:
     laa_points = [sampling_points(record, size) for record in recorder.laa]
     moved = any(bool(record["offsets"].any()) for record in recorder.laa)
     clusters = recorder.sia[0].layout.num_tokens if recorder.sia else 0
-    title = (
-        f"{args.model} ({weights}), input {size[0]}x{size[1]}, "
-        f"cluster ratio {args.cluster_ratio:g}: {clusters} clusters"
-        + (
-            ""
-            if moved or not recorder.laa
-            else "\nLAA offsets are all zero (random or baseline weights): "
-            "points sit on the fixed grid; a trained HAFA --checkpoint moves them"
-        )
+    title = f"{name} ({weights}), input {size[0]}x{size[1]}, cluster ratio {cluster_ratio:g}: {clusters} clusters" + (
+        ""
+        if moved or not recorder.laa
+        else "\nLAA offsets are all zero (random or baseline weights): "
+        "points sit on the fixed grid; a trained HAFA --checkpoint moves them"
     )
     laa_caption = "LAA sampling points: " + ", ".join(
         f"{name} {i + 1}->{i + 2}" for i, name in zip(range(len(laa_points)), LAA_COLOURS)

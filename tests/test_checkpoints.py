@@ -1,0 +1,191 @@
+"""The checkpoint contract: every reader (eval, seg-eval, det-eval, predict, export, visualize) with a
+checkpoint of each task and with a plain timm state dict gives either the exact model (the metric of
+the training run's evaluation) or a refusal naming what is wrong; never a result from new weights."""
+
+import json
+
+import pytest
+import timm
+import torch
+
+from hafa.checkpoint import (
+    FORMAT,
+    VERSION,
+    CheckpointError,
+    build_classifier_from_state_dict,
+    build_model,
+    read_checkpoint,
+    read_file,
+    write_file,
+)
+from hafa.cli import main
+from hafa.tools import export
+from test_classification import QUICK as CLASSIFICATION_QUICK
+from test_classification import write_dataset
+from test_detection import SIZES as COCO_SIZES
+from test_detection import TINY as DETECTION_QUICK
+from test_detection import write_coco
+from test_segmentation import QUICK as SEGMENTATION_QUICK
+from test_segmentation import write_ade
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One trained checkpoint (best.pth) of each task, with its data."""
+    root = tmp_path_factory.mktemp("runs")
+    images = write_dataset(root / "images")
+    ade = write_ade(root / "ade")
+    coco = root / "coco"
+    write_coco(coco, "train", COCO_SIZES[:4], seed=1)
+    write_coco(coco, "val", COCO_SIZES[4:], seed=2)
+    commands = dict(
+        classification=["train", "--data", str(images), "--epochs", "1", *CLASSIFICATION_QUICK],
+        segmentation=["seg-train", "--data", str(ade), "--num-classes", "3", "--iterations", "2", *SEGMENTATION_QUICK],
+        detection=["det-train", "--data", str(coco), "--epochs", "1", *DETECTION_QUICK],
+    )
+    paths = dict(images=str(images), ade=str(ade), coco=str(coco))
+    for task, command in commands.items():
+        assert main([*command, "--model", "hafa_pvt_v2_b0", "--output", str(root / task)]) == 0
+        paths[task] = str(root / task / "hafa_pvt_v2_b0" / "best.pth")
+    timm_state_dict = root / "timm_pvt_v2_b0.pth"
+    torch.save(timm.create_model("pvt_v2_b0", num_classes=3).state_dict(), timm_state_dict)
+    paths["timm"] = str(timm_state_dict)
+    return paths
+
+
+def error_of(argv, capsys) -> str:
+    capsys.readouterr()
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("task", ["classification", "segmentation", "detection"])
+def test_every_task_writes_format_1_with_the_complete_model(runs, task):
+    saved = read_file(runs[task])
+    assert (saved["format"], saved["version"], saved["task"]) == (FORMAT, VERSION, task)
+    assert saved["model"]["name"] == "hafa_pvt_v2_b0"
+    args = saved["model"]["args"]
+    assert args["num_classes"] == 3
+    backbone = args.get("backbone", args)
+    assert backbone["stage_aggregation"] == ["laa", "laa", "sia"]
+    assert {"cluster_ratio", "knn_k", "cluster_qkv"} <= set(backbone)
+    assert len(saved["classes"]) == 3
+    assert "recipe" in saved["settings"]
+    assert saved["metrics"]
+    checkpoint = read_checkpoint(runs[task], task, "test")
+    model = build_model(checkpoint)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, saved["state_dict"][name]), name
+
+
+@pytest.mark.parametrize(
+    ("command", "task", "metric"),
+    [("eval", "classification", "top1"), ("seg-eval", "segmentation", "mIoU"), ("det-eval", "detection", "bbox_AP")],
+)
+def test_evaluation_reproduces_the_training_runs_metric(runs, tmp_path, command, task, metric):
+    path = tmp_path / "metrics.json"
+    assert main([command, "--checkpoint", runs[task], "--workers", "0", "--json", str(path)]) == 0
+    evaluated = json.loads(path.read_text())
+    assert evaluated[metric] == pytest.approx(read_file(runs[task])["metrics"][metric], abs=1e-9)
+
+
+READERS = {
+    "eval": ["eval", "--workers", "0"],
+    "seg-eval": ["seg-eval", "--workers", "0"],
+    "det-eval": ["det-eval", "--workers", "0"],
+    "export": ["export"],
+    "visualize": ["visualize", "--img-size", "64"],
+}
+TAKES = {"eval": "classification", "seg-eval": "segmentation", "det-eval": "detection"}
+EVALUATED_BY = {"classification": "hafa eval", "segmentation": "hafa seg-eval", "detection": "hafa det-eval"}
+
+
+@pytest.mark.parametrize(
+    ("reader", "task"),
+    [(reader, task) for reader in READERS for task in EVALUATED_BY if TAKES.get(reader, "classification") != task],
+)
+def test_a_checkpoint_of_another_task_gets_one_line_naming_the_command_that_takes_it(runs, capsys, reader, task):
+    error = error_of([*READERS[reader], "--checkpoint", runs[task]], capsys)
+    assert f"is a {task} checkpoint of hafa_pvt_v2_b0" in error
+    assert f"(evaluate this one with {EVALUATED_BY[task]})" in error
+    assert error.count("\n") == 1
+
+
+@pytest.mark.parametrize("reader", ["seg-eval", "det-eval", "predict"])
+def test_readers_that_need_a_recipe_refuse_a_plain_state_dict(runs, capsys, reader):
+    error = error_of([reader, "--checkpoint", runs["timm"]], capsys)
+    assert "is a plain state dict" in error
+
+
+def test_a_timm_state_dict_is_evaluated_exactly_with_model_and_class_count(runs, tmp_path, capsys):
+    path = tmp_path / "m.json"
+    argv = ["eval", "--checkpoint", runs["timm"], "--data", runs["images"], "--workers", "0"]
+    assert main([*argv, "--model", "pvt_v2_b0", "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["images"] == 12
+    assert "say which model it holds with --model" in error_of(argv, capsys)
+    error = error_of([*argv, "--model", "hafa_pvt_v2_b0"], capsys)  # a baseline's weights as the HAFA model
+    assert "does not hold exactly the weights of hafa_pvt_v2_b0" in error
+    assert "missing" in error
+    assert "downsample" in error  # the SIA and LAA tensors it lacks
+    error = error_of([*argv, "--model", "pvt_v2_b0", "--num-classes", "5"], capsys)
+    assert "--num-classes 5, but" in error
+
+
+def test_plain_state_dicts_need_model_and_class_count_and_must_be_complete(runs):
+    state_dict = read_file(runs["timm"])
+    with pytest.raises(CheckpointError, match="--model and how many classes"):
+        build_classifier_from_state_dict(state_dict, "timm.pth", "pvt_v2_b0", None)
+    with pytest.raises(CheckpointError, match="missing 2 .*head.weight"):
+        build_classifier_from_state_dict(state_dict, "timm.pth", "pvt_v2_b0", 1000)
+    model = build_classifier_from_state_dict(state_dict, "timm.pth", "pvt_v2_b0", 3)
+    assert torch.equal(model.head.weight, state_dict["head.weight"])
+    state_dict.pop("head.bias")
+    with pytest.raises(CheckpointError, match=r"missing 1 \(head.bias\)"):
+        build_classifier_from_state_dict(state_dict, "timm.pth", "pvt_v2_b0", 3)
+
+
+def test_model_options_that_contradict_the_checkpoint_are_an_error_naming_both(runs, capsys):
+    base = ["eval", "--checkpoint", runs["classification"], "--workers", "0"]
+    error = error_of([*base, "--stage-aggregation", "conv", "conv", "conv"], capsys)
+    assert "--stage-aggregation conv conv conv vs the checkpoint's ['laa', 'laa', 'sia']" in error
+    assert "--model hafa_pvt_v2_b1 vs the checkpoint's hafa_pvt_v2_b0" in error_of(
+        [*base, "--model", "hafa_pvt_v2_b1"], capsys
+    )
+    assert "--num-classes 10 vs the checkpoint's 3" in error_of([*base, "--num-classes", "10"], capsys)
+    assert "--knn-k 7 vs the checkpoint's 5" in error_of([*base, "--knn-k", "7"], capsys)
+    visualize = ["visualize", "--checkpoint", runs["classification"], "--cluster-ratio", "0.5"]
+    assert "--cluster-ratio 0.5 vs the checkpoint's 0.25" in error_of(visualize, capsys)
+
+
+def test_export_and_visualize_use_the_checkpoints_model(runs, tmp_path, capsys):
+    model = export.build_model(None, runs["classification"])
+    saved = read_file(runs["classification"])
+    assert model.head.out_features == 3
+    assert torch.equal(model.head.weight, saved["state_dict"]["head.weight"])
+    picture = tmp_path / "v.png"
+    assert main(["visualize", "--checkpoint", runs["classification"], "--img-size", "64", "-o", str(picture)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert picture.exists()
+    assert "say which model it holds" in error_of(
+        ["export", "--checkpoint", runs["timm"], "--model", "pvt_v2_b0"], capsys
+    )
+
+
+def test_incomplete_extra_legacy_and_corrupt_files_are_refused(runs, tmp_path, capsys):
+    saved = read_file(runs["classification"])
+    broken = dict(saved, state_dict={k: v for k, v in saved["state_dict"].items() if k != "head.bias"})
+    write_file(str(tmp_path / "missing.pth"), broken)
+    error = error_of(["eval", "--checkpoint", str(tmp_path / "missing.pth"), "--workers", "0"], capsys)
+    assert "does not hold exactly the weights of hafa_pvt_v2_b0: missing 1 (head.bias)" in error
+    extra = dict(saved, state_dict=dict(saved["state_dict"], stray=torch.zeros(1)))
+    write_file(str(tmp_path / "extra.pth"), extra)
+    assert "extra 1 (stray)" in error_of(["predict", "--checkpoint", str(tmp_path / "extra.pth")], capsys)
+    legacy = dict(model=saved["state_dict"], config=saved["settings"])
+    write_file(str(tmp_path / "legacy.pth"), legacy)
+    assert "written by an older hafa" in error_of(["eval", "--checkpoint", str(tmp_path / "legacy.pth")], capsys)
+    newer = dict(saved, version=VERSION + 1)
+    write_file(str(tmp_path / "newer.pth"), newer)
+    assert "format version 2" in error_of(["seg-eval", "--checkpoint", str(tmp_path / "newer.pth")], capsys)
+    (tmp_path / "junk.pth").write_bytes(b"junk")
+    assert "cannot read" in error_of(["det-eval", "--checkpoint", str(tmp_path / "junk.pth")], capsys)
+    assert "checkpoint file not found" in error_of(["export", "--checkpoint", str(tmp_path / "none.pth")], capsys)
