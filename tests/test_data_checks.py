@@ -172,7 +172,8 @@ def test_bad_masks_are_refused_together_naming_each_file(tmp_path):
     assert message.splitlines() == [
         "3 problems in the data:",
         f"  {masks}/train/1.png is 5x5 but its image {tmp_path}/images/train/1.png is 14x10 (width x height)",
-        f"  {masks}/train/2.png: a mask must hold one class id per pixel (PNG mode L, P, I or 1), not a RGB image",
+        f"  {masks}/train/2.png: a mask must hold one class id per pixel (PNG mode L, P, I, I;16 or 1), "
+        "not a RGB image",
         f"  {masks}/val/0.png: mask values 7 are not classes: with 3 classes the values are 0..2 (255 = ignore); "
         "check --num-classes and --reduce-zero-label",
     ]

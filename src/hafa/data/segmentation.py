@@ -119,7 +119,7 @@ def mask_file_problem(path: str, mode: str, image_format: str | None) -> str | N
             "save the masks as PNG"
         )
     if mode not in MASK_MODES:
-        return f"{path}: a mask must hold one class id per pixel (PNG mode L, P, I or 1), not a {mode} image"
+        return f"{path}: a mask must hold one class id per pixel (PNG mode L, P, I, I;16 or 1), not a {mode} image"
     return None
 
 
@@ -158,13 +158,20 @@ class LabelMapping:
 
     def ignored(self, values: np.ndarray) -> np.ndarray:
         """Which mask values mean "ignore"."""
-        return (values == IGNORE_INDEX) | ((values == 0) if self.reduce_zero_label else False)
+        ignored = values == IGNORE_INDEX
+        if self.reduce_zero_label:
+            ignored |= values == 0
+        return ignored
+
+    def _not_classes(self, values: np.ndarray) -> np.ndarray:
+        """Which int64 mask values are neither classes nor ignore."""
+        labels = values - 1 if self.reduce_zero_label else values
+        return ~self.ignored(values) & ((labels < 0) | (labels >= self.num_classes))
 
     def invalid(self, values: np.ndarray) -> np.ndarray:
         """The distinct mask values that are neither classes nor ignore, sorted."""
-        values = np.unique(values).astype(np.int64)
-        labels = values - 1 if self.reduce_zero_label else values
-        return values[~self.ignored(values) & ((labels < 0) | (labels >= self.num_classes))]
+        values = values.astype(np.int64)
+        return np.unique(values[self._not_classes(values)])
 
     def problem(self, path: str, invalid: np.ndarray) -> str:
         """The message for a mask holding the values `invalid`."""
@@ -179,10 +186,10 @@ class LabelMapping:
 
     def __call__(self, values: np.ndarray, path: str) -> np.ndarray:
         """-> int64 labels; UserError naming the file and the values that are not classes."""
-        invalid = self.invalid(values)
-        if invalid.size:
-            raise UserError(self.problem(path, invalid))
         values = values.astype(np.int64)
+        not_classes = self._not_classes(values)
+        if not_classes.any():
+            raise UserError(self.problem(path, np.unique(values[not_classes])))
         labels = values - 1 if self.reduce_zero_label else values
         labels[self.ignored(values)] = IGNORE_INDEX
         return labels
