@@ -227,10 +227,12 @@ def parse_instances(path: str) -> tuple[dict | None, list[str]]:
     if not os.path.isfile(path):
         return None, [f"annotation file not found: {path}"]
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             content = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         return None, [f"{path} is not valid JSON: {error}"]
+    except OSError as error:
+        return None, [f"{path} cannot be read: {error}"]
     return content, instances_problems(path, content)
 
 
