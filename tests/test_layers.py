@@ -12,15 +12,15 @@ from hafa.ops import TokenLayout
     [(3, 2, 1, (15, 12)), (2, 2, 0, (14, 14)), (2, 2, 0, (7, 9)), (3, 2, 1, (1, 1))],
 )
 def test_laa_with_zero_offsets_is_the_conv(kernel, stride, padding, size):
-    laa = LAA(8, 16, kernel, stride, padding, norm_layer=None)
+    laa = LAA(8, 16, kernel, stride, padding, norm_layer=None, laa_norm="baseline")
     x = torch.randn(2, 8, *size)
     expected = nn.functional.conv2d(x, laa.proj.weight, laa.proj.bias, stride, padding)
     torch.testing.assert_close(laa(x).permute(0, 3, 1, 2), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_laa_and_conv_downsample_share_weights_and_norm():
+def test_laa_in_baseline_mode_shares_weights_and_norm_with_the_conv():
     conv = ConvDownsample(8, 16, 3, 2, 1)
-    laa = LAA(8, 16, 3, 2, 1)
+    laa = LAA(8, 16, 3, 2, 1, laa_norm="baseline")
     missing, unexpected = laa.load_state_dict(conv.state_dict(), strict=False)
     assert missing == ["offset.weight", "offset.bias"]
     assert unexpected == []
@@ -28,10 +28,29 @@ def test_laa_and_conv_downsample_share_weights_and_norm():
     torch.testing.assert_close(laa(x), conv(x), atol=1e-5, rtol=1e-5)
 
 
+def test_laa_default_is_deformable_conv_then_batch_norm_and_gelu():
+    torch.manual_seed(0)
+    laa = LAA(6, 10, 3, 2, 1)
+    nn.init.normal_(laa.offset.weight, std=0.5)
+    x = torch.randn(4, 6, 11, 9)
+    out, offsets = laa(x, return_offsets=True)
+    conv = deform_conv2d(x, offsets, laa.proj.weight, laa.proj.bias, stride=2, padding=1)
+    mean, var = conv.mean((0, 2, 3), keepdim=True), conv.var((0, 2, 3), unbiased=False, keepdim=True)
+    expected = nn.functional.gelu((conv - mean) / torch.sqrt(var + laa.norm.eps))
+    torch.testing.assert_close(out.permute(0, 3, 1, 2), expected, atol=1e-5, rtol=1e-4)
+    laa.eval()  # running statistics after one step: momentum 0.1 from (0, 1)
+    torch.testing.assert_close(laa.norm.running_mean, 0.1 * mean.flatten())
+
+
+def test_laa_rejects_an_unknown_norm():
+    with pytest.raises(ValueError, match="laa_norm"):
+        LAA(4, 8, 3, 2, 1, laa_norm="layer")
+
+
 @pytest.mark.parametrize(("kernel", "stride", "padding"), [(3, 2, 1), (2, 2, 0)])
 def test_laa_matches_torchvision_deform_conv2d_with_learned_offsets(kernel, stride, padding):
     torch.manual_seed(0)
-    laa = LAA(6, 10, kernel, stride, padding, norm_layer=None)
+    laa = LAA(6, 10, kernel, stride, padding, norm_layer=None, laa_norm="baseline")
     nn.init.normal_(laa.offset.weight, std=0.5)
     nn.init.normal_(laa.offset.bias, std=1.0)
     x = torch.randn(2, 6, 11, 9, requires_grad=True)
@@ -103,9 +122,39 @@ def test_sia_gradients_reach_projection_scores_and_kv_path():
     sia = SIA(16, 24)
     out = sia(torch.randn(2, 64, 16, requires_grad=True), TokenLayout((8, 8)))
     (out.queries.sum() + out.kv[0].sum()).backward()
-    for p in (sia.proj.weight, sia.skip.weight, sia.score.weight, sia.kv_dwconv.weight, sia.kv_pwconv.weight):
+    for p in (sia.proj.weight, sia.skip.weight, sia.score.weight, sia.kv_proj.weight, sia.kv_dwconv.weight):
         assert p.grad is not None
         assert p.grad.abs().sum() > 0
+
+
+def _official_keys_values(sia, x, size):
+    """The authors' keys/values path written out: a token-wise 1x1 projection (no bias) to the output
+    width, depthwise 5x5/s2 on the output channels, 1x1 conv, plus the 3x3/s2 projection map, LayerNorm."""
+    B, _, C = x.shape
+    H, W = size
+    grid = x.transpose(1, 2).reshape(B, C, H, W)
+    projected = torch.einsum("oc,bchw->bohw", sia.kv_proj.weight, grid)
+    out_dim = projected.shape[1]
+    depthwise = nn.functional.conv2d(
+        projected, sia.kv_dwconv.weight, sia.kv_dwconv.bias, stride=2, padding=2, groups=out_dim
+    )
+    pointwise = torch.einsum("oc,bchw->bohw", sia.kv_pwconv.weight[:, :, 0, 0], depthwise)
+    pointwise = pointwise + sia.kv_pwconv.bias.view(1, -1, 1, 1)
+    projection = nn.functional.conv2d(grid, sia.proj.weight, sia.proj.bias, stride=2, padding=1)
+    summed = (pointwise + projection).flatten(2).transpose(1, 2)
+    return nn.functional.layer_norm(summed, (out_dim,), sia.kv_norm.weight, sia.kv_norm.bias, eps=sia.kv_norm.eps)
+
+
+@pytest.mark.parametrize("size", [(14, 14), (7, 9)])
+def test_sia_keys_values_are_the_official_path(size):
+    torch.manual_seed(0)
+    sia = SIA(16, 24)
+    for p in sia.parameters():  # nothing at a trivial initial value (LayerNorm's ones and zeros)
+        p.data.normal_(std=0.3)
+    x = torch.randn(2, size[0] * size[1], 16)
+    kv_tokens, kv_layout = sia(x, TokenLayout(size)).kv
+    assert kv_layout.map_size == (-(-size[0] // 2), -(-size[1] // 2))
+    torch.testing.assert_close(kv_tokens, _official_keys_values(sia, x, size), atol=1e-5, rtol=1e-4)
 
 
 def test_sia_runs_under_bfloat16_autocast():

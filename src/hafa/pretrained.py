@@ -1,9 +1,12 @@
-"""Import baseline checkpoints (timm's pvt_v2 / swin, official PVT v1 and v2) into HAFA models.
+"""Load checkpoints into HAFA models: baselines (timm's pvt_v2 / swin, official PVT v1 and v2), HAFA
+checkpoints of the official code, and the backbone part of any checkpoint this project writes.
 
-Every weight with a counterpart is copied: the LAA convs take the baseline's downsampling weights
-(offsets stay zero), Swin's fused qkv is split for the blocks that attend over SIA's merged tokens.
-What has no counterpart keeps its fresh initialisation and is reported by name, and so does a
-classifier sized for another number of classes (fine-tuning).
+Every weight with a counterpart is copied: LAA takes the baseline's downsampling conv (offsets stay
+zero), SIA the baseline's last downsampling where its projection is that layer, Swin's fused qkv is
+split for the blocks that attend over SIA's merged tokens. What has no counterpart keeps its fresh
+initialisation and is reported by name, and so does a classifier sized for another number of
+classes (fine-tuning). The backbone is found inside a task's checkpoint by the key prefix that
+makes its names match the model (`backbone.model.`, `backbone.body.`, ...), not by a fixed list.
 """
 
 import logging
@@ -11,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, read_file, state_dict_of
@@ -20,6 +24,13 @@ _logger = logging.getLogger(__name__)
 
 # A checkpoint matching less than this share of a model's parameters is taken for another model.
 MIN_MATCHED_FRACTION = 0.5
+NAMES_SHOWN = 12
+
+# Official PVT v1 / v2 top-level names (patch_embed1..4, block1..4, pos_embed1..4, norm1..4, cls_token).
+_OFFICIAL_ROOT = re.compile(r"^(patch_embed|block|pos_embed|norm)\d$|^cls_token$")
+# Inside the official HAFA's LAA (patch_embed2, patch_embed3): mmcv's DeformConv2dPack keeps its offset
+# predictor as `conv_offset`.
+_OFFICIAL_LAA_NAMES = {"proj.conv_offset.": "offset."}
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -28,21 +39,52 @@ class CheckpointMismatchError(CheckpointError):
 
 @dataclass
 class LoadReport:
+    """What a load did: tensor names copied, newly initialised (the model's own init) and unused (the
+    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA)."""
+
     copied: list[str] = field(default_factory=list)
     newly_initialised: list[str] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
+    source_prefix: str = ""
+    left_outside_prefix: int = 0
+    laa_norm: str | None = None
+    laa_batch_norms_new: bool = False
+
+    @property
+    def new_layers(self) -> list[str]:
+        """The modules with at least one newly initialised tensor."""
+        return sorted({name.rpartition(".")[0] or name for name in self.newly_initialised})
 
     def summary(self) -> str:
         lines = [f"copied {len(self.copied)} tensors from the checkpoint"]
+        if self.source_prefix:
+            lines[0] += f" (its keys under '{self.source_prefix}'; {self.left_outside_prefix} others left out)"
+        if self.laa_norm == "batch":
+            lines.append(
+                "LAA mode: laa_norm='batch' (BatchNorm + GELU, the paper's network)"
+                + (
+                    "; its BatchNorms are new, so the model does not compute a baseline checkpoint's function "
+                    "(laa_norm='baseline' would)"
+                    if self.laa_batch_norms_new
+                    else ""
+                )
+            )
+        elif self.laa_norm == "baseline":
+            lines.append("LAA mode: laa_norm='baseline' (the baseline's norm; with zero offsets LAA is its conv)")
         if self.newly_initialised:
-            lines.append(f"newly initialised ({len(self.newly_initialised)}): {', '.join(self.newly_initialised)}")
+            lines.append(f"new layers ({len(self.new_layers)}): {_shorten(self.new_layers)}")
         if self.unused:
-            lines.append(f"unused from the checkpoint ({len(self.unused)}): {', '.join(self.unused)}")
+            lines.append(f"unused from the checkpoint ({len(self.unused)}): {_shorten(self.unused)}")
         return "\n".join(lines)
 
 
+def _shorten(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f", ... ({len(names) - NAMES_SHOWN} more)" if len(names) > NAMES_SHOWN else "")
+
+
 def _official_pvt_to_staged(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official PVT v1/v2 names (patch_embed1..4, pos_embed1..4, block1..4, norm1..4, cls_token) -> ours."""
+    """Official PVT v1/v2 and HAFA names (patch_embed1..4, pos_embed1..4, block1..4, norm1..4, cls_token) -> ours."""
     if not any(k.startswith(("patch_embed1.", "block1.")) for k in state_dict):
         return state_dict
     v1 = any(k.startswith("pos_embed1") for k in state_dict)
@@ -58,11 +100,13 @@ def _official_pvt_to_staged(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
         else:
             k = k.replace("patch_embed1.", "patch_embed.")
             k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.downsample.", k)
+        for official, ours in _OFFICIAL_LAA_NAMES.items():
+            k = re.sub(rf"^(stages\.\d\.(?:patch_embed|downsample)\.){re.escape(official)}", rf"\g<1>{ours}", k)
         out[k] = v
     return out
 
 
-def _swin_to_hafa(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+def _swin_to_hafa(state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
     """timm Swin names -> ours: drop buffers, move original downsample indices, split fused qkv
     where our block has separate q and kv (the blocks after SIA)."""
     if "layers.0.downsample.reduction.weight" in state_dict:  # original Swin: downsample ends a stage
@@ -74,7 +118,6 @@ def _swin_to_hafa(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, 
             ("head.fc." + k[5:] if k.startswith("head.") and not k.startswith("head.fc.") else k): v
             for k, v in state_dict.items()
         }
-    targets = model.state_dict()
     out = {}
     for k, v in state_dict.items():
         if k.endswith(("relative_position_index", "attn_mask")):
@@ -89,40 +132,123 @@ def _swin_to_hafa(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, 
     return out
 
 
-def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple:
-    """Map a baseline (or HAFA) state dict onto `model`. -> (complete state dict, LoadReport).
+def _into_sia_projection(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> dict[str, Tensor]:
+    """A baseline's downsampling at a SIA transition fills SIA's projection where that is the same layer
+    (Swin's patch merging: `X.norm`, `X.reduction` -> `X.proj.norm`, `X.proj.reduction`)."""
+    prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, SIA))
+    out = {}
+    for k, v in state_dict.items():
+        if k.startswith(prefixes) and not _fits(targets.get(k), v):
+            prefix = next(p for p in prefixes if k.startswith(p))
+            inside = f"{prefix}proj.{k[len(prefix) :]}"
+            if _fits(targets.get(inside), v):
+                k = inside
+        out[k] = v
+    return out
 
-    Raises CheckpointMismatchError when shapes differ or too little of the model is found.
-    """
-    state_dict = _official_pvt_to_staged(state_dict_of(state_dict))
+
+def _fits(target: Tensor | None, source: Tensor) -> bool:
+    return target is not None and _same_up_to_unit_dims(source.shape, target.shape)
+
+
+def _same_up_to_unit_dims(a: torch.Size, b: torch.Size) -> bool:
+    """Equal shapes, or equal but for trailing 1s (a 1x1 conv's weight against a linear layer's)."""
+
+    def strip(shape):
+        shape = list(shape)
+        while len(shape) > 2 and shape[-1] == 1:
+            shape.pop()
+        return shape
+
+    return strip(a) == strip(b)
+
+
+def _normalise_names(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> dict[str, Tensor]:
+    state_dict = _official_pvt_to_staged(state_dict)
     if any(k.startswith("layers.") for k in state_dict):
-        state_dict = _swin_to_hafa(state_dict, model)
+        state_dict = _swin_to_hafa(state_dict, targets)
+    return _into_sia_projection(state_dict, model, targets)
+
+
+def _backbone_prefix(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> str:
+    """The key prefix under which the checkpoint holds this model: '' for a classification or baseline
+    checkpoint, e.g. 'backbone.model.' (Semantic FPN) or 'backbone.body.' (Mask R-CNN): the candidate
+    under which most names match the model."""
+    roots = {k.split(".", 1)[0] for k in targets}
+    candidates = {""}
+    for key in state_dict:
+        parts = key.split(".")
+        for depth in range(1, min(len(parts) - 1, 4)):
+            if parts[depth] in roots or _OFFICIAL_ROOT.match(parts[depth]):
+                candidates.add(".".join(parts[:depth]) + ".")
+
+    def matches(prefix: str) -> int:
+        part = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        return sum(k in targets for k in _normalise_names(part, model, targets))
+
+    return max(sorted(candidates, key=len), key=matches)
+
+
+def _laa_modules(model: nn.Module) -> dict[str, str]:
+    """name -> laa_norm of every LAA layer (LAA, Swin's LAA patch merging)."""
+    return {name: m.laa_norm for name, m in model.named_modules() if hasattr(m, "reset_offsets")}
+
+
+def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor], LoadReport]:
+    """Map a checkpoint's state dict (baseline, HAFA, official, or a task's) onto `model`.
+    -> (complete state dict, LoadReport).
+
+    Raises CheckpointMismatchError when shapes differ, when LAA's normalisation differs from the
+    checkpoint's (laa_norm), or when too little of the model is found.
+    """
     targets = model.state_dict()
+    state_dict = state_dict_of(state_dict)
+    prefix = _backbone_prefix(state_dict, model, targets)
+    inside = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    report = LoadReport(source_prefix=prefix, left_outside_prefix=len(state_dict) - len(inside))
+    state_dict = _normalise_names(inside, model, targets)
+    laa = _laa_modules(model)
+    report.laa_norm = next(iter(set(laa.values())), None) if len(set(laa.values())) == 1 else None
     # SIA replaces a downsampling layer with layers of its own, and a classifier for another number of
     # classes is replaced too: a same-named tensor of another shape there is not a sign of another model.
     replaced = [f"{n}." for n, m in model.named_modules() if isinstance(m, SIA)]
     classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
     replaced += [f"{classifier}."] if classifier else []
     replaced = tuple(replaced)
-    report = LoadReport()
+    # A BatchNorm whose statistics the checkpoint lacks (a baseline's LayerNorm in LAA's place) is new as
+    # a whole; a checkpoint's BatchNorm for a model's LayerNorm is the other LAA mode.
+    batch_norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    new_norms = tuple(f"{n}." for n in batch_norms if f"{n}.running_mean" not in state_dict)
+    other_mode = [
+        n
+        for n, m in model.named_modules()
+        if n not in batch_norms and f"{n}.running_mean" in state_dict and f"{n}.weight" in targets
+    ]
+    if other_mode:
+        raise CheckpointMismatchError(
+            f"the checkpoint has BatchNorm statistics where {type(model).__name__} has none ({_shorten(other_mode)}): "
+            "it was trained with laa_norm='batch'; create the model with laa_norm='batch'"
+        )
     adapted, mismatched = {}, []
     for name, target in targets.items():
         source = state_dict.get(name)
-        if source is not None and source.shape != target.shape and name.startswith(replaced):
+        if source is not None and name.startswith(new_norms):
             source = None
+        if source is not None and not _same_up_to_unit_dims(source.shape, target.shape):
+            if name.startswith(replaced):
+                source = None
+            elif name.endswith("pos_embed") and source.dim() == target.dim() == 3:
+                source = _resize_pos_embed(source, target.shape[1])
         if source is None:
             report.newly_initialised.append(name)
             adapted[name] = target
-        elif source.shape != target.shape:
-            if name.endswith("pos_embed") and source.dim() == target.dim() == 3:
-                adapted[name] = _resize_pos_embed(source, target.shape[1])
-                report.copied.append(name)
-            else:
-                mismatched.append(f"{name}: checkpoint {tuple(source.shape)} vs model {tuple(target.shape)}")
-        else:
-            adapted[name] = source.to(target.dtype)
+        elif _same_up_to_unit_dims(source.shape, target.shape):
+            adapted[name] = source.reshape(target.shape).to(target.dtype)
             report.copied.append(name)
+        else:
+            mismatched.append(f"{name}: checkpoint {tuple(source.shape)} vs model {tuple(target.shape)}")
     report.unused = sorted(set(state_dict) - set(report.copied))
+    report.laa_batch_norms_new = any(norm.startswith(tuple(f"{m}." for m in laa)) for norm in new_norms)
     model_name = type(model).__name__
     num_params = sum(t.numel() for n, t in targets.items() if not n.endswith(("running_mean", "running_var")))
     num_named = sum(t.numel() for n, t in targets.items() if n in state_dict)
@@ -152,21 +278,23 @@ def _resize_pos_embed(pos_embed: Tensor, num_positions: int) -> Tensor:
 
 
 def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
-    """timm's pretrained_filter_fn: a baseline state dict -> a complete state dict for the model."""
+    """timm's pretrained_filter_fn: a checkpoint's state dict -> a complete state dict for the model."""
     adapted, report = adapt_state_dict(state_dict, model)
     _logger.info("Loaded pretrained weights into %s: %s", type(model).__name__, report.summary())
     return adapted
 
 
 def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
-    """Load a baseline or HAFA checkpoint file into `model` (weights_only, never unpickling code).
+    """Load a checkpoint file into `model` (weights_only, never unpickling code).
 
-    Returns a LoadReport (copied / newly initialised / unused names). Raises CheckpointError when the
-    file is missing or unreadable, CheckpointMismatchError when it belongs to another model.
+    model: a HAFA or baseline network, or timm's features_only wrapper around a HAFA model. The file:
+    a timm or official state dict, or any `hafa` checkpoint (its backbone part for a dense task).
+    Returns a LoadReport (copied / newly initialised / unused names, LAA mode). Raises CheckpointError
+    when the file is missing or unreadable, CheckpointMismatchError when it belongs to another model.
     """
-    checkpoint = state_dict_of(read_file(path))
-    adapted, report = adapt_state_dict(checkpoint, model)
-    model.load_state_dict(adapted)
+    network = model.model if isinstance(model, FeatureGetterNet) else model
+    adapted, report = adapt_state_dict(state_dict_of(read_file(path)), network)
+    network.load_state_dict(adapted)
     if verbose:
-        print(f"{path} -> {type(model).__name__}: {report.summary()}")
+        print(f"{path} -> {type(network).__name__}: {report.summary()}")
     return report

@@ -45,7 +45,11 @@ class Attention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.pool = nn.AdaptiveAvgPool2d(7) if linear else None
         if linear or sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, 1) if linear else nn.Conv2d(dim, dim, sr_ratio, sr_ratio)
+            self.sr = (
+                nn.Conv2d(dim, dim, kernel_size=1)
+                if linear
+                else nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
+            )
             self.norm = nn.LayerNorm(dim)
         else:
             self.sr = self.norm = None
@@ -76,7 +80,7 @@ class DepthwiseConvMlp(nn.Module):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
         self.relu = nn.ReLU() if extra_relu else nn.Identity()
-        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, 3, 1, 1, groups=hidden_dim)
+        self.dwconv = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
@@ -108,15 +112,23 @@ class Block(nn.Module):
     ):
         super().__init__()
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, sr_ratio, linear, qkv_bias, attn_drop, proj_drop)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            sr_ratio=sr_ratio,
+            linear=linear,
+            qkv_bias=qkv_bias,
+            attn_drop=attn_drop,
+            proj_drop=proj_drop,
+        )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = norm_layer(dim)
         hidden = int(dim * mlp_ratio)
         self.dwconv_mlp = dwconv_mlp
         self.mlp = (
-            DepthwiseConvMlp(dim, hidden, proj_drop, extra_relu=linear)
+            DepthwiseConvMlp(dim, hidden_dim=hidden, drop=proj_drop, extra_relu=linear)
             if dwconv_mlp
-            else Mlp(dim, hidden, drop=proj_drop)
+            else Mlp(dim, hidden_features=hidden, drop=proj_drop)
         )
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 

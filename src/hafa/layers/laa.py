@@ -51,6 +51,23 @@ def zero_offsets_(offset_predictor: nn.Conv2d) -> None:
     nn.init.zeros_(offset_predictor.bias)
 
 
+# "batch": BatchNorm2d and GELU after the deformable conv, as in the authors' code (the paper's network).
+# "baseline": the baseline downsampling's own norm, so that an LAA with zero offsets is that layer exactly.
+LAA_NORMS = ("batch", "baseline")
+
+
+def check_laa_norm(laa_norm: str) -> str:
+    if laa_norm not in LAA_NORMS:
+        raise ValueError(f"laa_norm must be one of {LAA_NORMS}, got {laa_norm!r}")
+    return laa_norm
+
+
+def batch_norm_act(x: Tensor, norm: nn.Module, act: nn.Module) -> Tensor:
+    """A channels-first norm (BatchNorm2d, or SyncBatchNorm after conversion) and an activation on a
+    channels-last map: B x H x W x C -> B x H x W x C."""
+    return act(norm(x.permute(0, 3, 1, 2))).permute(0, 2, 3, 1)
+
+
 class ConvDownsample(nn.Module):
     """Fixed-grid downsampling of the baseline: conv, then a channel norm.
 
@@ -67,19 +84,20 @@ class ConvDownsample(nn.Module):
         norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
     ):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding)
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
         self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
-class LAA(ConvDownsample):
-    """Deformable form of a downsampling conv (same kernel, stride, padding, width and norm).
+class LAA(nn.Module):
+    """Deformable form of a downsampling conv (same kernel, stride, padding and width), then a norm.
 
     A conv of the same kernel and stride predicts a (dy, dx) offset for each kernel point of each
-    output position; it starts at exactly zero, so an untrained LAA computes what the conv computes
-    and a baseline checkpoint's `proj` and `norm` load unchanged.
+    output position; it starts at exactly zero, so an untrained LAA samples where the conv samples and
+    a baseline checkpoint's `proj` loads unchanged. laa_norm="batch" (the paper's): BatchNorm2d and
+    GELU; laa_norm="baseline": the baseline's norm_layer, so that it computes the baseline layer exactly.
 
     B x Cin x H x W -> B x Ho x Wo x Cout, and the offsets (B x 2K x Ho x Wo) with return_offsets.
     """
@@ -92,10 +110,18 @@ class LAA(ConvDownsample):
         stride: IntPair,
         padding: IntPair = 0,
         norm_layer: Callable[[int], nn.Module] | None = nn.LayerNorm,
+        laa_norm: str = "batch",
     ):
-        super().__init__(in_channels, out_channels, kernel_size, stride, padding, norm_layer)
+        super().__init__()
+        self.laa_norm = check_laa_norm(laa_norm)
         kh, kw = _pair(kernel_size)
-        self.offset = nn.Conv2d(in_channels, 2 * kh * kw, kernel_size, stride, padding)
+        self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.offset = nn.Conv2d(in_channels, 2 * kh * kw, kernel_size=kernel_size, stride=stride, padding=padding)
+        if laa_norm == "batch":
+            self.norm, self.act = nn.BatchNorm2d(out_channels), nn.GELU()
+        else:
+            self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
+            self.act = None
         self.reset_offsets()
 
     def reset_offsets(self) -> None:
@@ -111,5 +137,6 @@ class LAA(ConvDownsample):
         columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
         weight = proj.weight.flatten(1).t().expand(B, -1, -1)
         out = torch.bmm(columns, weight) if proj.bias is None else torch.baddbmm(proj.bias, columns, weight)
-        out = self.norm(out.view(B, Ho, Wo, -1))
+        out = out.view(B, Ho, Wo, -1)
+        out = self.norm(out) if self.act is None else batch_norm_act(out, self.norm, self.act)
         return (out, offsets) if return_offsets else out

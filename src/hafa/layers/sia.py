@@ -26,13 +26,16 @@ class SIAOutput:
 class SIA(nn.Module):
     """Downsampling by clustering: stage-3 tokens (a grid or merged tokens) -> stage-4 queries.
 
-    1. Project to the new width: a 3x3/s2 conv on the map (`proj`, PVT v2's own downsampling conv),
-       brought back to the tokens, plus a token-wise linear (`skip`), as TCFormer's token conv; normalise.
+    1. Project to the new width, as TCFormer's token conv: the map downsampled by `proj` (default a
+       3x3/s2 conv, PVT v2's own downsampling; Swin passes its patch merging) and brought back to
+       the tokens, plus a token-wise linear without bias (`skip`); normalise.
     2. Score each token's importance with a linear layer.
     3. DPC-KNN into M = ceil(cluster_ratio * N) clusters (no gradient).
     4. Merge each cluster, weighted by the softmax of its scores (Eq. 5): the queries.
-    5. Keys/values keep the spatial layout (Eq. 6): depthwise 5x5/s2 + pointwise conv (CvT's implicit
-       positional encoding) plus the 3x3/s2 map of step 1, on the H/2 x W/2 grid.
+    5. Keys/values keep the spatial layout (Eq. 6, the authors' implicit positional encoding): a
+       token-wise linear to the new width without bias (`kv_proj`), a depthwise 5x5/s2 conv on the
+       map (`kv_dwconv`), a 1x1 conv (`kv_pwconv`), plus the `proj` map of step 1, normalised by a
+       LayerNorm of their own (`kv_norm`): the H/2 x W/2 grid as tokens.
     cluster_qkv=True clusters queries, keys and values alike (paper Table 5, first row).
     """
 
@@ -40,6 +43,7 @@ class SIA(nn.Module):
         self,
         in_dim: int,
         out_dim: int,
+        proj: nn.Module | None = None,
         cluster_ratio: float = 0.25,
         knn_k: int = 5,
         cluster_qkv: bool = False,
@@ -53,23 +57,25 @@ class SIA(nn.Module):
         self.cluster_ratio = cluster_ratio
         self.knn_k = knn_k
         self.cluster_qkv = cluster_qkv
-        self.proj = nn.Conv2d(in_dim, out_dim, 3, 2, 1)
-        self.skip = nn.Linear(in_dim, out_dim)
+        # B x Cin x H x W -> B x Cout x ceil(H/2) x ceil(W/2)
+        self.proj = proj if proj is not None else nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.skip = nn.Linear(in_dim, out_dim, bias=False)
         self.norm = norm_layer(out_dim)
         # No bias: the softmax inside each cluster ignores a constant shift, so a bias would get only
         # rounding noise as gradient (which Adam would then amplify).
         self.score = nn.Linear(out_dim, 1, bias=False)
         if not cluster_qkv:
-            self.kv_dwconv = nn.Conv2d(in_dim, in_dim, 5, 2, 2, groups=in_dim)
-            self.kv_pwconv = nn.Conv2d(in_dim, out_dim, 1)
+            self.kv_proj = nn.Linear(in_dim, out_dim, bias=False)
+            self.kv_dwconv = nn.Conv2d(out_dim, out_dim, kernel_size=5, stride=2, padding=2, groups=out_dim)
+            self.kv_pwconv = nn.Conv2d(out_dim, out_dim, kernel_size=1)
+            self.kv_norm = norm_layer(out_dim)
 
     def num_clusters(self, num_tokens: int) -> int:
         return max(1, math.ceil(self.cluster_ratio * num_tokens))
 
     def forward(self, x: Tensor, layout: TokenLayout, mask: Tensor | None = None) -> SIAOutput:
         """x: B x N x Cin tokens with their layout; mask: B x N, True for padding (never a centre)."""
-        fmap = layout.to_map(x)
-        conv_map = self.proj(fmap)
+        conv_map = self.proj(layout.to_map(x))
         tokens = self.norm(self.skip(x) + layout.to_tokens(conv_map))
         scores = self.score(tokens).squeeze(-1)
         num_clusters = self.num_clusters(tokens.shape[1])
@@ -78,6 +84,6 @@ class SIA(nn.Module):
         new_layout = layout.compose(cluster_ids, num_clusters, conv_map.shape[-2:])
         kv = None
         if not self.cluster_qkv:
-            kv_map = self.kv_pwconv(self.kv_dwconv(fmap)) + conv_map
-            kv = (kv_map.flatten(2).transpose(1, 2), TokenLayout(kv_map.shape[-2:]))
+            kv_map = self.kv_pwconv(self.kv_dwconv(layout.to_map(self.kv_proj(x)))) + conv_map
+            kv = (self.kv_norm(kv_map.flatten(2).transpose(1, 2)), TokenLayout(kv_map.shape[-2:]))
         return SIAOutput(queries, new_layout, kv, scores, cluster_ids)

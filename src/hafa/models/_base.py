@@ -2,21 +2,27 @@
 (forward_features / forward_head / forward_intermediates / prune_intermediate_layers) over stages
 that pass tokens and their TokenLayout from one to the next."""
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import trunc_normal_
+from timm.models import build_model_with_cfg
+from timm.models._builder import resolve_pretrained_cfg
 from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LAA, SIA, ConvDownsample
+from ..layers import LAA, SIA, ConvDownsample, check_laa_norm
 from ..layers.attention import KeyValues
 from ..ops import TokenLayout
+from ..pretrained import checkpoint_filter_fn
 
 AGGREGATIONS = ("conv", "laa", "sia")
 HAFA_AGGREGATION = ("laa", "laa", "sia")
 BASELINE_AGGREGATION = ("conv", "conv", "conv")
+# The pretrained tag that loads a baseline's ImageNet weights into the HAFA model (LAA in baseline mode).
+FROM_BASELINE_TAG = "in1k_from_baseline"
 
 
 def check_stage_aggregation(stage_aggregation: Sequence[str]) -> tuple[str, str, str]:
@@ -30,21 +36,14 @@ def check_stage_aggregation(stage_aggregation: Sequence[str]) -> tuple[str, str,
     return choice
 
 
-def grid_downsample(
-    kind: str,
-    in_dim: int,
-    out_dim: int,
-    kernel: int,
-    stride: int,
-    padding: int,
-    sia_args: dict,
-    norm_layer=nn.LayerNorm,
-) -> nn.Module:
-    """The downsampling layer of one transition: the baseline conv, its LAA form, or SIA."""
-    if kind == "sia":
-        return SIA(in_dim, out_dim, **sia_args)
-    layer = LAA if kind == "laa" else ConvDownsample
-    return layer(in_dim, out_dim, kernel, stride, padding, norm_layer=norm_layer)
+def freeze_batch_norm_statistics(module: nn.Module) -> int:
+    """Put every BatchNorm inside `module` (SyncBatchNorm too) in eval mode, so that fine-tuning uses
+    and keeps its running statistics (mmdetection's norm_eval). module.train() undoes it: call this
+    after each train(). Returns how many were frozen."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for norm in norms:
+        norm.eval()
+    return len(norms)
 
 
 def padding_tokens(layout: TokenLayout, padding_mask: Tensor) -> Tensor:
@@ -86,30 +85,91 @@ class HafaBackbone(nn.Module):
     """Base of the HAFA model families.
 
     A family defines `stem(x) -> (tokens, layout)`, its stages (a ModuleList named `stages_name`, each
-    `stage(tokens, layout) -> (tokens, layout)`), `self.norm` (final, or Identity), `self.head`, and
-    may override `stage_output` and `pool`. forward_features returns the final tokens, B x N x C:
-    after SIA they are merged tokens with no grid order, so the maps come from
-    forward_intermediates, which paints them through the dictionary.
+    `stage(tokens, layout, padding_mask) -> (tokens, layout)`) built with `transition` for the
+    downsamplings, `self.norm` (final, or Identity), and calls `init_head`. forward_features returns
+    the final tokens, B x N x C (after `num_prefix_tokens` class tokens): after SIA they are merged
+    tokens with no grid order, so the maps come from forward_intermediates, which paints them
+    through the dictionary.
     """
 
-    num_classes: int
-    num_features: int
-    global_pool: str
-    feature_info: list[dict]
     stages_name = "stages"
+    num_prefix_tokens = 0
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        global_pool: str,
+        stage_aggregation: Sequence[str],
+        cluster_qkv: bool,
+        cluster_ratio: float,
+        knn_k: int,
+        laa_norm: str,
+        class_token: bool = False,
+    ):
+        super().__init__()
+        pools = ("token", "avg", "") if class_token else ("avg", "")
+        if global_pool not in pools:
+            raise ValueError(f"global_pool must be one of {pools}, got {global_pool!r}")
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_prefix_tokens = int(class_token)
+        self.stage_aggregation = check_stage_aggregation(stage_aggregation)
+        self.laa_norm = check_laa_norm(laa_norm)
+        self.sia_args = dict(cluster_ratio=cluster_ratio, knn_k=knn_k, cluster_qkv=cluster_qkv)
+
+    def transition(
+        self,
+        index: int,
+        in_dim: int,
+        out_dim: int,
+        *,
+        kernel_size: int,
+        stride: int,
+        padding: int,
+        norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+    ) -> nn.Module:
+        """The downsampling into stage `index` (1-3): the baseline conv, its LAA form, or SIA."""
+        kind = self.stage_aggregation[index - 1]
+        if kind == "sia":
+            return SIA(in_dim, out_dim, **self.sia_args)
+        conv = dict(kernel_size=kernel_size, stride=stride, padding=padding, norm_layer=norm_layer)
+        if kind == "laa":
+            return LAA(in_dim, out_dim, laa_norm=self.laa_norm, **conv)
+        return ConvDownsample(in_dim, out_dim, **conv)
+
+    def init_head(self, stage_dims: Sequence[int], drop_rate: float, stem_stride: int = 4) -> None:
+        """Feature info of the four stages, and the classifier on the last one."""
+        self.feature_info = [
+            dict(num_chs=dim, reduction=stem_stride * 2**i, module=f"{self.stages_name}.{i}")
+            for i, dim in enumerate(stage_dims)
+        ]
+        self.num_features = self.head_hidden_size = stage_dims[-1]
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = self._new_head(self.num_classes)
+
+    @staticmethod
+    def init_linear_and_offsets(m: nn.Module) -> None:
+        """Linear layers truncated normal (std 0.02, zero bias); LAA offsets at exactly zero."""
+        if isinstance(m, nn.Linear):
+            trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif hasattr(m, "reset_offsets"):
+            m.reset_offsets()
 
     @property
     def stage_list(self) -> nn.ModuleList:
         return getattr(self, self.stages_name)
 
     def stage_output(self, index: int, x: Tensor, layout: TokenLayout, norm: bool) -> Tensor:
-        """The NCHW feature map of a stage's output tokens."""
-        if norm and index == len(self.stage_list) - 1:
-            x = self.norm(x)
+        """The NCHW feature map of a stage's output tokens (the class token left out)."""
+        if index == len(self.stage_list) - 1:
+            x = (self.norm(x) if norm else x)[:, self.num_prefix_tokens :]
         return layout.to_map(x)
 
     def pool(self, x: Tensor) -> Tensor:
-        return x.mean(1)
+        return x[:, 0] if self.global_pool == "token" else x[:, self.num_prefix_tokens :].mean(1)
 
     def _new_head(self, num_classes: int) -> nn.Module:
         return nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
@@ -191,8 +251,7 @@ class HafaBackbone(nn.Module):
 
 
 def hafa_cfg(**kwargs) -> dict:
-    """Pretrained config: no download location; weights come from a local file
-    (pretrained_cfg_overlay=dict(file=PATH)) or hafa.load_pretrained."""
+    """Pretrained config without weights (a local file can be given: pretrained_cfg_overlay=dict(file=PATH))."""
     return {
         "url": "",
         "num_classes": 1000,
@@ -206,3 +265,33 @@ def hafa_cfg(**kwargs) -> dict:
         "license": "apache-2.0",
         **kwargs,
     }
+
+
+def hafa_cfgs(name: str, baseline_weights: dict | None, **kwargs) -> dict[str, dict]:
+    """The pretrained configs of a HAFA model: untagged (no weights) and, where its baseline has public
+    ImageNet weights (baseline_weights: their hf_hub_id or url, and crop_pct ...), the tag
+    `in1k_from_baseline` that loads them through hafa's adaptation with LAA in baseline mode."""
+    cfgs = {name: hafa_cfg(**kwargs)}
+    if baseline_weights is not None:
+        cfgs[f"{name}.{FROM_BASELINE_TAG}"] = hafa_cfg(**{**kwargs, **baseline_weights})
+    return cfgs
+
+
+def create_backbone(model_cls: type, variant: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """timm's build_model_with_cfg for a HAFA family: checkpoints adapted by hafa.pretrained, feature
+    maps through forward_intermediates. The `in1k_from_baseline` tag puts LAA in baseline mode (unless
+    laa_norm is given), so that the model starts as the baseline whose weights it loads."""
+    tag = kwargs.get("pretrained_cfg")
+    if pretrained and not isinstance(tag, dict):
+        tag = resolve_pretrained_cfg(variant, pretrained_cfg=tag).tag
+    if tag == FROM_BASELINE_TAG:
+        kwargs.setdefault("laa_norm", "baseline")
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )

@@ -2,11 +2,12 @@
 
 Baselines `pvt_tiny` ... `pvt_large` (timm has no PVT v1) and HAFA forms `hafa_pvt_tiny` ...
 `hafa_pvt_large`. Each stage: a patch embedding (4x4/s4 conv for the first, 2x2/s2 conv, LAA or SIA
-for the transitions), an absolute position embedding (resized to the input), blocks; the class
-token joins in the last stage and the final norm closes it. After SIA there is no explicit
-position embedding (paper Sec. 3.1): SIA's keys/values carry position through their convs.
-Official PVT v1 checkpoints (patch_embed1..4, pos_embed1..4, block1..4, norm, cls_token, head)
-load with hafa.load_pretrained or timm's pretrained_cfg_overlay=dict(file=...).
+for the transitions), an absolute position embedding (resized to the input), blocks. The baselines
+add a class token in the last stage and classify by it, as the PVT paper has it; a model with SIA
+has none, as in the authors' HAFA code: its last stage attends among the merged tokens and the
+classifier mean-pools them. After SIA there is no explicit position embedding (paper Sec. 3.1):
+SIA's keys/values carry position through their convs. Official PVT v1 and HAFA checkpoints load
+with hafa.load_pretrained (or timm's pretrained_cfg_overlay=dict(file=...)).
 """
 
 from collections.abc import Sequence
@@ -15,19 +16,18 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from timm.layers import calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ..layers import LAA, Block, ConvDownsample
+from ..layers import Block, ConvDownsample
 from ..ops import TokenLayout
-from ..pretrained import checkpoint_filter_fn
 from ._base import (
     BASELINE_AGGREGATION,
     HAFA_AGGREGATION,
     HafaBackbone,
-    check_stage_aggregation,
-    grid_downsample,
+    create_backbone,
     hafa_cfg,
+    hafa_cfgs,
     run_blocks,
     run_downsample,
 )
@@ -38,50 +38,47 @@ _BlockNorm = partial(nn.LayerNorm, eps=1e-6)
 
 
 class PvtStage(nn.Module):
-    """Patch embedding, position embedding (not after SIA), class token (last stage), blocks."""
+    """Patch embedding, position embedding (none after SIA), class token (optional), blocks."""
 
     def __init__(
         self,
-        dim,
-        dim_out,
-        depth,
-        aggregation,
-        grid_size,
-        num_heads,
-        sr_ratio,
-        mlp_ratio,
-        qkv_bias,
-        proj_drop,
-        attn_drop,
-        drop_path,
-        sia_args,
-        class_token: bool,
+        *,
+        patch_embed: nn.Module,
+        dim: int,
+        depth: int,
+        grid_size: tuple[int, int] | None,
+        num_heads: int,
+        sr_ratio: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: Sequence[float],
+        class_token: bool = False,
     ):
+        """grid_size: the position embedding's grid at the nominal input size; None for no position embedding."""
         super().__init__()
         self.grad_checkpointing = False
-        if aggregation is None:
-            self.patch_embed = ConvDownsample(dim, dim_out, 4, 4)
-        else:
-            self.patch_embed = grid_downsample(aggregation, dim, dim_out, 2, 2, 0, sia_args)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim_out)) if class_token else None
-        if aggregation == "sia":
-            self.pos_embed = None
-        else:
-            self.grid_size = grid_size
-            self.pos_embed = nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1] + int(class_token), dim_out))
+        self.patch_embed = patch_embed
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if class_token else None
+        self.grid_size = grid_size
+        self.pos_embed = (
+            None
+            if grid_size is None
+            else nn.Parameter(torch.zeros(1, grid_size[0] * grid_size[1] + int(class_token), dim))
+        )
         self.pos_drop = nn.Dropout(proj_drop)
         self.blocks = nn.ModuleList(
             [
                 Block(
-                    dim_out,
-                    num_heads,
-                    mlp_ratio,
-                    sr_ratio,
-                    False,
-                    qkv_bias,
-                    proj_drop,
-                    attn_drop,
-                    drop_path[i],
+                    dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    sr_ratio=sr_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_path[i],
                     dwconv_mlp=False,
                     norm_layer=_BlockNorm,
                 )
@@ -123,8 +120,8 @@ class PvtStage(nn.Module):
 class HafaPvt(HafaBackbone):
     """PVT v1 whose transitions are chosen per stage: 'conv' (the baseline), 'laa' or 'sia'.
 
-    The last stage's attention must not reduce keys/values (sr_ratios[-1] == 1, as in every PVT
-    v1): its tokens include the class token, which has no place on a feature map.
+    class_token (default: when no transition is SIA) adds PVT's class token to the last stage, whose
+    attention then must not reduce keys/values (sr_ratios[-1] == 1, as in every PVT v1).
     """
 
     def __init__(
@@ -132,7 +129,7 @@ class HafaPvt(HafaBackbone):
         img_size: int = 224,
         in_chans: int = 3,
         num_classes: int = 1000,
-        global_pool: str = "token",
+        global_pool: str | None = None,
         depths: Sequence[int] = (2, 2, 2, 2),
         embed_dims: Sequence[int] = (64, 128, 320, 512),
         num_heads: Sequence[int] = (1, 2, 5, 8),
@@ -147,73 +144,61 @@ class HafaPvt(HafaBackbone):
         cluster_qkv: bool = False,
         cluster_ratio: float = 0.25,
         knn_k: int = 5,
+        laa_norm: str = "batch",
+        class_token: bool | None = None,
     ):
-        super().__init__()
-        if global_pool not in ("token", "avg", ""):
-            raise ValueError(f"global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-        if sr_ratios[-1] != 1:
-            raise ValueError(
-                "PVT v1's last stage holds the class token and cannot reduce keys/values (sr_ratios[-1] must be 1)"
-            )
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.stage_aggregation = check_stage_aggregation(stage_aggregation)
-        sia_args = dict(cluster_ratio=cluster_ratio, knn_k=knn_k, cluster_qkv=cluster_qkv)
+        """global_pool: 'token' (the class token; default with one), 'avg' (mean of the other tokens) or ''."""
+        if class_token is None:
+            class_token = "sia" not in stage_aggregation
+        super().__init__(
+            num_classes=num_classes,
+            global_pool=global_pool if global_pool is not None else ("token" if class_token else "avg"),
+            stage_aggregation=stage_aggregation,
+            cluster_qkv=cluster_qkv,
+            cluster_ratio=cluster_ratio,
+            knn_k=knn_k,
+            laa_norm=laa_norm,
+            class_token=class_token,
+        )
+        if class_token and sr_ratios[-1] != 1:
+            raise ValueError("PVT v1's class token has no place on a map: with it, sr_ratios[-1] must be 1")
         img_size = to_2tuple(img_size)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        aggregation = (None,) + self.stage_aggregation
-        in_dims = (in_chans,) + tuple(embed_dims[:-1])
-        self.stages = nn.ModuleList(
-            [
+        stages = []
+        for i in range(4):
+            if i == 0:
+                patch_embed = ConvDownsample(in_chans, embed_dims[0], kernel_size=4, stride=4)
+            else:
+                patch_embed = self.transition(i, embed_dims[i - 1], embed_dims[i], kernel_size=2, stride=2, padding=0)
+            after_sia = i > 0 and self.stage_aggregation[i - 1] == "sia"
+            stages.append(
                 PvtStage(
-                    in_dims[i],
-                    embed_dims[i],
-                    depths[i],
-                    aggregation[i],
-                    (img_size[0] // (4 * 2**i), img_size[1] // (4 * 2**i)),
-                    num_heads[i],
-                    sr_ratios[i],
-                    mlp_ratios[i],
-                    qkv_bias,
-                    proj_drop_rate,
-                    attn_drop_rate,
-                    dpr[i],
-                    sia_args,
-                    class_token=i == 3,
+                    patch_embed=patch_embed,
+                    dim=embed_dims[i],
+                    depth=depths[i],
+                    grid_size=None if after_sia else (img_size[0] // (4 * 2**i), img_size[1] // (4 * 2**i)),
+                    num_heads=num_heads[i],
+                    sr_ratio=sr_ratios[i],
+                    mlp_ratio=mlp_ratios[i],
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    class_token=class_token and i == 3,
                 )
-                for i in range(4)
-            ]
-        )
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
+            )
+        self.stages = nn.ModuleList(stages)
         self.norm = _BlockNorm(embed_dims[-1])
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._new_head(num_classes)
+        self.init_head(embed_dims, drop_rate)
         for stage in self.stages:
             if stage.pos_embed is not None:
                 trunc_normal_(stage.pos_embed, std=0.02)
-        trunc_normal_(self.stages[3].cls_token, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, LAA):
-            m.reset_offsets()
+        if class_token:
+            trunc_normal_(self.stages[3].cls_token, std=0.02)
+        self.apply(self.init_linear_and_offsets)
 
     def stem(self, x: Tensor) -> tuple[Tensor, TokenLayout | None]:
         return x, None  # the first stage embeds the image itself
-
-    def stage_output(self, index: int, x: Tensor, layout: TokenLayout, norm: bool) -> Tensor:
-        if index == 3:
-            x = (self.norm(x) if norm else x)[:, 1:]
-        return layout.to_map(x)
-
-    def pool(self, x: Tensor) -> Tensor:
-        return x[:, 0] if self.global_pool == "token" else x[:, 1:].mean(1)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -223,16 +208,11 @@ class HafaPvt(HafaBackbone):
         return dict(stem=r"^stages\.0\.(patch_embed|pos_embed)", blocks=r"^stages\.(\d+)")
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> HafaPvt:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        HafaPvt,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
+_CFG_ARGS = dict(first_conv="stages.0.patch_embed.proj", classifier="head")
+
+
+def _cfg(**kwargs) -> dict:
+    return hafa_cfg(**_CFG_ARGS, **kwargs)
 
 
 _SIZES = {
@@ -242,18 +222,26 @@ _SIZES = {
     "large": (3, 8, 27, 3),
 }
 
+# The official PVT v1 ImageNet weights (github.com/whai362/PVT, classification branch).
+_OFFICIAL_URL = "https://github.com/whai362/PVT/releases/download/v2/pvt_{size}.pth"
+
 default_cfgs = generate_default_cfgs(
     {
-        f"{prefix}pvt_{size}": hafa_cfg(first_conv="stages.0.patch_embed.proj", classifier="head")
-        for prefix in ("", "hafa_")
-        for size in _SIZES
+        **{f"pvt_{size}": _cfg() for size in _SIZES},
+        **{
+            name: cfg
+            for size in _SIZES
+            for name, cfg in hafa_cfgs(
+                f"hafa_pvt_{size}", dict(url=_OFFICIAL_URL.format(size=size)), **_CFG_ARGS
+            ).items()
+        },
     }
 )
 
 
 def _variant(size: str, hafa: bool, pretrained: bool, kwargs: dict) -> HafaPvt:
     args = dict(depths=_SIZES[size], stage_aggregation=HAFA_AGGREGATION if hafa else BASELINE_AGGREGATION)
-    return _create(f"{'hafa_' if hafa else ''}pvt_{size}", pretrained, **dict(args, **kwargs))
+    return create_backbone(HafaPvt, f"{'hafa_' if hafa else ''}pvt_{size}", pretrained, **dict(args, **kwargs))
 
 
 @register_model

@@ -10,22 +10,13 @@ the dictionary.
 import math
 from collections.abc import Sequence
 
-from timm.layers import LayerNorm, calculate_drop_path_rates, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import LayerNorm, calculate_drop_path_rates
+from timm.models import generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from ..layers import LAA, Block, ConvDownsample
+from ..layers import Block, ConvDownsample
 from ..ops import TokenLayout
-from ..pretrained import checkpoint_filter_fn
-from ._base import (
-    HAFA_AGGREGATION,
-    HafaBackbone,
-    check_stage_aggregation,
-    grid_downsample,
-    hafa_cfg,
-    run_blocks,
-    run_downsample,
-)
+from ._base import HAFA_AGGREGATION, HafaBackbone, create_backbone, hafa_cfgs, run_blocks, run_downsample
 
 __all__ = ["HafaPvtV2"]
 
@@ -35,42 +26,41 @@ class PvtV2Stage(nn.Module):
 
     def __init__(
         self,
-        dim,
-        dim_out,
-        depth,
-        aggregation,
-        num_heads,
-        sr_ratio,
-        linear,
-        mlp_ratio,
-        qkv_bias,
-        proj_drop,
-        attn_drop,
-        drop_path,
-        sia_args,
+        *,
+        downsample: nn.Module | None,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        sr_ratio: int,
+        linear: bool,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: Sequence[float],
     ):
         super().__init__()
         self.grad_checkpointing = False
-        self.downsample = None if aggregation is None else grid_downsample(aggregation, dim, dim_out, 3, 2, 1, sia_args)
+        self.downsample = downsample
         self.blocks = nn.ModuleList(
             [
                 Block(
-                    dim_out,
-                    num_heads,
-                    mlp_ratio,
-                    sr_ratio,
-                    linear,
-                    qkv_bias,
-                    proj_drop,
-                    attn_drop,
-                    drop_path[i],
+                    dim,
+                    num_heads=num_heads,
+                    mlp_ratio=mlp_ratio,
+                    sr_ratio=sr_ratio,
+                    linear=linear,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop,
+                    attn_drop=attn_drop,
+                    drop_path=drop_path[i],
                     dwconv_mlp=True,
                     norm_layer=LayerNorm,
                 )
                 for i in range(depth)
             ]
         )
-        self.norm = LayerNorm(dim_out)
+        self.norm = LayerNorm(dim)
 
     def forward(self, x: Tensor, layout: TokenLayout, padding_mask: Tensor | None = None) -> tuple[Tensor, TokenLayout]:
         kv = None
@@ -103,57 +93,55 @@ class HafaPvtV2(HafaBackbone):
         cluster_qkv: bool = False,
         cluster_ratio: float = 0.25,
         knn_k: int = 5,
+        laa_norm: str = "batch",
     ):
-        super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.stage_aggregation = check_stage_aggregation(stage_aggregation)
-        sia_args = dict(cluster_ratio=cluster_ratio, knn_k=knn_k, cluster_qkv=cluster_qkv)
-        self.patch_embed = ConvDownsample(in_chans, embed_dims[0], 7, 4, 3)
+        super().__init__(
+            num_classes=num_classes,
+            global_pool=global_pool,
+            stage_aggregation=stage_aggregation,
+            cluster_qkv=cluster_qkv,
+            cluster_ratio=cluster_ratio,
+            knn_k=knn_k,
+            laa_norm=laa_norm,
+        )
+        self.patch_embed = ConvDownsample(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        aggregation = (None,) + self.stage_aggregation
         self.stages = nn.ModuleList(
             [
                 PvtV2Stage(
-                    embed_dims[max(i - 1, 0)],
-                    embed_dims[i],
-                    depths[i],
-                    aggregation[i],
-                    num_heads[i],
-                    sr_ratios[i],
-                    linear,
-                    mlp_ratios[i],
-                    qkv_bias,
-                    proj_drop_rate,
-                    attn_drop_rate,
-                    dpr[i],
-                    sia_args,
+                    downsample=(
+                        None
+                        if i == 0
+                        else self.transition(i, embed_dims[i - 1], embed_dims[i], kernel_size=3, stride=2, padding=1)
+                    ),
+                    dim=embed_dims[i],
+                    depth=depths[i],
+                    num_heads=num_heads[i],
+                    sr_ratio=sr_ratios[i],
+                    linear=linear,
+                    mlp_ratio=mlp_ratios[i],
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
                 )
                 for i in range(4)
             ]
         )
-        self.feature_info = [dict(num_chs=embed_dims[i], reduction=4 * 2**i, module=f"stages.{i}") for i in range(4)]
         self.norm = nn.Identity()  # every stage ends with its own norm
-        self.num_features = self.head_hidden_size = embed_dims[-1]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._new_head(num_classes)
+        self.init_head(embed_dims, drop_rate)
         self.apply(self._init_weights)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
+    @classmethod
+    def _init_weights(cls, m: nn.Module) -> None:
+        """timm pvt_v2's: convs normal with fan-out std (before LAA zeroes its offset predictor)."""
+        if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
             nn.init.normal_(m.weight, 0, math.sqrt(2.0 / fan_out))
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, LAA):
-            m.reset_offsets()
+        else:
+            cls.init_linear_and_offsets(m)
 
     def stem(self, x: Tensor) -> tuple[Tensor, TokenLayout]:
         x = self.patch_embed(x)
@@ -167,36 +155,23 @@ class HafaPvtV2(HafaBackbone):
         return dict(stem=r"^patch_embed", blocks=r"^stages\.(\d+)")
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> HafaPvtV2:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        HafaPvtV2,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
-
-
-def _cfg(**kwargs) -> dict:
-    return hafa_cfg(first_conv="patch_embed.proj", classifier="head", **kwargs)
-
+_CFG_ARGS = dict(first_conv="patch_embed.proj", classifier="head")
+_VARIANTS = ("b0", "b1", "b2", "b3", "b4", "b5", "b2_li")
 
 default_cfgs = generate_default_cfgs(
     {
-        name: _cfg()
-        for name in (
-            "hafa_pvt_v2_b0",
-            "hafa_pvt_v2_b1",
-            "hafa_pvt_v2_b2",
-            "hafa_pvt_v2_b3",
-            "hafa_pvt_v2_b4",
-            "hafa_pvt_v2_b5",
-            "hafa_pvt_v2_b2_li",
-        )
+        name: cfg
+        for variant in _VARIANTS
+        for name, cfg in hafa_cfgs(
+            f"hafa_pvt_v2_{variant}", dict(hf_hub_id=f"timm/pvt_v2_{variant}.in1k"), **_CFG_ARGS
+        ).items()
     }
 )
+
+
+def _create(variant: str, pretrained: bool, **kwargs) -> HafaPvtV2:
+    return create_backbone(HafaPvtV2, variant, pretrained, **kwargs)
+
 
 _WIDE = dict(embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8))
 

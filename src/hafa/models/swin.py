@@ -2,8 +2,10 @@
 
 `hafa_swin_tiny_patch4_window7_224`, `_small_`, `_base_`. Patch merging (concatenate each 2x2
 block, LayerNorm, linear) reads a fixed 2x2 grid: a 2x2/s2 kernel. Its LAA form samples those four
-points at learned offsets before the same norm and linear, so timm's Swin weights load unchanged
-and, with zero offsets, reproduce the baseline exactly. Stages on a grid are timm's own Swin blocks.
+points at learned offsets before the same norm and linear (then, by default, BatchNorm and GELU, as
+LAA has in the authors' code); with laa_norm="baseline" and zero offsets it is the baseline's patch
+merging exactly. SIA projects with Swin's own patch merging, so a Swin checkpoint's last
+downsampling fills it. Stages on a grid are timm's own Swin blocks.
 
 After SIA, the stage's blocks attend globally over the merged tokens: windows are squares of a
 grid, and merged tokens have no grid order to cut into windows (the dictionary can paint them onto
@@ -18,39 +20,50 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import PatchEmbed, calculate_drop_path_rates, to_2tuple, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import PatchEmbed, calculate_drop_path_rates, to_2tuple
+from timm.models import generate_default_cfgs, register_model
 from timm.models.swin_transformer import PatchMerging, SwinTransformerBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LAA, SIA, Block, deformable_samples
+from ..layers import SIA, Block, batch_norm_act, check_laa_norm, deformable_samples
 from ..layers.laa import zero_offsets_
 from ..ops import TokenLayout
-from ..pretrained import checkpoint_filter_fn
-from ._base import HAFA_AGGREGATION, HafaBackbone, check_stage_aggregation, hafa_cfg, run_blocks, run_downsample
+from ._base import HAFA_AGGREGATION, HafaBackbone, create_backbone, hafa_cfgs, run_blocks, run_downsample
 
 __all__ = ["HafaSwin"]
 
 
 class GridPatchMerging(PatchMerging):
-    """timm's patch merging, fed a B x C x H x W map like the other downsamplings."""
+    """timm's patch merging on a B x C x H x W map -> B x ceil(H/2) x ceil(W/2) x out_dim (the baseline)."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.permute(0, 2, 3, 1))
 
 
-class LAAPatchMerging(nn.Module):
-    """Patch merging whose four 2x2 points move by learned offsets (zero at start).
+class PatchMergingMap(PatchMerging):
+    """timm's patch merging from map to map, B x C x H x W -> B x out_dim x ceil(H/2) x ceil(W/2): SIA's projection."""
 
-    B x C x H x W -> B x ceil(H/2) x ceil(W/2) x out_dim. Parameters: offset (new), norm and reduction (timm's).
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class LAAPatchMerging(nn.Module):
+    """Patch merging whose four 2x2 points move by learned offsets (zero at start); laa_norm="batch"
+    adds BatchNorm and GELU after it.
+
+    B x C x H x W -> B x ceil(H/2) x ceil(W/2) x out_dim. Parameters: offset (new), norm and reduction
+    (timm's), and with laa_norm="batch" out_norm (new).
     """
 
-    def __init__(self, dim: int, out_dim: int, norm_layer=nn.LayerNorm):
+    def __init__(self, dim: int, out_dim: int, norm_layer=nn.LayerNorm, laa_norm: str = "batch"):
         super().__init__()
-        self.offset = nn.Conv2d(dim, 8, 2, 2)
+        self.laa_norm = check_laa_norm(laa_norm)
+        self.offset = nn.Conv2d(dim, 8, kernel_size=2, stride=2)
         self.norm = norm_layer(4 * dim)
         self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        if laa_norm == "batch":
+            self.out_norm, self.act = nn.BatchNorm2d(out_dim), nn.GELU()
         self.reset_offsets()
 
     def reset_offsets(self) -> None:
@@ -64,6 +77,8 @@ class LAAPatchMerging(nn.Module):
         # timm concatenates the 2x2 block as (kx, ky, C)
         merged = samples.view(B, C, 2, 2, Ho, Wo).permute(0, 4, 5, 3, 2, 1).reshape(B, Ho, Wo, 4 * C)
         out = self.reduction(self.norm(merged))
+        if self.laa_norm == "batch":
+            out = batch_norm_act(out, self.out_norm, self.act)
         return (out, offsets) if return_offsets else out
 
 
@@ -73,37 +88,31 @@ class SwinStage(nn.Module):
 
     def __init__(
         self,
-        dim,
-        out_dim,
-        depth,
-        aggregation,
-        input_resolution,
-        num_heads,
-        window_size,
-        mlp_ratio,
-        qkv_bias,
-        proj_drop,
-        attn_drop,
-        drop_path,
-        sia_args,
+        *,
+        downsample: nn.Module | None,
+        dim: int,
+        depth: int,
+        input_resolution: tuple[int, int],
+        num_heads: int,
+        window_size: int,
+        mlp_ratio: float,
+        qkv_bias: bool,
+        proj_drop: float,
+        attn_drop: float,
+        drop_path: Sequence[float],
     ):
         super().__init__()
         self.grad_checkpointing = False
-        if aggregation is None:
-            self.downsample = None
-        elif aggregation == "sia":
-            self.downsample = SIA(dim, out_dim, **sia_args)
-        else:
-            self.downsample = (LAAPatchMerging if aggregation == "laa" else GridPatchMerging)(dim, out_dim)
-        self.windowed = aggregation != "sia"
+        self.downsample = downsample
+        self.windowed = not isinstance(downsample, SIA)
         if self.windowed:
             window_size = to_2tuple(window_size)
             self.blocks = nn.ModuleList(
                 [
                     SwinTransformerBlock(
-                        out_dim,
-                        input_resolution,
-                        num_heads,
+                        dim,
+                        input_resolution=input_resolution,
+                        num_heads=num_heads,
                         window_size=window_size,
                         shift_size=0 if i % 2 == 0 else tuple(w // 2 for w in window_size),
                         dynamic_mask=True,
@@ -120,15 +129,13 @@ class SwinStage(nn.Module):
             self.blocks = nn.ModuleList(
                 [
                     Block(
-                        out_dim,
-                        num_heads,
-                        mlp_ratio,
-                        1,
-                        False,
-                        qkv_bias,
-                        proj_drop,
-                        attn_drop,
-                        drop_path[i],
+                        dim,
+                        num_heads=num_heads,
+                        mlp_ratio=mlp_ratio,
+                        qkv_bias=qkv_bias,
+                        proj_drop=proj_drop,
+                        attn_drop=attn_drop,
+                        drop_path=drop_path[i],
                         dwconv_mlp=False,
                     )
                     for i in range(depth)
@@ -191,20 +198,23 @@ class HafaSwin(HafaBackbone):
         cluster_qkv: bool = False,
         cluster_ratio: float = 0.25,
         knn_k: int = 5,
+        laa_norm: str = "batch",
     ):
-        super().__init__()
-        if global_pool not in ("avg", ""):
-            raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.stage_aggregation = check_stage_aggregation(stage_aggregation)
-        sia_args = dict(cluster_ratio=cluster_ratio, knn_k=knn_k, cluster_qkv=cluster_qkv)
+        super().__init__(
+            num_classes=num_classes,
+            global_pool=global_pool,
+            stage_aggregation=stage_aggregation,
+            cluster_qkv=cluster_qkv,
+            cluster_ratio=cluster_ratio,
+            knn_k=knn_k,
+            laa_norm=laa_norm,
+        )
         dims = [embed_dim * 2**i for i in range(4)]
         self.patch_embed = PatchEmbed(
-            img_size,
-            patch_size,
-            in_chans,
-            dims[0],
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=dims[0],
             norm_layer=nn.LayerNorm,
             strict_img_size=False,
             dynamic_img_pad=True,
@@ -212,42 +222,36 @@ class HafaSwin(HafaBackbone):
         )
         grid = self.patch_embed.grid_size
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)
-        aggregation = (None,) + self.stage_aggregation
         self.layers = nn.ModuleList(
             [
                 SwinStage(
-                    dims[max(i - 1, 0)],
-                    dims[i],
-                    depths[i],
-                    aggregation[i],
-                    (-(-grid[0] // 2**i), -(-grid[1] // 2**i)),
-                    num_heads[i],
-                    window_size,
-                    mlp_ratio,
-                    qkv_bias,
-                    proj_drop_rate,
-                    attn_drop_rate,
-                    dpr[i],
-                    sia_args,
+                    downsample=None if i == 0 else self._patch_merging(i, dims[i - 1], dims[i]),
+                    dim=dims[i],
+                    depth=depths[i],
+                    input_resolution=(-(-grid[0] // 2**i), -(-grid[1] // 2**i)),
+                    num_heads=num_heads[i],
+                    window_size=window_size,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
                 )
                 for i in range(4)
             ]
         )
-        self.feature_info = [dict(num_chs=dims[i], reduction=patch_size * 2**i, module=f"layers.{i}") for i in range(4)]
         self.norm = nn.LayerNorm(dims[-1])
-        self.num_features = self.head_hidden_size = dims[-1]
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = self._new_head(num_classes)
-        self.apply(self._init_weights)
+        self.init_head(dims, drop_rate, stem_stride=patch_size)
+        self.apply(self.init_linear_and_offsets)
 
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (LAA, LAAPatchMerging)):
-            m.reset_offsets()
+    def _patch_merging(self, index: int, dim: int, out_dim: int) -> nn.Module:
+        """Swin's transitions: patch merging, its LAA form, or SIA projecting by patch merging."""
+        kind = self.stage_aggregation[index - 1]
+        if kind == "sia":
+            return SIA(dim, out_dim, proj=PatchMergingMap(dim, out_dim), **self.sia_args)
+        if kind == "laa":
+            return LAAPatchMerging(dim, out_dim, laa_norm=self.laa_norm)
+        return GridPatchMerging(dim, out_dim)
 
     def _new_head(self, num_classes: int) -> nn.Module:
         return _Head(self.num_features, num_classes)
@@ -267,24 +271,25 @@ class HafaSwin(HafaBackbone):
         return dict(stem=r"^patch_embed", blocks=r"^layers\.(\d+)")
 
 
-def _create(variant: str, pretrained: bool = False, **kwargs) -> HafaSwin:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        HafaSwin,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
-        **kwargs,
-    )
-
+# timm's ImageNet-1k weights of each Swin baseline.
+_SWIN_IN1K = {"tiny": "ms_in1k", "small": "ms_in1k", "base": "ms_in1k"}
 
 default_cfgs = generate_default_cfgs(
     {
-        f"hafa_swin_{size}_patch4_window7_224": hafa_cfg(first_conv="patch_embed.proj", classifier="head.fc")
-        for size in ("tiny", "small", "base")
+        name: cfg
+        for size, tag in _SWIN_IN1K.items()
+        for name, cfg in hafa_cfgs(
+            f"hafa_swin_{size}_patch4_window7_224",
+            dict(hf_hub_id=f"timm/swin_{size}_patch4_window7_224.{tag}"),
+            first_conv="patch_embed.proj",
+            classifier="head.fc",
+        ).items()
     }
 )
+
+
+def _create(variant: str, pretrained: bool, **kwargs) -> HafaSwin:
+    return create_backbone(HafaSwin, variant, pretrained, **kwargs)
 
 
 @register_model

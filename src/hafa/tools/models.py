@@ -1,4 +1,5 @@
-"""`hafa models`: every HAFA model beside its baseline: parameters, GMACs, and the paper's numbers."""
+"""`hafa models`: every HAFA model beside its baseline: parameters (ours, the official code's where it
+exists, the paper's), GMACs, and the paper's top-1."""
 
 import json
 
@@ -6,7 +7,7 @@ import timm
 import torch
 
 from ..errors import unknown_name
-from ..models.table import BASELINE, PAPER
+from ..models.table import BASELINE, OFFICIAL, PAPER
 from .flops import count_macs
 
 DEFAULT_MODELS = sorted(BASELINE)
@@ -28,8 +29,9 @@ def model_row(name: str, img_size: int) -> dict:
     return dict(
         model=name,
         params_m=round(params / 1e6, 2),
-        gmacs=round(macs / 1e9, 2),
+        official_params_m=OFFICIAL.get(name),
         paper_params_m=paper[0],
+        gmacs=round(macs / 1e9, 2),
         paper_gflops=paper[1],
         paper_top1=paper[2],
     )
@@ -40,12 +42,12 @@ def markdown(rows, img_size: int) -> str:
         return "-" if v is None else str(v)
 
     lines = [
-        f"| model | params (M) | GMACs @{img_size} | paper params (M) | paper GFLOPs | paper top-1 |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| model | params (M) | official code (M) | paper (M) | GMACs @{img_size} | paper GFLOPs | paper top-1 |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['model']} | {r['params_m']} | {r['gmacs']} | {cell(r['paper_params_m'])} | "
-        f"{cell(r['paper_gflops'])} | {cell(r['paper_top1'])} |"
+        f"| {r['model']} | {r['params_m']} | {cell(r['official_params_m'])} | {cell(r['paper_params_m'])} | "
+        f"{r['gmacs']} | {cell(r['paper_gflops'])} | {cell(r['paper_top1'])} |"
         for r in rows
     ]
     return "\n".join(lines)
@@ -57,7 +59,8 @@ def run(args) -> int:
             raise unknown_name("HAFA model", name, DEFAULT_MODELS)
     print(
         f"MACs counted by torch.utils.flop_counter at {args.img_size}x{args.img_size} (clustering, bilinear "
-        "sampling, merging and CPU attention by formula); the paper's 'GFLOPs' are MACs too."
+        "sampling, merging and CPU attention by formula); the paper's 'GFLOPs' are MACs too. The paper cuts "
+        "parameter counts to one decimal; the official code exists for PVT v1 only."
     )
     rows = [model_row(n, args.img_size) for name in args.models for n in (BASELINE[name], name)]
     print(markdown(rows, args.img_size))
