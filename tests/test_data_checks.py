@@ -415,3 +415,41 @@ def test_categories_and_folders_of_the_splits(tmp_path):
         refusal(check_coco, str(tmp_path), ["test"])
         == f"annotation file not found: {tmp_path}/annotations/instances_test.json"
     )
+
+
+def _field_paths(value, prefix=()):
+    """Every (key or index) path into a json value."""
+    if prefix:
+        yield prefix
+    children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in children:
+        yield from _field_paths(child, (*prefix, key))
+
+
+def test_randomly_broken_fields_give_a_result_or_a_refusal_never_a_traceback(tmp_path):
+    good = write_coco(tmp_path)
+    replacements = [None, "x", -1, 0, 1.5, float("nan"), float("inf"), [], {}, [1, 2], True, [[1, 2]], 10**20, "1"]
+    paths = list(_field_paths(good))
+    rng = np.random.default_rng(0)
+    refused = 0
+    for _ in range(150):
+        content = copy.deepcopy(good)
+        for path in [paths[i] for i in rng.choice(len(paths), size=2)]:
+            *parents, last = path
+            try:
+                container = content
+                for key in parents:
+                    container = container[key]
+                container[last] = copy.deepcopy(replacements[rng.integers(len(replacements))])
+            except (KeyError, IndexError, TypeError):
+                pass  # an earlier change removed the path
+        write_json(tmp_path, "val", content)
+        for call in (
+            lambda: check_coco(str(tmp_path), ["train", "val"], progress=False),
+            lambda: CocoInstances(str(tmp_path), "val", train=True),
+        ):
+            try:
+                call()
+            except UserError:
+                refused += 1
+    assert refused > 150  # most changes break the file; none raised anything but a UserError
