@@ -7,7 +7,7 @@ import torch
 import hafa
 from hafa.cli import main
 from hafa.layers import LAA
-from hafa.models._base import freeze_batch_norm_statistics
+from hafa.models import freeze_batch_norm_statistics
 from hafa.models.table import BASELINE, OFFICIAL, PAPER, PARAMS
 
 HAFA_MODELS = sorted(n for n in PARAMS if n.startswith("hafa_"))

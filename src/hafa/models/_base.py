@@ -1,6 +1,7 @@
-"""What the HAFA backbones share: the per-transition choice of downsampling, and the timm interface
-(forward_features / forward_head / forward_intermediates / prune_intermediate_layers) over stages
-that pass tokens and their TokenLayout from one to the next."""
+"""What the HAFA backbones share: the constructor plumbing (the per-transition choice of downsampling,
+the SIA and LAA arguments, the pool check, feature info and head, timm registration with pretrained
+tags), and the timm interface (forward_features / forward_head / forward_intermediates /
+prune_intermediate_layers) over stages that pass tokens and their TokenLayout from one to the next."""
 
 from collections.abc import Callable, Sequence
 

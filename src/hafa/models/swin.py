@@ -72,7 +72,7 @@ class LAAPatchMerging(nn.Module):
     def forward(self, x: Tensor, return_offsets: bool = False):
         x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
         offsets = self.offset(x)
-        samples = deformable_samples(x, offsets, 2, 2, 0)  # B, C, (ky, kx), Ho, Wo
+        samples = deformable_samples(x, offsets, kernel_size=2, stride=2, padding=0)  # B, C, (ky, kx), Ho, Wo
         B, C, _, Ho, Wo = samples.shape
         # timm concatenates the 2x2 block as (kx, ky, C)
         merged = samples.view(B, C, 2, 2, Ho, Wo).permute(0, 4, 5, 3, 2, 1).reshape(B, Ho, Wo, 4 * C)
@@ -248,10 +248,10 @@ class HafaSwin(HafaBackbone):
         """Swin's transitions: patch merging, its LAA form, or SIA projecting by patch merging."""
         kind = self.stage_aggregation[index - 1]
         if kind == "sia":
-            return SIA(dim, out_dim, proj=PatchMergingMap(dim, out_dim), **self.sia_args)
+            return SIA(dim, out_dim, proj=PatchMergingMap(dim, out_dim=out_dim), **self.sia_args)
         if kind == "laa":
-            return LAAPatchMerging(dim, out_dim, laa_norm=self.laa_norm)
-        return GridPatchMerging(dim, out_dim)
+            return LAAPatchMerging(dim, out_dim=out_dim, laa_norm=self.laa_norm)
+        return GridPatchMerging(dim, out_dim=out_dim)
 
     def _new_head(self, num_classes: int) -> nn.Module:
         return _Head(self.num_features, num_classes)
