@@ -143,6 +143,20 @@ def test_features_only(name):
     assert [m.shape[1] for m in partial(torch.randn(1, 3, 64, 64))] == partial.feature_info.channels()
 
 
+def test_features_before_the_class_token_stage_keep_every_token():
+    torch.manual_seed(0)
+    full = timm.create_model("pvt_tiny").eval()
+    first_three = timm.create_model("pvt_tiny", features_only=True, out_indices=(0, 1, 2)).eval()
+    first_three.model.load_state_dict(
+        {k: v for k, v in full.state_dict().items() if k in first_three.model.state_dict()}
+    )
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = full.forward_intermediates(x, indices=[0, 1, 2], intermediates_only=True)
+        for got, want in zip(first_three(x), expected):
+            torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize("name", SMALL)
 def test_construction_on_the_meta_device(name):
     with torch.device("meta"):

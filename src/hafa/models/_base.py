@@ -165,8 +165,10 @@ class HafaBackbone(nn.Module):
 
     def stage_output(self, index: int, x: Tensor, layout: TokenLayout, norm: bool) -> Tensor:
         """The NCHW feature map of a stage's output tokens (the class token left out)."""
-        if index == len(self.stage_list) - 1:
-            x = (self.norm(x) if norm else x)[:, self.num_prefix_tokens :]
+        if norm and index == len(self.stage_list) - 1:
+            x = self.norm(x)
+        if index == len(self.feature_info) - 1:  # the stage that holds the class token, if any
+            x = x[:, self.num_prefix_tokens :]
         return layout.to_map(x)
 
     def pool(self, x: Tensor) -> Tensor:
