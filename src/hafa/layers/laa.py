@@ -39,8 +39,10 @@ def deformable_samples(x: Tensor, offsets: Tensor, kernel_size: IntPair, stride:
     K, Ho, Wo = offsets.shape[1] // 2, offsets.shape[2], offsets.shape[3]
     position = sampling_positions(offsets, kernel_size, stride, padding)
     # grid_sample wants (x, y) normalised to [-1, 1] with align_corners=False: (2p + 1) / size - 1.
-    scale = position.new_tensor([2.0 / W, 2.0 / H])
-    grid = (position.flip(-1) * scale + (scale / 2 - 1)).view(B, K * Ho, Wo, 2)
+    # Python scalars, not a tensor built from a list: that would be a host-to-device copy (a sync).
+    y, x_ = position.unbind(-1)
+    grid = torch.stack([x_ * (2.0 / W) + (1.0 / W - 1.0), y * (2.0 / H) + (1.0 / H - 1.0)], dim=-1)
+    grid = grid.view(B, K * Ho, Wo, 2)
     samples = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     return samples.view(B, C, K, Ho, Wo)
 

@@ -21,8 +21,8 @@ from torch import Tensor
 
 # Row chunks keep one B x rows x N block of distances under this many elements (256 MB in fp32).
 _MAX_BLOCK_ELEMENTS = 64 * 1024 * 1024
-# Gathered neighbour features are handled in blocks of this many elements (1 MB in fp32): such a
-# block stays in a core's cache between the gather, the subtraction and the sum.
+# On CPU, gathered neighbour features are handled in blocks of this many elements (1 MB in fp32): such
+# a block stays in a core's cache between the gather, the subtraction and the sum.
 _CACHE_BLOCK_ELEMENTS = 256 * 1024
 # Rows of the Gram matrix multiplied at a time when all distances are kept.
 _GRAM_BLOCK = 512
@@ -127,7 +127,8 @@ class _PairDistances:
             diff -= flat.index_select(0, anchors[rows])[:, None]
             return diff.square_().sum(-1)
 
-        blocks = _over_row_chunks(anchors.shape[0], others.shape[2] * C, block, _CACHE_BLOCK_ELEMENTS)
+        budget = _CACHE_BLOCK_ELEMENTS if self.x.device.type == "cpu" else None  # a GPU wants few, large blocks
+        blocks = _over_row_chunks(anchors.shape[0], others.shape[2] * C, block, budget)
         return torch.cat(blocks).view(others.shape)
 
 
@@ -180,7 +181,8 @@ def _relative_distance(
     if mask is not None:
         is_peak &= ~mask
 
-    if _scans_every_token(distances.x):
+    scan_all = _scans_every_token(distances.x)
+    if scan_all:
         scanned = torch.arange(N, device=rank.device).expand(B, N)
     else:
         num_peaks = int(is_peak.sum(-1).max())
@@ -190,7 +192,7 @@ def _relative_distance(
     scanned_rank = rank.gather(1, scanned)
 
     def nearest_denser_or_farthest(rows: slice) -> Tensor:
-        d2 = distances.rows_of(scanned[:, rows])
+        d2 = distances.rows(rows) if scan_all else distances.rows_of(scanned[:, rows])
         lower = rank[:, None, :] < scanned_rank[:, rows, None]
         if mask is not None:
             lower &= ~mask[:, None, :]
