@@ -34,7 +34,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 step environment 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
     $PY -c 'import sys, torch, torchvision, timm, hafa; print(sys.version.split()[0], torch.__version__, \
 torchvision.__version__, timm.__version__, torch.cuda.get_device_name())'"
-step cuda-tests 180 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=8
+step cuda-tests 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=8
 step bench-fp32 75 "$PY" -m hafa bench --device cuda --models hafa_pvt_tiny hafa_pvt_v2_b1 \
     hafa_swin_tiny_patch4_window7_224 --batch-sizes 1 64 --reps 10 --warmup 3 --json "$OUT/bench_fp32.json"
 step bench-bf16 75 "$PY" -m hafa bench --device cuda --amp bf16 --models hafa_pvt_tiny hafa_pvt_v2_b1 \
@@ -43,6 +43,7 @@ step bench-modules 45 "$PY" -m hafa bench --device cuda --modules --models hafa_
     --json "$OUT/bench_modules.json"
 step train-bf16 75 "$PY" -m hafa train --model hafa_pvt_v2_b0 --baseline --device cuda --amp bf16 --epochs 2 \
     --workers 4 --output /tmp/hafa-gpu-runs
-step profile 40 bash -c "$PY benchmarks/profile_cuda.py --models hafa_pvt_tiny --batch 1 > '$OUT/profile_b1.txt'"
+step profile 60 bash -c "$PY benchmarks/profile_cuda.py --models hafa_pvt_tiny --batch 1 > '$OUT/profile_b1.txt' && \
+    $PY benchmarks/profile_cuda.py --models hafa_pvt_tiny --batch 64 --amp bf16 > '$OUT/profile_b64_bf16.txt'"
 echo "== done: $failed step(s) failed; outputs in $OUT" | tee -a "$LOG"
 exit "$failed"
