@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, read_file, state_dict_of
 from .layers import SIA
+from .layers.laa import BATCH_NORMS
 
 _logger = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple[d
     replaced = tuple(replaced)
     # A BatchNorm whose statistics the checkpoint lacks (a baseline's LayerNorm in LAA's place) is new as
     # a whole; a checkpoint's BatchNorm for a model's LayerNorm is the other LAA mode.
-    batch_norms = {n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    batch_norms = {n for n, m in model.named_modules() if isinstance(m, BATCH_NORMS)}
     new_norms = tuple(f"{n}." for n in batch_norms if f"{n}.running_mean" not in state_dict)
     other_mode = [
         n

@@ -56,6 +56,8 @@ def zero_offsets_(offset_predictor: nn.Conv2d) -> None:
 # "batch": BatchNorm2d and GELU after the deformable conv, as in the authors' code (the paper's network).
 # "baseline": the baseline downsampling's own norm, so that an LAA with zero offsets is that layer exactly.
 LAA_NORMS = ("batch", "baseline")
+# What LAA's BatchNorm2d can be, also after torch.nn.SyncBatchNorm.convert_sync_batchnorm.
+BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def check_laa_norm(laa_norm: str) -> str:

@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import LAA, SIA, ConvDownsample, check_laa_norm
 from ..layers.attention import KeyValues
+from ..layers.laa import BATCH_NORMS
 from ..ops import TokenLayout
 from ..pretrained import checkpoint_filter_fn
 
@@ -41,7 +42,7 @@ def freeze_batch_norm_statistics(module: nn.Module) -> int:
     """Put every BatchNorm inside `module` (SyncBatchNorm too) in eval mode, so that fine-tuning uses
     and keeps its running statistics (mmdetection's norm_eval). module.train() undoes it: call this
     after each train(). Returns how many were frozen."""
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    norms = [m for m in module.modules() if isinstance(m, BATCH_NORMS)]
     for norm in norms:
         norm.eval()
     return len(norms)
@@ -94,7 +95,6 @@ class HafaBackbone(nn.Module):
     """
 
     stages_name = "stages"
-    num_prefix_tokens = 0
 
     def __init__(
         self,
