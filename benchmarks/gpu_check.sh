@@ -34,7 +34,7 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 step environment 60 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
     $PY -c 'import sys, torch, torchvision, timm, hafa; print(sys.version.split()[0], torch.__version__, \
 torchvision.__version__, timm.__version__, torch.cuda.get_device_name())'"
-step cuda-tests 240 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=8
+step cuda-tests 300 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider --durations=8
 step bench-fp32 75 "$PY" -m hafa bench --device cuda --models hafa_pvt_tiny hafa_pvt_v2_b1 \
     hafa_swin_tiny_patch4_window7_224 --batch-sizes 1 64 --reps 10 --warmup 3 --json "$OUT/bench_fp32.json"
 step bench-bf16 75 "$PY" -m hafa bench --device cuda --amp bf16 --models hafa_pvt_tiny hafa_pvt_v2_b1 \

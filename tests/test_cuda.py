@@ -139,6 +139,25 @@ def test_cuda_graphs_capture_a_compiled_hafa_model():
     torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_export_of_a_cuda_model_runs_in_onnxruntime(tmp_path):
+    pytest.importorskip("onnxruntime")
+    from hafa.tools import export
+
+    model = timm.create_model("hafa_pvt_v2_b0", num_classes=10).to(CUDA).eval()
+    example = torch.randn(2, 3, 96, 96, device=CUDA)
+    path = str(tmp_path / "model.onnx")
+    export.export_onnx(model, example, path)
+    differences = export.onnxruntime_differences(path, model.cpu(), [example.cpu()])
+    assert max(differences) < 1e-3
+
+
+def test_bench_runs_on_cuda(tmp_path):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--device", "cuda", "--models", "hafa_pvt_v2_b0", "--quick", "--amp", "bf16", "--json", str(path)]
+    assert main(argv) == 0
+    assert "H100" in path.read_text() or "cuda" in path.read_text()
+
+
 def write_image_folder(root, classes=3, per_split=(6, 3), size=40):
     """A tiny ImageFolder dataset of noise images: enough for a few training steps."""
     rng = np.random.default_rng(0)
@@ -164,22 +183,3 @@ def test_each_task_trains_on_cuda(tmp_path, task, amp):
         argv += ["--recipe", "mnist_demo", "--img-size", "32", "--batch-size", "4", "--set", "warmup_epochs=0"]
     assert main([*argv, "--output", str(tmp_path / "runs")]) == 0
     assert (tmp_path / "runs" / "hafa_pvt_v2_b0" / "last.pth").exists()
-
-
-def test_export_of_a_cuda_model_runs_in_onnxruntime(tmp_path):
-    pytest.importorskip("onnxruntime")
-    from hafa.tools import export
-
-    model = timm.create_model("hafa_pvt_v2_b0", num_classes=10).to(CUDA).eval()
-    example = torch.randn(2, 3, 96, 96, device=CUDA)
-    path = str(tmp_path / "model.onnx")
-    export.export_onnx(model, example, path)
-    differences = export.onnxruntime_differences(path, model.cpu(), [example.cpu()])
-    assert max(differences) < 1e-3
-
-
-def test_bench_runs_on_cuda(tmp_path):
-    path = tmp_path / "bench.json"
-    argv = ["bench", "--device", "cuda", "--models", "hafa_pvt_v2_b0", "--quick", "--amp", "bf16", "--json", str(path)]
-    assert main(argv) == 0
-    assert "H100" in path.read_text() or "cuda" in path.read_text()
