@@ -369,6 +369,8 @@ def test_resume_after_a_kill_is_exact(tmp_path, sig):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
     rows = read_log(tmp_path / "cut" / "hafa_pvt_v2_b0")
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    reference_rows = read_log(tmp_path / "ref" / "hafa_pvt_v2_b0")
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in reference_rows]  # also the cut epoch's
 
 
 DDP_SCRIPT = textwrap.dedent("""

@@ -15,6 +15,7 @@ Plain state dicts (timm, the official PVT releases) and their usual wrappers ("s
 """
 
 import os
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -280,3 +281,13 @@ def check_model_options(
             f"{checkpoint.path} holds another model than the options say: {'; '.join(conflicts)}. "
             "Leave the model options out: the checkpoint says what its model is"
         )
+
+
+def pack_names(names: list[str]) -> Tensor:
+    """A list of names as one compressed uint8 tensor (plain data, small even for ImageNet's file list)."""
+    return torch.frombuffer(bytearray(zlib.compress("\n".join(names).encode())), dtype=torch.uint8)
+
+
+def unpack_names(packed: Tensor) -> list[str]:
+    text = zlib.decompress(packed.numpy().tobytes()).decode()
+    return text.split("\n") if text else []

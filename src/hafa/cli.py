@@ -4,7 +4,7 @@ import argparse
 import importlib
 import sys
 
-from .errors import UserError
+from .errors import UserError, message_of
 
 # command -> ("module" or "module:attribute" with add_arguments(parser) and run(args), one-line help).
 # A command's module is imported only when that command runs, so that `hafa -h` is instant.
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     try:
         return command.run(args) or 0
     except UserError as error:
-        print(f"hafa {args.command}: error: {error}", file=sys.stderr)
+        print(f"hafa {args.command}: error: {message_of(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hafa {args.command}: interrupted", file=sys.stderr)
+        print(f"hafa {args.command}: aborted without saving", file=sys.stderr)
         return 130

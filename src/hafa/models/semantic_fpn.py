@@ -6,7 +6,8 @@ The semantic head brings every level to stride 4 with stages of 3x3 conv (128 ch
 ReLU and 2x bilinear upsampling (one stage for strides 4 and 8, two for 16, three for 32; the stride-4
 level is not upsampled), sums them, and a 1x1 conv (after dropout 0.1) classifies each pixel;
 the logits are upsampled bilinearly to the input size. The input is zero-padded at the bottom and
-right to a multiple of 4 (the patch size every backbone here starts with) and the logits cropped back.
+right to a multiple of 4 (the patch size every backbone here starts with), and to at least 32 x 32,
+and the logits cropped back.
 """
 
 import timm
@@ -17,6 +18,9 @@ from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 from ..errors import UserError, unknown_name
 
 PATCH_SIZE = 4
+# Every backbone here ends at stride 32 and PVT's first attention reduces 8x8 windows at stride 4:
+# a smaller input is padded up to this size.
+SMALLEST_SIDE = 32
 
 
 class SemanticHead(nn.Module):
@@ -68,7 +72,9 @@ class SemanticFPN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
-        padded = F.pad(images, (0, -width % PATCH_SIZE, 0, -height % PATCH_SIZE))
+        padded_height = max(SMALLEST_SIDE, height + -height % PATCH_SIZE)
+        padded_width = max(SMALLEST_SIDE, width + -width % PATCH_SIZE)
+        padded = F.pad(images, (0, padded_width - width, 0, padded_height - height))
         maps = self.backbone(padded)
         if self.channels_last:
             maps = [m.permute(0, 3, 1, 2) for m in maps]

@@ -27,6 +27,7 @@ from ..checkpoint import (
     read_checkpoint,
     read_checkpoint_or_state_dict,
 )
+from ..data.checks import check_image_folder
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError
@@ -54,13 +55,13 @@ from .engine import (
     all_sum,
     autocast_context,
     build_optimizer,
-    check_run_dir,
     load_recipe,
     override_recipe,
     progress_bar,
     train,
 )
 from .networks import classifier_arguments, create_network
+from .options import check_input_size, check_recipe
 
 # Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
@@ -212,7 +213,6 @@ def evaluate(
 def train_one_model(config: dict, processes: Processes) -> dict:
     """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
     recipe = config["recipe"]
-    check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
     train_set = ImageFolderDataset(
         config["data"], "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
@@ -270,6 +270,7 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         resume=config["resume"],
         amp=config["amp"],
         clip_grad=recipe["clip_grad"],
+        sample_names=[path for path, _ in train_set.samples],
         header=checkpoint_content(
             task="classification", model_name=config["model"], model_args=model_args, classes=classes, settings=config
         ),
@@ -321,17 +322,21 @@ class TrainCommand:
 def _recipe_from_args(args) -> dict:
     recipe = load_recipe(args.recipe or ("mnist_demo" if args.data is None else "imagenet_hafa"), RECIPE_DEFAULTS)
     keys = ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed")
-    return override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
+    recipe = override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
+    check_recipe(recipe, whole=("epochs", "batch_size"), positive=("lr",), sizes=("img_size",))
+    return recipe
 
 
 def _train(args, processes: Processes) -> int:
+    recipe = _recipe_from_args(args)
+    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     data = args.data
     if data is None:
         data = prepare_on_main(prepare_mnist5k, processes)
         if processes.is_main:
             print(f"data: the embedded MNIST-5k (4,000 train / 1,000 val real digits) in {data}")
-    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
-    recipe = _recipe_from_args(args)
+    if not args.skip_data_check:
+        check_image_folder(data, progress=processes.is_main)
 
     def config_for(name: str) -> dict:
         return dict(
@@ -387,6 +392,8 @@ def _evaluate_and_report(args, processes: Processes) -> int:
 
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:
+    if args.img_size:
+        check_input_size(args.img_size, "--img-size")
     source = read_checkpoint_or_state_dict(args.checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa eval")
@@ -442,7 +449,7 @@ def predict_classification(
     axis.set_title("\n".join(f"{name}: {p:.1f}%" for name, p in top[:3]), fontsize=10)
     figure.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(output_png)), exist_ok=True)
-    figure.savefig(output_png, dpi=100)
+    figure.savefig(output_png, dpi=100, format="png")
     plt.close(figure)
     return dict(output=output_png, top=top)
 

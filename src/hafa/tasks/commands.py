@@ -11,11 +11,13 @@ from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
 from ..models.table import BASELINE
 from .engine import Processes, barrier, close_processes, init_processes, setup_console_logging
+from .networks import backbone_arguments
+from .options import check_run_options
 
 # the embedded-data demos of every task: the smallest HAFA model and its baseline
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 # recipe settings that may change on --resume without breaking exactness
-RESUME_FREE = ("workers", "device", "epochs")
+RESUME_FREE = ("workers", "device", "epochs", "iterations")
 # run settings that must not
 RESUME_FIXED = ("model", "data", "model_args", "amp", "num_classes")
 
@@ -32,6 +34,11 @@ def add_training_options(parser, description: str, kind: str, task: str) -> None
         "--output", default=os.path.join("runs", task), help=f"runs go to OUTPUT/<model> (default runs/{task})"
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+    parser.add_argument(
+        "--skip-data-check",
+        action="store_true",
+        help="do not read every file's header before training (for data known to be good; see docs/data.md)",
+    )
 
 
 def add_model_options(parser) -> None:
@@ -72,6 +79,26 @@ def add_run_options(parser) -> None:
     )
 
 
+def add_batchnorm_options(parser) -> None:
+    """Dense tasks train with few images per GPU, where BatchNorm (LAA's) statistics are noisy."""
+    group = parser.add_argument_group("BatchNorm (no effect on models without it)")
+    group.add_argument(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="under torchrun on GPUs, BatchNorm statistics over all processes (SyncBatchNorm; default on)",
+    )
+    group.add_argument(
+        "--norm-eval",
+        action=argparse.BooleanOptionalAction,
+        help="keep the backbone's BatchNorm statistics as loaded (default: on when it starts from a checkpoint)",
+    )
+
+
+def norm_eval(args, backbone_checkpoint: str | None) -> bool:
+    return bool(backbone_checkpoint) if args.norm_eval is None else args.norm_eval
+
+
 def add_set_option(group, example: str) -> None:
     group.add_argument(
         "--set",
@@ -85,6 +112,7 @@ def add_set_option(group, example: str) -> None:
 
 def run_in_processes(job: Callable, args) -> int:
     """job(args, processes) in this process, one of torchrun's when launched by it; -> its exit status."""
+    check_run_options(args)
     setup_console_logging()
     processes = init_processes(args.device)
     try:
@@ -132,16 +160,30 @@ def check_resumable(config: dict) -> None:
 def train_models(
     models: Sequence[str], config_for: Callable[[str], dict], train_one_model: Callable, processes: Processes
 ) -> list[dict]:
-    """train_one_model(config_for(name), processes) for each model in turn, until one is interrupted."""
-    results = []
-    for name in models:
-        config = config_for(name)
-        if config["resume"] and os.path.isfile(os.path.join(config["run_dir"], "last.pth")):
+    """train_one_model(config_for(name), processes) for each model in turn, until one is interrupted.
+    What would stop a later model (its name, its options, its run folder, a resume that does not
+    match) is found before the first one trains."""
+    configs = [config_for(name) for name in models]
+    for config in configs:
+        backbone_arguments(config["model"], config["model_args"])
+        check_run_dir(config["run_dir"], config["resume"])
+        if config["resume"]:
             check_resumable(config)
+    results = []
+    for config in configs:
         results.append(train_one_model(config, processes))
         if results[-1]["status"] == "interrupted":
             break
     return results
+
+
+def check_run_dir(run_dir: str, resume: bool) -> None:
+    """A new run never overwrites an old one; --resume needs one to continue."""
+    last = os.path.join(run_dir, "last.pth")
+    if resume and not os.path.isfile(last):
+        raise UserError(f"nothing to resume: {last} does not exist")
+    if not resume and os.path.isfile(last):
+        raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --output")
 
 
 def baseline_pairs(results: list[dict]) -> list[tuple[dict, dict]]:

@@ -18,6 +18,7 @@ from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
 from ..checkpoint import Checkpoint, build_model, checkpoint_content, read_checkpoint, read_file
+from ..data.checks import check_coco
 from ..data.coco import CocoInstances, collate_detection, find_split
 from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
@@ -25,6 +26,7 @@ from ..errors import UserError
 from ..pretrained import load_pretrained
 from .commands import (
     DEMO_MODELS,
+    add_batchnorm_options,
     add_model_options,
     add_run_options,
     add_set_option,
@@ -33,6 +35,7 @@ from .commands import (
     finish_training,
     model_args,
     models_to_train,
+    norm_eval,
     prepare_on_main,
     run_in_processes,
     train_models,
@@ -44,12 +47,12 @@ from .engine import (
     Processes,
     Training,
     build_optimizer,
-    check_run_dir,
     load_recipe,
     override_recipe,
     train,
 )
 from .networks import backbone_of, create_network, detector_arguments
+from .options import check_input_size, check_recipe
 
 _logger = logging.getLogger("hafa")
 
@@ -143,7 +146,6 @@ def default_data() -> str:
 def train_one_model(config: dict, processes: Processes) -> dict:
     """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
     recipe = config["recipe"]
-    check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
     train_set = CocoInstances(
         config["data"],
@@ -193,6 +195,9 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         resume=config["resume"],
         amp=config["amp"],
         clip_grad=recipe["clip_grad"],
+        sync_batchnorm=config["sync_bn"],
+        frozen_norms=backbone_of("detection", model) if config["norm_eval"] else None,
+        sample_names=[train_set.coco.imgs[i]["file_name"] for i in train_set.image_ids],
         header=checkpoint_content(
             task="detection",
             model_name=config["model"],
@@ -250,6 +255,7 @@ class TrainCommand:
         _add_recipe_options(parser)
         add_model_options(parser)
         add_run_options(parser)
+        add_batchnorm_options(parser)
 
     @staticmethod
     def run(args) -> int:
@@ -261,21 +267,30 @@ def _recipe_from_args(args) -> dict:
         args.recipe or ("scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"), RECIPE_DEFAULTS
     )
     keys = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
-    return override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
+    recipe = override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
+    check_recipe(
+        recipe,
+        whole=("epochs", "batch_size", "eval_batch_size"),
+        positive=("lr",),
+        sizes=("min_size", "max_size"),
+    )
+    return recipe
 
 
 def _train(args, processes: Processes) -> int:
+    recipe = _recipe_from_args(args)
+    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     data = args.data
     if data is None:
         data = prepare_on_main(default_data, processes)
         if processes.is_main:
             print(f"data: the embedded scenes (48 train / 16 val images, COCO json) in {data}")
-    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
-    recipe = _recipe_from_args(args)
     data = os.path.abspath(data)
     splits = dict(
         train_split=args.train_split or find_split(data, "train"), val_split=args.val_split or find_split(data, "val")
     )
+    if not args.skip_data_check:
+        check_coco(data, [splits["train_split"], splits["val_split"]], progress=processes.is_main)
 
     def config_for(name: str) -> dict:
         return dict(
@@ -290,6 +305,8 @@ def _train(args, processes: Processes) -> int:
             amp=args.amp,
             workers=args.workers,
             device=args.device,
+            sync_bn=args.sync_bn,
+            norm_eval=norm_eval(args, args.init_from),
         )
 
     results = train_models(models, config_for, train_one_model, processes)
@@ -366,6 +383,8 @@ def _evaluate_and_report(args, processes: Processes) -> int:
 
 def _evaluate_checkpoint(args, processes: Processes) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
+    for key, size in overrides.items():
+        check_input_size(size, f"--{key.replace('_', '-')}")
     model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides)
     config = saved.settings
     data = args.data or config["data"]
@@ -401,14 +420,18 @@ def predict_detection(
     checkpoint: str, image_path: str, output_png: str, score_threshold: float = 0.5, device: str = "cpu"
 ) -> dict:
     """Detect in one image with a det-train checkpoint and write it as a PNG with the boxes, class names,
-    scores and masks (> 0.5) drawn. -> dict(output, detections: [(class name, score, [x1, y1, x2, y2])])."""
+    scores and masks (> 0.5) drawn (a huge image at most DRAW_LONG_SIDE pixels on its longer side).
+    -> dict(output, detections: [(class name, score, [x1, y1, x2, y2] in the image's pixels)])."""
     from torchvision.transforms.v2 import functional as TF
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
+
+    from .predict import shrink_to_draw
 
     model, saved = load_detector(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read image {image_path}")
+    image, scale = shrink_to_draw(image)
     pixels = TF.pil_to_tensor(image)
     detection = model.to(device)([TF.to_dtype(pixels, torch.float32, scale=True).to(device)])[0]
     keep = detection["scores"] >= score_threshold
@@ -424,7 +447,8 @@ def predict_detection(
         )
     os.makedirs(os.path.dirname(os.path.abspath(output_png)), exist_ok=True)
     TF.to_pil_image(drawn).save(output_png, format="PNG")
-    return dict(output=output_png, detections=[(n, s, b) for n, s, b in zip(names, scores.tolist(), boxes.tolist())])
+    boxes = (boxes / scale).tolist()
+    return dict(output=output_png, detections=[(n, s, b) for n, s, b in zip(names, scores.tolist(), boxes)])
 
 
 TRAIN = TrainCommand()

@@ -26,8 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm import tqdm
 
-from ..checkpoint import read_file, write_file
-from ..errors import UserError
+from ..checkpoint import pack_names, read_file, unpack_names, write_file
+from ..errors import UserError, message_of
+from .options import check_device
 
 _logger = logging.getLogger("hafa")
 
@@ -54,15 +55,16 @@ class Processes:
 
 
 def init_processes(device: str | None = None) -> Processes:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU)."""
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU). device: cpu, cuda or
+    cuda:N (one process; under torchrun each process takes cuda:LOCAL_RANK), default cuda when available."""
+    check_device(device)
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
-    if use_cuda and not torch.cuda.is_available():
-        raise UserError(f"--device {device} asked for, but CUDA is not available here")
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        target = torch.device("cuda", local_rank)
+        index = int(device.partition(":")[2]) if device and ":" in device else local_rank
+        torch.cuda.set_device(index)
+        target = torch.device("cuda", index)
     else:
         target = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
@@ -168,7 +170,10 @@ class StopOnSignal:
         if self.flag and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.flag = True
-        _logger.warning("%s received: stopping after this step and saving a checkpoint", signal.Signals(signum).name)
+        _logger.warning(
+            "%s received: stopping after this step and saving; press Ctrl-C again to abort without saving",
+            signal.Signals(signum).name,
+        )
 
     def requested(self, other_flag: bool = False) -> tuple:
         """(stop requested anywhere, other_flag set anywhere) -- one collective per step."""
@@ -262,19 +267,49 @@ def override_recipe(recipe: dict, options: dict[str, Any], settings: list[str]) 
         key, sep, value = item.partition("=")
         if not sep or key not in recipe:
             raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(recipe))}")
-        recipe[key] = _recipe_value(value, recipe[key])
+        recipe[key] = _recipe_value(f"{key}={value}", value, recipe[key])
     return recipe
 
 
-def _recipe_value(text: str, current: Any) -> Any:
-    """A YAML value; numbers YAML 1.1 reads as strings (1e-3) become floats where the setting is a number."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
-        try:
-            return float(value)
-        except ValueError:
-            raise UserError(f"--set {text!r}: expected a number") from None
-    return value
+def _recipe_value(item: str, text: str, current: Any) -> Any:
+    """A YAML value of the setting's type; numbers YAML 1.1 reads as strings (1e-3) become floats."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool) or isinstance(value, bool):
+        if isinstance(current, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(current, (int, float)):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                value = text
+        if isinstance(value, int) or (isinstance(value, float) and isinstance(current, float)):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(current, list):
+        if isinstance(value, list):
+            return value
+    elif isinstance(value, str):
+        return value
+    raise UserError(f"--set {item}: expected {_kind_of(current)}, like the recipe's {current!r}")
+
+
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "a whole number"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, list):
+        return "a list [a, b, ...]"
+    return "a text"
 
 
 def build_optimizer(model: nn.Module, recipe: dict, global_batch: int) -> torch.optim.Optimizer:
@@ -432,6 +467,9 @@ class Training:
     amp: str = "none"
     clip_grad: float | None = None
     header: dict = field(default_factory=dict)  # hafa.checkpoint.checkpoint_content without weights
+    sample_names: list[str] = field(default_factory=list)  # the training files: a resume must see the same
+    sync_batchnorm: bool = False  # BatchNorm statistics over all processes (SyncBatchNorm) under DDP
+    frozen_norms: nn.Module | None = None  # a part whose BatchNorm statistics stay as loaded (norm_eval)
     curves: dict[str, list[str]] = field(default_factory=dict)
 
 
@@ -442,6 +480,10 @@ class TrainState:
     global_step: int = 0
     best_score: float = -math.inf
     best_epoch: int = -1
+    # a run stopped mid-epoch: the sum of the epoch's losses so far (mean over processes) and its steps,
+    # so that the resumed epoch's mean loss is the uninterrupted one
+    epoch_loss_sum: float = 0.0
+    epoch_steps: int = 0
 
 
 @dataclass
@@ -452,27 +494,18 @@ class _Epoch:
     skipped: int = 0
 
 
-def check_run_dir(run_dir: str, resume: bool) -> None:
-    """A new run never overwrites an old one; --resume needs one to continue."""
-    last = os.path.join(run_dir, "last.pth")
-    if resume and not os.path.isfile(last):
-        raise UserError(f"nothing to resume: {last} does not exist")
-    if not resume and os.path.isfile(last):
-        raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --output")
-
-
 def train(t: Training, processes: Processes) -> dict:
     """Run (or resume) a training: epochs of steps, evaluation and checkpoints after each epoch.
 
     -> dict(status 'finished' or 'interrupted', best_score, best_epoch, epochs_done, run_dir,
     best_checkpoint, curves, network (the trained model)).
     """
-    check_run_dir(t.run_dir, t.resume)
     last_path, best_path = os.path.join(t.run_dir, "last.pth"), os.path.join(t.run_dir, "best.pth")
     scaler = torch.amp.GradScaler(processes.device.type, enabled=t.amp == "fp16")
     state = TrainState()
     if t.resume:
         saved = read_file(last_path)
+        _check_same_samples(unpack_names(saved["samples"]), t.sample_names, t.run_dir)
         t.model.load_state_dict(saved["state_dict"])
         t.optimizer.load_state_dict(saved["optimizer"])
         t.scheduler.load_state_dict(saved["scheduler"])
@@ -483,10 +516,16 @@ def train(t: Training, processes: Processes) -> dict:
         set_rng_state(saved["rng"][processes.rank])
         _logger.info("resuming %s at epoch %d, batch %d", t.name, state.epoch + 1, state.step_in_epoch)
     model = t.model
+    if processes.distributed and t.sync_batchnorm and processes.device.type == "cuda":
+        # the same parameters in new modules: the optimizer and the checkpoint's names are unchanged.
+        # (torch synchronises BatchNorm on GPUs only; CPU processes keep their own statistics.)
+        nn.SyncBatchNorm.convert_sync_batchnorm(t.model)
     if processes.distributed:
         model = DistributedDataParallel(
             model, device_ids=[processes.local_rank] if processes.device.type == "cuda" else None
         )
+
+    samples = pack_names(t.sample_names)
 
     def checkpoint(metrics: dict) -> dict:  # every process takes part (RNG states are gathered)
         return dict(
@@ -498,6 +537,7 @@ def train(t: Training, processes: Processes) -> dict:
             scaler=scaler.state_dict(),
             train_state=vars(state).copy(),
             rng=gather_rng_states(processes),
+            samples=samples,
         )
 
     log = RunLog(t.run_dir, processes, t.resume)
@@ -514,7 +554,8 @@ def train(t: Training, processes: Processes) -> dict:
                     break
                 metrics = t.evaluate(t.model)
                 state.epoch += 1
-                state.step_in_epoch = 0
+                state.step_in_epoch = state.epoch_steps = 0
+                state.epoch_loss_sum = 0.0
                 t.scheduler.step(state.epoch)
                 is_best = metrics[t.score] > state.best_score
                 if is_best:
@@ -547,6 +588,8 @@ def train(t: Training, processes: Processes) -> dict:
                         epoch.images_per_s,
                         f"  ({epoch.skipped} unreadable images skipped)" if epoch.skipped else "",
                     )
+    except UserError as error:
+        raise type(error)(f"{message_of(error)}; {_what_is_saved(last_path)}") from error
     finally:
         curves = log.plot(t.curves) if t.curves else None
         log.close()
@@ -562,11 +605,43 @@ def train(t: Training, processes: Processes) -> dict:
     )
 
 
+def freeze_batchnorm_statistics(module: nn.Module) -> None:
+    """Put module's BatchNorms (SyncBatchNorm too) in eval mode: they normalise with their running
+    statistics and keep them (mmdetection's norm_eval); their weights still train."""
+    for child in module.modules():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            child.eval()
+
+
+def _check_same_samples(saved: list[str], current: list[str], run_dir: str) -> None:
+    """A resumed run must see the training data it started with (the sample order depends on it)."""
+    if saved == current:
+        return
+    added, removed = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
+    changes = [f"{len(added)} added ({', '.join(added[:3])}{' ...' if len(added) > 3 else ''})"] if added else []
+    changes += [f"{len(removed)} removed ({', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''})"] * bool(
+        removed
+    )
+    raise UserError(
+        f"--resume: the training data changed since the run in {run_dir} started: "
+        f"{'; '.join(changes) or 'the same files in another order'}. Resume with the data it started with, "
+        "or start a new run"
+    )
+
+
+def _what_is_saved(last_path: str) -> str:
+    if os.path.isfile(last_path):
+        return f"the last finished epoch is saved in {last_path}; continue it with --resume"
+    return "no epoch had finished, so nothing was saved"
+
+
 def _train_epoch(
     t: Training, model: nn.Module, scaler, state: TrainState, processes: Processes, stopper: StopOnSignal
 ) -> _Epoch:
     """One epoch (or its rest after a resume), or less when a stop is requested."""
     model.train()
+    if t.frozen_norms is not None:
+        freeze_batchnorm_statistics(t.frozen_norms)
     t.train_set.set_epoch(state.epoch)
     t.sampler.set_epoch(state.epoch, state.step_in_epoch)
     # The loader's own generator: creating it must not draw from the global RNG, or a resumed run would
@@ -588,16 +663,16 @@ def _train_epoch(
         initial=state.step_in_epoch,
         desc=f"{t.name} {state.epoch + 1}/{t.epochs}",
     )
-    loss_sum, steps, images_seen, skipped, speed, start = 0.0, 0, 0, 0, 0.0, time.perf_counter()
+    loss_sum, steps = state.epoch_loss_sum, state.epoch_steps
+    images_seen, skipped, speed, start = 0, 0, 0.0, time.perf_counter()
     for batch in progress:
         with autocast_context(t.amp, processes.device):
             loss, images, skipped_now = t.loss(model, batch)
         stop, nonfinite = stopper.requested(not torch.isfinite(loss).item())
         if nonfinite:
             raise NonFiniteLoss(
-                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1}; nothing "
-                f"was saved from this step (the last good checkpoint is {t.run_dir}/last.pth). "
-                "Try a lower --lr, --amp none, or --clip-grad."
+                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1} (try a "
+                "lower --lr, --amp none or --clip-grad)"
             )
         t.optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
@@ -622,6 +697,8 @@ def _train_epoch(
         )  # drawn at tqdm's own interval
         if stop:
             progress.close()
+            state.epoch_loss_sum = all_sum([loss_sum], processes)[0] / processes.world_size
+            state.epoch_steps = steps
             return _Epoch(stopped=True)
     progress.close()
     loss_mean, skipped_all = all_sum([loss_sum / max(steps, 1), float(skipped)], processes)

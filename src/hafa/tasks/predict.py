@@ -4,9 +4,24 @@
 import os
 
 from matplotlib import cbook
+from PIL import Image
 
 from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
+from .options import check_device, check_output_file
+
+# Pictures are drawn (and dense predictions made) at most this many pixels on their longer side, so
+# that a huge image costs seconds and bounded memory.
+DRAW_LONG_SIDE = 2048
+
+
+def shrink_to_draw(image: Image.Image) -> tuple[Image.Image, float]:
+    """The image with its longer side at most DRAW_LONG_SIDE, and the factor it was scaled by."""
+    scale = min(1.0, DRAW_LONG_SIDE / max(image.size))
+    if scale == 1.0:
+        return image, scale
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.BILINEAR), scale
 
 
 def add_arguments(parser) -> None:
@@ -22,6 +37,8 @@ def run(args) -> int:
     if not os.path.isfile(image):
         raise UserError(f"image not found: {image}")
     output = args.output or f"{os.path.splitext(os.path.basename(image))[0]}_prediction.png"
+    check_output_file(output, "--output")
+    check_device(args.device)
     source = read_checkpoint_or_state_dict(args.checkpoint)
     if not isinstance(source, Checkpoint):
         raise UserError(

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 
 from ..checkpoint import build_model, checkpoint_content, read_checkpoint
+from ..data.checks import check_segmentation_pairs
 from ..data.folder import read_rgb
 from ..data.scenes import SEGMENTATION_CLASSES, default_scenes_root, prepare_scenes
 from ..data.segmentation import (
@@ -35,6 +36,7 @@ from ..errors import UserError
 from ..pretrained import load_pretrained
 from .commands import (
     DEMO_MODELS,
+    add_batchnorm_options,
     add_model_options,
     add_run_options,
     add_set_option,
@@ -42,6 +44,7 @@ from .commands import (
     finish_training,
     model_args,
     models_to_train,
+    norm_eval,
     prepare_on_main,
     print_best_scores,
     run_in_processes,
@@ -53,12 +56,12 @@ from .engine import (
     Processes,
     Training,
     build_optimizer,
-    check_run_dir,
     load_recipe,
     override_recipe,
     train,
 )
 from .networks import backbone_of, create_network, segmenter_arguments
+from .options import check_recipe
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 
 ADE20K_CLASSES = 150
@@ -137,7 +140,6 @@ def _evaluate(network, dataset, config: dict, processes: Processes, desc: str = 
 def train_one_model(config: dict, processes: Processes) -> dict:
     """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
     recipe = config["recipe"]
-    check_run_dir(config["run_dir"], config["resume"])
     torch.manual_seed(recipe["seed"])
     labels = LabelMapping(config["num_classes"], config["reduce_zero_label"])
     train_set = SegmentationDataset(
@@ -188,6 +190,9 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         resume=config["resume"],
         amp=config["amp"],
         clip_grad=recipe["clip_grad"],
+        sync_batchnorm=config["sync_bn"],
+        frozen_norms=backbone_of("segmentation", model) if config["norm_eval"] else None,
+        sample_names=[image for image, _ in train_set.pairs],
         header=checkpoint_content(
             task="segmentation",
             model_name=config["model"],
@@ -325,6 +330,7 @@ class TrainCommand:
         add_set_option(recipe, "scale=[1024,256]")
         add_model_options(parser)
         add_run_options(parser)
+        add_batchnorm_options(parser)
 
     @staticmethod
     def run(args) -> int:
@@ -345,9 +351,14 @@ def _train(args, processes: Processes) -> int:
         seed=args.seed,
     )
     recipe = override_recipe(recipe, options, args.set)
+    check_recipe(recipe, whole=("iterations", "batch_size"), positive=("lr",), sizes=("crop_size",))
     _ensure_scenes(data["data"], processes)
     if processes.is_main and not own_data:
         print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {data['data']['root']}")
+    if not args.skip_data_check:
+        check_segmentation_pairs(
+            data["data"], data["num_classes"], data["reduce_zero_label"], progress=processes.is_main
+        )
 
     def config_for(name: str) -> dict:
         return dict(
@@ -361,6 +372,8 @@ def _train(args, processes: Processes) -> int:
             amp=args.amp,
             workers=args.workers,
             device=args.device,
+            sync_bn=args.sync_bn,
+            norm_eval=norm_eval(args, args.backbone_checkpoint),
         )
 
     results = train_models(models, config_for, train_one_model, processes)
@@ -451,13 +464,16 @@ def predict_segmentation(
     alpha: float = 0.5,
 ) -> dict:
     """Segment one image with a `hafa seg-train` checkpoint and write the image with the classes
-    tinted and a legend as a PNG. -> dict(output, labels [H, W] int64 array, class_shares {name: %})."""
+    tinted and a legend as a PNG (a huge image at most DRAW_LONG_SIDE pixels on its longer side).
+    -> dict(output, labels [H, W] int64 array of the drawn image, class_shares {name: %})."""
     from ..tools.segmentation_overlay import draw_segmentation
+    from .predict import shrink_to_draw
 
     model, config = load_segmenter(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read the image {image_path}")
+    image, _ = shrink_to_draw(image)
     recipe = config["recipe"]
     pixels = EvalTransform(recipe).image_tensor(image)
     model.to(device)
@@ -466,7 +482,7 @@ def predict_segmentation(
     )
     logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     labels = logits.argmax(1)[0].cpu().numpy()
-    draw_segmentation(image, labels, config["class_names"], alpha).save(output_png)
+    draw_segmentation(image, labels, config["class_names"], alpha).save(output_png, format="PNG")
     shares = np.bincount(labels.ravel(), minlength=len(config["class_names"])) / labels.size
     return dict(
         output=output_png,

@@ -38,6 +38,7 @@ from ..checkpoint import (
 from ..checkpoint import build_model as build_model_of
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
+from ..tasks.options import check_input_size, check_output_file
 
 OPSET = 18
 DEFAULT_MODEL = "hafa_pvt_v2_b0"
@@ -162,10 +163,13 @@ def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dic
 
 
 def run(args) -> int:
-    if args.batch < 1 or min(args.check_batches) < 1 or args.img_size < 32:
-        raise UserError("batches must be >= 1 and --img-size >= 32")
+    if args.batch < 1 or min(args.check_batches) < 1:
+        raise UserError("--batch and --check-batches must be at least 1")
+    check_input_size(args.img_size, "--img-size")
     if args.no_onnx and not args.compile:
         raise UserError("--no-onnx leaves nothing to do without --compile")
+    if not args.no_onnx:
+        check_output_file(args.output or f"{args.model or DEFAULT_MODEL}.onnx", "--output")
     model = build_model(args.model, args.checkpoint, args.num_classes)
     name = model.pretrained_cfg["architecture"]
     size = (3, args.img_size, args.img_size)

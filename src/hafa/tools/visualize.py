@@ -31,8 +31,10 @@ from ..layers import LAA, SIA, SIAOutput
 from ..layers.laa import sampling_positions
 from ..models.swin import LAAPatchMerging
 from ..models.table import BASELINE
+from ..tasks.options import SMALLEST_INPUT, check_input_size, check_output_file
 
 DEFAULT_MODEL = "hafa_pvt_v2_b1"
+SHORT_SIDE, LONG_SIDE = 224, 1024  # default model input of an image
 TITLE_BAND_PX = 64
 POINTS_PER_SIDE = 6  # output positions of each LAA shown per image side
 SAMPLE_IMAGE = "grace_hopper.jpg"  # matplotlib's bundled sample
@@ -72,14 +74,16 @@ def figure_size(input_size: tuple[int, int], scale: int) -> tuple[int, int]:
 
 
 def input_size_for(image: Image.Image, img_size: list[int] | None) -> tuple[int, int]:
-    """(H, W) of the model input: as asked, or the image's aspect with the shorter side 224."""
+    """(H, W) of the model input: as asked, or the image's aspect with the shorter side 224 (the longer at
+    most 1024, neither under the smallest input the models take)."""
     if img_size:
-        if len(img_size) > 2 or min(img_size) < 32:
-            raise UserError("--img-size takes N or H W, each at least 32")
+        if len(img_size) > 2:
+            raise UserError("--img-size takes N or H W")
+        check_input_size(img_size, "--img-size")
         return (img_size[0], img_size[-1])
     width, height = image.size
-    short = min(width, height)
-    return round(height * 224 / short), round(width * 224 / short)
+    scale = min(SHORT_SIDE / min(width, height), LONG_SIDE / max(width, height))
+    return max(SMALLEST_INPUT, round(height * scale)), max(SMALLEST_INPUT, round(width * scale))
 
 
 def load_image(path: str | None) -> Image.Image:
@@ -217,7 +221,7 @@ def draw(
     for ax in axes:
         ax.set_xlim(-0.5, width - 0.5)
         ax.set_ylim(height - 0.5, -0.5)
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, format="png")
     plt.close(fig)
     return fig_w, fig_h
 
@@ -245,6 +249,7 @@ def run(args) -> int:
         raise UserError("--cluster-ratio must be in (0, 1]")
     if args.scale < 1:
         raise UserError("--scale must be at least 1")
+    check_output_file(args.output, "--output")
     image = load_image(args.image)
     size = input_size_for(image, args.img_size)
     model, weights = build_model(args)
