@@ -16,6 +16,7 @@ import hafa  # noqa: F401  (registers the models)
 from hafa.cli import main
 from hafa.layers import LAA
 from hafa.ops import cluster_dpc_knn, map2token, merge_tokens, token2map
+from hafa.tools import export
 
 pytestmark = pytest.mark.cuda
 
@@ -141,8 +142,6 @@ def test_cuda_graphs_capture_a_compiled_hafa_model():
 
 def test_export_of_a_cuda_model_runs_in_onnxruntime(tmp_path):
     pytest.importorskip("onnxruntime")
-    from hafa.tools import export
-
     model = timm.create_model("hafa_pvt_v2_b0", num_classes=10).to(CUDA).eval()
     example = torch.randn(2, 3, 96, 96, device=CUDA)
     path = str(tmp_path / "model.onnx")

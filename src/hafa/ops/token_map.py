@@ -5,9 +5,8 @@ Maps of another size than the grid are related to it by adaptive average pooling
 (output pixel o covers cells floor(o*H/Ho) .. ceil((o+1)*H/Ho) - 1). Both directions are weighted
 sums of rows, one `embedding_bag` each: a pixel is the bag of the tokens under its cells, a token
 the bag of the pixels over its cells. Nothing of size pixels x tokens is ever built and nothing
-pixels x taps x channels is written out: at 800 x 1333 this is 8-12x faster than dense averaging
-matrices (benchmarks/bench_dictionary.py), at 224 as fast; it runs in any dtype, and exports (ONNX:
-a Loop over the bags).
+pixels x taps x channels is written out (docs/benchmarks.md compares it with dense averaging
+matrices); it runs in any dtype, and exports (ONNX: a Loop over the bags).
 """
 
 from dataclasses import dataclass
