@@ -13,9 +13,9 @@ from torch.utils.data import DataLoader, Dataset
 from hafa.cli import main
 from hafa.errors import UserError, message_of
 from hafa.models.semantic_fpn import SemanticFPN
-from hafa.tasks.engine import Processes, StopOnSignal, freeze_batchnorm_statistics
 from hafa.tasks.networks import create_network, segmenter_arguments
 from hafa.tasks.predict import DRAW_LONG_SIDE, shrink_to_draw
+from hafa.tasks.training import StopOnSignal, freeze_batchnorm_statistics
 from test_classification import QUICK, read_log, write_dataset
 
 MISSING = "/nonexistent/data"  # an option error must come before the data is looked at
@@ -99,7 +99,7 @@ def test_extreme_images_are_drawn_and_segmented_at_a_bounded_size(tmp_path, caps
 
 
 def test_the_first_ctrl_c_says_what_happens_and_the_second_aborts(caplog):
-    with StopOnSignal(Processes()) as stopper:
+    with StopOnSignal() as stopper:
         os.kill(os.getpid(), signal.SIGINT)
         assert stopper.flag
         assert "stopping after this step and saving; press Ctrl-C again to abort without saving" in caplog.text

@@ -14,7 +14,7 @@ from PIL import Image
 
 from hafa.cli import main
 from hafa.tasks import classification as cls
-from hafa.tasks.engine import load_recipe
+from hafa.tasks.recipes import load_recipe
 
 QUICK = [
     "--recipe",
@@ -127,7 +127,7 @@ def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
 
 def test_set_reads_numbers_as_numbers_and_refuses_unknown_keys():
     from hafa.errors import UserError
-    from hafa.tasks.engine import override_recipe
+    from hafa.tasks.recipes import override_recipe
 
     recipe = override_recipe(dict(lr=0.1, epochs=3, auto_augment="x"), {}, ["lr=1e-3", "epochs=5", "auto_augment=None"])
     assert recipe == dict(lr=1e-3, epochs=5, auto_augment="None")
@@ -376,14 +376,15 @@ def test_resume_after_a_kill_is_exact(tmp_path, sig):
 DDP_SCRIPT = textwrap.dedent("""
     import sys, torch
     from hafa.tasks import classification as cls
-    from hafa.tasks.engine import init_processes, close_processes, load_recipe
+    from hafa.tasks.processes import close_processes, init_processes
+    from hafa.tasks.recipes import load_recipe
+    from hafa.tasks.settings import ClassificationSettings
     data, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     processes = init_processes("cpu")
     recipe = load_recipe("mnist_demo", cls.RECIPE_DEFAULTS)
     recipe.update(img_size=32, batch_size=batch, epochs=2, warmup_epochs=0)
-    config = dict(model="hafa_pvt_v2_b0", data=data, recipe=recipe, run_dir=out, resume=False, init_from=None,
-                  num_classes=None, model_args={}, grad_checkpointing=False, amp="none", workers=0, device="cpu")
-    result = cls.train_one_model(config, processes)
+    settings = ClassificationSettings(model="hafa_pvt_v2_b0", data=data, recipe=recipe, run_dir=out, workers=0)
+    result = cls.train_one_model(settings, processes)
     torch.save(result["network"].state_dict(), f"{out}/rank{processes.rank}.pth")
     close_processes()
 """)

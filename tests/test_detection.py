@@ -155,7 +155,7 @@ def test_step_schedule_warms_up_then_steps_after_the_milestone_epochs():
         optimizer, dict(lr_steps=[2, 3], lr_step_rate=0.1, warmup_iters=4, warmup_ratio=0.001), updates_per_epoch=5
     )
     lrs = []
-    for update in range(1, 21):  # the lr of update u, then the engine's step_update(num_updates=u)
+    for update in range(1, 21):  # the lr of update u, then the training loop's step_update(num_updates=u)
         lrs.append(optimizer.param_groups[0]["lr"])
         scheduler.step_update(num_updates=update)
     assert lrs[0] == pytest.approx(0.001)
@@ -271,7 +271,7 @@ def test_degenerate_boxes_empty_masks_crowds_and_images_without_objects(coco_cop
         a["iscrowd"] = 1
     others = [a for a in annotations if a["image_id"] != 1]
     others[0]["bbox"] = [10, 10, 1.0, 30]  # degenerate
-    others[1]["segmentation"] = [[1, 2, 3, 4]]  # fewer than three points: empty
+    others[1]["area"] = 0  # an empty mask
     del others[2]["area"]  # computed from the mask
     write_json(root, "train", content)
     dataset = CocoInstances(root, "train", train=True)

@@ -21,8 +21,9 @@ from hafa.data.segmentation import (
     rescale_size,
 )
 from hafa.tasks import segmentation as seg
-from hafa.tasks.engine import Processes, load_recipe
 from hafa.tasks.networks import create_network, segmenter_arguments
+from hafa.tasks.processes import ProcessContext
+from hafa.tasks.recipes import load_recipe
 from hafa.tasks.segmentation_metrics import confusion_matrix, evaluate_segmentation, segmentation_metrics
 
 SIZES = [(70, 101), (90, 75), (67, 118), (100, 83)]  # (height, width): non-square, none a multiple of 32
@@ -173,7 +174,13 @@ def test_evaluation_of_an_exact_prediction_gives_miou_100(tmp_path, mode):
     recipe = dict(seg.RECIPE_DEFAULTS, scale=[101, 70])  # no resizing, so the oracle is exact at every pixel
     dataset = SegmentationDataset(ade20k_pairs(str(root), "val"), EvalTransform(recipe), LabelMapping(3, True))
     metrics = evaluate_segmentation(
-        ColourOracle(), dataset, ["background", "red", "blue"], Processes(), mode=mode, crop=(48, 64), stride=(32, 40)
+        ColourOracle(),
+        dataset,
+        ["background", "red", "blue"],
+        ProcessContext(),
+        mode=mode,
+        crop=(48, 64),
+        stride=(32, 40),
     )
     assert metrics["mIoU"] == metrics["aAcc"] == 100.0
     assert metrics["images"] == 2
@@ -403,7 +410,7 @@ def test_recipe_file_gives_the_papers_settings():
         40000,
     )
     model = semantic_fpn("hafa_pvt_v2_b0", num_classes=150)
-    from hafa.tasks.engine import build_optimizer
+    from hafa.tasks.recipes import build_optimizer
 
     optimizer = build_optimizer(model, recipe, global_batch=16)
     assert type(optimizer).__name__ == "AdamW"

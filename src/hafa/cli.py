@@ -3,30 +3,32 @@
 import argparse
 import importlib
 import sys
+from collections.abc import Callable
 
 from .errors import UserError, message_of
 
-# command -> ("module" or "module:attribute" with add_arguments(parser) and run(args), one-line help).
+# command -> ("module" with add_arguments(parser) and run(args), or "module:name" with add_<name>_arguments
+# and run_<name>, one-line help).
 # A command's module is imported only when that command runs, so that `hafa -h` is instant.
 COMMANDS = {
     "train": (
-        "hafa.tasks.classification:TRAIN",
+        "hafa.tasks.classification:train",
         "train classifiers (default: HAFA vs baseline on the embedded MNIST-5k)",
     ),
-    "eval": ("hafa.tasks.classification:EVAL", "evaluate a classifier checkpoint: top-1, top-5, loss"),
+    "eval": ("hafa.tasks.classification:eval", "evaluate a classifier checkpoint: top-1, top-5, loss"),
     "seg-train": (
-        "hafa.tasks.segmentation:TRAIN",
+        "hafa.tasks.segmentation:train",
         "train Semantic FPN segmenters (default: HAFA vs baseline on the embedded scenes)",
     ),
     "seg-eval": (
-        "hafa.tasks.segmentation:EVAL",
+        "hafa.tasks.segmentation:eval",
         "evaluate a segmentation checkpoint: mIoU, per-class IoU, pixel accuracy",
     ),
     "det-train": (
-        "hafa.tasks.detection:TRAIN",
+        "hafa.tasks.detection:train",
         "train Mask R-CNN detectors (default: HAFA vs baseline on the embedded scenes)",
     ),
-    "det-eval": ("hafa.tasks.detection:EVAL", "evaluate a detection checkpoint: box and mask AP (COCOeval)"),
+    "det-eval": ("hafa.tasks.detection:eval", "evaluate a detection checkpoint: box and mask AP (COCOeval)"),
     "predict": (
         "hafa.tasks.predict",
         "one image through a classification, segmentation or detection checkpoint -> PNG",
@@ -41,11 +43,12 @@ COMMANDS = {
 }
 
 
-def _load(target: str):
-    """'module' or 'module:attribute' -> the object with add_arguments(parser) and run(args)."""
-    module_name, _, attribute = target.partition(":")
+def _load(target: str) -> tuple[Callable, Callable]:
+    """'module' or 'module:name' -> the command's (add_arguments(parser), run(args))."""
+    module_name, _, name = target.partition(":")
     module = importlib.import_module(module_name)
-    return getattr(module, attribute) if attribute else module
+    prefix = f"{name}_" if name else ""
+    return getattr(module, f"add_{prefix}arguments"), getattr(module, f"run_{name}" if name else "run")
 
 
 def main(argv=None) -> int:
@@ -55,11 +58,12 @@ def main(argv=None) -> int:
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text, description=help_text)
     if argv and argv[0] in COMMANDS:
-        _load(COMMANDS[argv[0]][0]).add_arguments(commands.choices[argv[0]])
+        add_arguments, _ = _load(COMMANDS[argv[0]][0])
+        add_arguments(commands.choices[argv[0]])
     args = parser.parse_args(argv)
-    command = _load(COMMANDS[args.command][0])
+    _, run = _load(COMMANDS[args.command][0])
     try:
-        return command.run(args) or 0
+        return run(args) or 0
     except UserError as error:
         print(f"hafa {args.command}: error: {message_of(error)}", file=sys.stderr)
         return 2

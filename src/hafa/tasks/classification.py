@@ -39,7 +39,7 @@ from .commands import (
     add_set_option,
     add_training_options,
     finish_training,
-    model_args,
+    hafa_options_of,
     models_to_train,
     prepare_on_main,
     print_best_scores,
@@ -47,21 +47,14 @@ from .commands import (
     train_models,
     write_json,
 )
-from .engine import (
-    EpochSampler,
-    Processes,
-    ShardSampler,
-    Training,
-    all_sum,
-    autocast_context,
-    build_optimizer,
-    load_recipe,
-    override_recipe,
-    progress_bar,
-    train,
-)
 from .networks import classifier_arguments, create_network
 from .options import check_input_size, check_recipe
+from .processes import ProcessContext, all_sum
+from .recipes import build_optimizer, load_recipe, override_recipe
+from .run_log import progress_bar
+from .sampling import EpochSampler, ShardSampler
+from .settings import ClassificationSettings
+from .training import Training, autocast_context, train
 
 # Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
 RECIPE_DEFAULTS = dict(
@@ -172,7 +165,7 @@ def eval_transform(recipe: dict):
 
 @torch.no_grad()
 def evaluate(
-    model, dataset, batch_size: int, workers: int, processes: Processes, amp: str = "none", desc: str = "eval"
+    model, dataset, batch_size: int, workers: int, processes: ProcessContext, amp: str = "none", desc: str = "eval"
 ) -> dict:
     """Loss, top-1 and top-5 (%) over the dataset, shared among the processes."""
     model.eval()
@@ -210,29 +203,29 @@ def evaluate(
 # ---------------------------------------------------------------- training
 
 
-def train_one_model(config: dict, processes: Processes) -> dict:
-    """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
-    recipe = config["recipe"]
+def train_one_model(settings: ClassificationSettings, processes: ProcessContext) -> dict:
+    """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
+    recipe = settings.recipe
     torch.manual_seed(recipe["seed"])
     train_set = ImageFolderDataset(
-        config["data"], "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
+        settings.data, "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
     )
-    val_set = ImageFolderDataset(config["data"], "val", eval_transform(recipe), classes=train_set.classes)
+    val_set = ImageFolderDataset(settings.data, "val", eval_transform(recipe), classes=train_set.classes)
     classes = train_set.classes
-    if config["num_classes"] is not None and config["num_classes"] != len(classes):
-        raise UserError(f"--num-classes {config['num_classes']} but {config['data']} has {len(classes)} classes")
+    if settings.num_classes is not None and settings.num_classes != len(classes):
+        raise UserError(f"--num-classes {settings.num_classes} but {settings.data} has {len(classes)} classes")
     model_args = classifier_arguments(
-        config["model"],
+        settings.model,
         num_classes=len(classes),
-        hafa_options=config["model_args"],
+        hafa_options=settings.hafa_options,
         img_size=recipe["img_size"],
         drop_path_rate=recipe["drop_path"],
         drop_rate=recipe["drop_rate"],
     )
-    model = create_network("classification", config["model"], model_args)
-    if config["init_from"]:
-        load_pretrained(model, config["init_from"], verbose=processes.is_main)
-    if config["grad_checkpointing"]:
+    model = create_network("classification", settings.model, model_args)
+    if settings.init_from:
+        load_pretrained(model, settings.init_from, verbose=processes.is_main)
+    if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(processes.device)
 
@@ -252,71 +245,71 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         return criterion(network(images), targets), images.shape[0], skipped
 
     training = Training(
-        name=config["model"],
-        run_dir=config["run_dir"],
+        name=settings.model,
+        run_dir=settings.run_dir,
         model=model,
         train_set=train_set,
         collate_fn=collate_skipping,
         sampler=sampler,
-        workers=config["workers"],
+        workers=settings.workers,
         epochs=recipe["epochs"],
         optimizer=optimizer,
         scheduler=build_scheduler(optimizer, recipe, sampler.batches_per_epoch()),
         loss=loss,
         evaluate=lambda network: evaluate(
-            network, val_set, recipe["batch_size"], config["workers"], processes, config["amp"]
+            network, val_set, recipe["batch_size"], settings.workers, processes, settings.amp
         ),
         score="top1",
-        resume=config["resume"],
-        amp=config["amp"],
+        resume=settings.resume,
+        amp=settings.amp,
         clip_grad=recipe["clip_grad"],
         sample_names=[path for path, _ in train_set.samples],
         header=checkpoint_content(
-            task="classification", model_name=config["model"], model_args=model_args, classes=classes, settings=config
+            task="classification",
+            model_name=settings.model,
+            model_args=model_args,
+            classes=classes,
+            settings=settings.as_dict(),
         ),
         curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]},
     )
-    return dict(train(training, processes), model=config["model"])
+    return dict(train(training, processes), model=settings.model)
 
 
 # ---------------------------------------------------------------- commands
 
 
-class TrainCommand:
-    """hafa train"""
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_options(parser, __doc__, "model", "classification")
+    parser.add_argument(
+        "--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* (default: the embedded MNIST-5k)"
+    )
+    parser.add_argument(
+        "--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, mnist_demo without)"
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start from a (baseline) checkpoint: hafa.load_pretrained, classifier re-initialised",
+    )
+    parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
+    recipe = parser.add_argument_group("recipe overrides")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int, help="per process")
+    recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
+    recipe.add_argument("--img-size", type=int)
+    recipe.add_argument("--warmup-epochs", type=float)
+    recipe.add_argument("--drop-path", type=float)
+    recipe.add_argument("--clip-grad", type=float)
+    recipe.add_argument("--seed", type=int)
+    add_set_option(recipe, "mixup=0 smoothing=0.0")
+    add_model_options(parser)
+    add_run_options(parser)
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_training_options(parser, __doc__, "model", "classification")
-        parser.add_argument(
-            "--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* (default: the embedded MNIST-5k)"
-        )
-        parser.add_argument(
-            "--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, mnist_demo without)"
-        )
-        parser.add_argument(
-            "--init-from",
-            metavar="CKPT",
-            help="start from a (baseline) checkpoint: hafa.load_pretrained, classifier re-initialised",
-        )
-        parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
-        parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
-        recipe = parser.add_argument_group("recipe overrides")
-        recipe.add_argument("--epochs", type=int)
-        recipe.add_argument("--batch-size", type=int, help="per process")
-        recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
-        recipe.add_argument("--img-size", type=int)
-        recipe.add_argument("--warmup-epochs", type=float)
-        recipe.add_argument("--drop-path", type=float)
-        recipe.add_argument("--clip-grad", type=float)
-        recipe.add_argument("--seed", type=int)
-        add_set_option(recipe, "mixup=0 smoothing=0.0")
-        add_model_options(parser)
-        add_run_options(parser)
 
-    @staticmethod
-    def run(args) -> int:
-        return run_in_processes(_train, args)
+def run_train(args) -> int:
+    return run_in_processes(_train, args)
 
 
 def _recipe_from_args(args) -> dict:
@@ -327,7 +320,7 @@ def _recipe_from_args(args) -> dict:
     return recipe
 
 
-def _train(args, processes: Processes) -> int:
+def _train(args, processes: ProcessContext) -> int:
     recipe = _recipe_from_args(args)
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     data = args.data
@@ -338,8 +331,8 @@ def _train(args, processes: Processes) -> int:
     if not args.skip_data_check:
         check_image_folder(data, progress=processes.is_main)
 
-    def config_for(name: str) -> dict:
-        return dict(
+    def settings_for(name: str) -> ClassificationSettings:
+        return ClassificationSettings(
             model=name,
             data=os.path.abspath(data),
             recipe=recipe,
@@ -347,38 +340,34 @@ def _train(args, processes: Processes) -> int:
             resume=args.resume,
             init_from=args.init_from,
             num_classes=args.num_classes,
-            model_args=model_args(args),
+            hafa_options=hafa_options_of(args),
             grad_checkpointing=args.grad_checkpointing,
             amp=args.amp,
             workers=args.workers,
             device=args.device,
         )
 
-    results = train_models(models, config_for, train_one_model, processes)
+    results = train_models(models, settings_for, train_one_model, processes)
     return finish_training(results, processes, lambda done: print_best_scores(done, "top-1"))
 
 
-class EvalCommand:
-    """hafa eval"""
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa train, or a state dict")
-        parser.add_argument("--model", help="model name (default: the checkpoint's)")
-        parser.add_argument("--data", help="ROOT with ROOT/val/<class>/* (default: the checkpoint's training data)")
-        parser.add_argument("--num-classes", type=int, help="classes of a plain state dict (default: from the data)")
-        parser.add_argument("--batch-size", type=int, default=64)
-        parser.add_argument("--img-size", type=int, help="default: the checkpoint's recipe, else 224")
-        parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-        add_model_options(parser)
-        add_run_options(parser)
-
-    @staticmethod
-    def run(args) -> int:
-        return run_in_processes(_evaluate_and_report, args)
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa train, or a state dict")
+    parser.add_argument("--model", help="model name (default: the checkpoint's)")
+    parser.add_argument("--data", help="ROOT with ROOT/val/<class>/* (default: the checkpoint's training data)")
+    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict (default: from the data)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--img-size", type=int, help="default: the checkpoint's recipe, else 224")
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    add_model_options(parser)
+    add_run_options(parser)
 
 
-def _evaluate_and_report(args, processes: Processes) -> int:
+def run_eval(args) -> int:
+    return run_in_processes(_evaluate_and_report, args)
+
+
+def _evaluate_and_report(args, processes: ProcessContext) -> int:
     metrics = _evaluate_checkpoint(args, processes)
     if processes.is_main:
         print(
@@ -391,13 +380,15 @@ def _evaluate_and_report(args, processes: Processes) -> int:
     return 0
 
 
-def _evaluate_checkpoint(args, processes: Processes) -> dict:
+def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     if args.img_size:
         check_input_size(args.img_size, "--img-size")
     source = read_checkpoint_or_state_dict(args.checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa eval")
-        check_model_options(source, model_name=args.model, num_classes=args.num_classes, hafa_options=model_args(args))
+        check_model_options(
+            source, model_name=args.model, num_classes=args.num_classes, hafa_options=hafa_options_of(args)
+        )
         recipe, classes, data = dict(source.settings["recipe"]), source.classes, args.data or source.settings["data"]
     else:
         recipe, classes, data = dict(RECIPE_DEFAULTS), None, args.data
@@ -415,7 +406,7 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
         if num_classes != len(dataset.classes):
             raise UserError(f"--num-classes {num_classes}, but {data} has {len(dataset.classes)} classes")
         model = build_classifier_from_state_dict(
-            source, args.checkpoint, args.model, num_classes, model_args(args), recipe["img_size"]
+            source, args.checkpoint, args.model, num_classes, hafa_options_of(args), recipe["img_size"]
         )
         name = args.model
     model.to(processes.device)
@@ -430,7 +421,7 @@ def predict_classification(
     """Classify one image with a `hafa train` checkpoint and write it as a PNG titled with the top
     classes. -> dict(output, top: [(class name, probability %)])."""
     saved = read_checkpoint(checkpoint, "classification", "hafa predict")
-    classes, recipe = saved.classes, saved.settings["recipe"]
+    classes, recipe = saved.classes, ClassificationSettings.from_dict(saved.settings).recipe
     model = build_model(saved)
     image = read_rgb(image_path)
     if image is None:
@@ -452,7 +443,3 @@ def predict_classification(
     figure.savefig(output_png, dpi=100, format="png")
     plt.close(figure)
     return dict(output=output_png, top=top)
-
-
-TRAIN = TrainCommand()
-EVAL = EvalCommand()

@@ -10,16 +10,18 @@ from collections.abc import Callable, Sequence
 from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
 from ..models.table import BASELINE
-from .engine import Processes, barrier, close_processes, init_processes, setup_console_logging
 from .networks import backbone_arguments
 from .options import check_run_options
+from .processes import ProcessContext, barrier, close_processes, init_processes
+from .run_log import setup_console_logging
+from .settings import RunSettings
 
 # the embedded-data demos of every task: the smallest HAFA model and its baseline
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 # recipe settings that may change on --resume without breaking exactness
 RESUME_FREE = ("workers", "device", "epochs", "iterations")
 # run settings that must not
-RESUME_FIXED = ("model", "data", "model_args", "amp", "num_classes")
+RESUME_FIXED = ("model", "data", "hafa_options", "amp", "num_classes")
 
 
 def add_training_options(parser, description: str, kind: str, task: str) -> None:
@@ -54,7 +56,7 @@ def add_model_options(parser) -> None:
     group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
 
 
-def model_args(args) -> dict:
+def hafa_options_of(args) -> dict:
     """The HAFA constructor arguments given on the command line."""
     chosen = {}
     if args.stage_aggregation:
@@ -121,7 +123,7 @@ def run_in_processes(job: Callable, args) -> int:
         close_processes()
 
 
-def prepare_on_main(prepare: Callable[[], str], processes: Processes) -> str:
+def prepare_on_main(prepare: Callable[[], str], processes: ProcessContext) -> str:
     """Embedded data written once by the main process (the others wait); -> its path, on every process."""
     if processes.is_main:
         prepare()
@@ -138,40 +140,42 @@ def models_to_train(names: Sequence[str], with_baselines: bool, demo_models: Seq
     return models
 
 
-def check_resumable(config: dict) -> None:
+def check_resumable(settings: RunSettings) -> None:
     """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
-    last = os.path.join(config["run_dir"], "last.pth")
+    last = os.path.join(settings.run_dir, "last.pth")
+    current = settings.as_dict()
     checkpoint = read_checkpoint_or_state_dict(last)
     if not isinstance(checkpoint, Checkpoint):
         raise UserError(f"{last} is not a checkpoint of a hafa run; it cannot be resumed")
     saved = checkpoint.settings
-    differences = [key for key in RESUME_FIXED if saved.get(key) != config.get(key)]
+    differences = [key for key in RESUME_FIXED if saved.get(key) != current.get(key)]
     differences += [
-        f"recipe.{k}"
-        for k in config["recipe"]
-        if k not in RESUME_FREE and saved["recipe"].get(k) != config["recipe"][k]
+        f"recipe.{k}" for k in settings.recipe if k not in RESUME_FREE and saved["recipe"].get(k) != settings.recipe[k]
     ]
     if differences:
         raise UserError(
-            f"--resume with settings that differ from the saved run in {config['run_dir']}: {', '.join(differences)}"
+            f"--resume with settings that differ from the saved run in {settings.run_dir}: {', '.join(differences)}"
         )
 
 
 def train_models(
-    models: Sequence[str], config_for: Callable[[str], dict], train_one_model: Callable, processes: Processes
+    models: Sequence[str],
+    settings_for: Callable[[str], RunSettings],
+    train_one_model: Callable[[RunSettings, ProcessContext], dict],
+    processes: ProcessContext,
 ) -> list[dict]:
-    """train_one_model(config_for(name), processes) for each model in turn, until one is interrupted.
+    """train_one_model(settings_for(name), processes) for each model in turn, until one is interrupted.
     What would stop a later model (its name, its options, its run folder, a resume that does not
     match) is found before the first one trains."""
-    configs = [config_for(name) for name in models]
-    for config in configs:
-        backbone_arguments(config["model"], config["model_args"])
-        check_run_dir(config["run_dir"], config["resume"])
-        if config["resume"]:
-            check_resumable(config)
+    runs = [settings_for(name) for name in models]
+    for settings in runs:
+        backbone_arguments(settings.model, settings.hafa_options)
+        check_run_dir(settings.run_dir, settings.resume)
+        if settings.resume:
+            check_resumable(settings)
     results = []
-    for config in configs:
-        results.append(train_one_model(config, processes))
+    for settings in runs:
+        results.append(train_one_model(settings, processes))
         if results[-1]["status"] == "interrupted":
             break
     return results
@@ -202,7 +206,7 @@ def print_best_scores(results: list[dict], score: str) -> None:
         print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
 
 
-def finish_training(results: list[dict], processes: Processes, print_summary: Callable[[list[dict]], None]) -> int:
+def finish_training(results: list[dict], processes: ProcessContext, print_summary: Callable[[list[dict]], None]) -> int:
     """The summary on the main process; -> 130 when a run was interrupted (and how to go on), else 0."""
     interrupted = [r for r in results if r["status"] == "interrupted"]
     if processes.is_main:

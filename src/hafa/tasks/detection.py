@@ -33,7 +33,7 @@ from .commands import (
     add_training_options,
     baseline_pairs,
     finish_training,
-    model_args,
+    hafa_options_of,
     models_to_train,
     norm_eval,
     prepare_on_main,
@@ -42,17 +42,13 @@ from .commands import (
     write_json,
 )
 from .detection_metrics import METRICS, evaluate_detection
-from .engine import (
-    EpochSampler,
-    Processes,
-    Training,
-    build_optimizer,
-    load_recipe,
-    override_recipe,
-    train,
-)
 from .networks import backbone_of, create_network, detector_arguments
 from .options import check_input_size, check_recipe
+from .processes import ProcessContext
+from .recipes import build_optimizer, load_recipe, override_recipe
+from .sampling import EpochSampler
+from .settings import DetectionSettings
+from .training import Training, train
 
 _logger = logging.getLogger("hafa")
 
@@ -124,12 +120,12 @@ def build_step_scheduler(
     )
 
 
-def detector_arguments_for(config: dict, num_classes: int) -> dict:
-    recipe = config["recipe"]
+def detector_arguments_for(settings: DetectionSettings, num_classes: int) -> dict:
+    recipe = settings.recipe
     return detector_arguments(
-        config["model"],
+        settings.model,
         num_classes=num_classes,
-        hafa_options=config["model_args"],
+        hafa_options=settings.hafa_options,
         drop_path_rate=recipe["drop_path"],
         fpn_channels=recipe["fpn_channels"],
         rcnn={k: recipe[k] for k in RCNN_OPTIONS},
@@ -143,26 +139,26 @@ def default_data() -> str:
 # ---------------------------------------------------------------- training
 
 
-def train_one_model(config: dict, processes: Processes) -> dict:
-    """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
-    recipe = config["recipe"]
+def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> dict:
+    """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
+    recipe = settings.recipe
     torch.manual_seed(recipe["seed"])
     train_set = CocoInstances(
-        config["data"],
-        config["train_split"],
+        settings.data,
+        settings.train_split,
         train=True,
         hflip=recipe["hflip"],
         filter_empty=recipe["filter_empty"],
         seed=recipe["seed"],
     )
-    val_set = CocoInstances(config["data"], config["val_split"], train=False, categories=train_set.categories)
+    val_set = CocoInstances(settings.data, settings.val_split, train=False, categories=train_set.categories)
     if processes.is_main:
         for message in train_set.dropped.messages(recipe["filter_empty"]):
             _logger.warning("%s: %s", train_set.path, message)
-    model_args = detector_arguments_for(config, len(train_set.class_names))
-    model = create_network("detection", config["model"], model_args)
-    if config["init_from"]:
-        load_pretrained(backbone_of("detection", model), config["init_from"], verbose=processes.is_main)
+    model_args = detector_arguments_for(settings, len(train_set.class_names))
+    model = create_network("detection", settings.model, model_args)
+    if settings.init_from:
+        load_pretrained(backbone_of("detection", model), settings.init_from, verbose=processes.is_main)
     model.to(processes.device)
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
@@ -177,33 +173,33 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         return sum(network(images, targets).values()), len(images), skipped
 
     training = Training(
-        name=config["model"],
-        run_dir=config["run_dir"],
+        name=settings.model,
+        run_dir=settings.run_dir,
         model=model,
         train_set=train_set,
         collate_fn=collate_detection,
         sampler=sampler,
-        workers=config["workers"],
+        workers=settings.workers,
         epochs=recipe["epochs"],
         optimizer=optimizer,
         scheduler=build_step_scheduler(optimizer, recipe, sampler.batches_per_epoch()),
         loss=loss,
         evaluate=lambda network: evaluate_detection(
-            network, val_set, recipe["eval_batch_size"], config["workers"], processes, config["amp"]
+            network, val_set, recipe["eval_batch_size"], settings.workers, processes, settings.amp
         ),
         score="bbox_AP",
-        resume=config["resume"],
-        amp=config["amp"],
+        resume=settings.resume,
+        amp=settings.amp,
         clip_grad=recipe["clip_grad"],
-        sync_batchnorm=config["sync_bn"],
-        frozen_norms=backbone_of("detection", model) if config["norm_eval"] else None,
+        sync_batchnorm=settings.sync_bn,
+        frozen_norms=backbone_of("detection", model) if settings.norm_eval else None,
         sample_names=[train_set.coco.imgs[i]["file_name"] for i in train_set.image_ids],
         header=checkpoint_content(
             task="detection",
-            model_name=config["model"],
+            model_name=settings.model,
             model_args=model_args,
             classes=train_set.class_names,
-            settings=dict(config, category_ids=train_set.category_ids),
+            settings=dict(settings.as_dict(), category_ids=train_set.category_ids),
         ),
         curves={
             "loss": ["train_loss"],
@@ -211,7 +207,7 @@ def train_one_model(config: dict, processes: Processes) -> dict:
             "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"],
         },
     )
-    return dict(train(training, processes), model=config["model"])
+    return dict(train(training, processes), model=settings.model)
 
 
 # ---------------------------------------------------------------- commands
@@ -230,36 +226,32 @@ def _add_recipe_options(parser) -> None:
     add_set_option(recipe, "lr_steps=[16,22] filter_empty=false")
 
 
-class TrainCommand:
-    """hafa det-train"""
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_options(parser, __doc__, "backbone", "detection")
+    parser.add_argument(
+        "--data",
+        help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
+        "ROOT/{train,val}[2017]/ (default: the embedded scenes)",
+    )
+    parser.add_argument("--train-split", help="default: train, else train2017")
+    parser.add_argument("--val-split", help="default: val, else val2017")
+    parser.add_argument(
+        "--recipe",
+        help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, scenes_mask_rcnn without)",
+    )
+    parser.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="backbone weights from an ImageNet checkpoint (baseline or HAFA; hafa.load_pretrained)",
+    )
+    _add_recipe_options(parser)
+    add_model_options(parser)
+    add_run_options(parser)
+    add_batchnorm_options(parser)
 
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_training_options(parser, __doc__, "backbone", "detection")
-        parser.add_argument(
-            "--data",
-            help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
-            "ROOT/{train,val}[2017]/ (default: the embedded scenes)",
-        )
-        parser.add_argument("--train-split", help="default: train, else train2017")
-        parser.add_argument("--val-split", help="default: val, else val2017")
-        parser.add_argument(
-            "--recipe",
-            help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, scenes_mask_rcnn without)",
-        )
-        parser.add_argument(
-            "--init-from",
-            metavar="CKPT",
-            help="backbone weights from an ImageNet checkpoint (baseline or HAFA; hafa.load_pretrained)",
-        )
-        _add_recipe_options(parser)
-        add_model_options(parser)
-        add_run_options(parser)
-        add_batchnorm_options(parser)
 
-    @staticmethod
-    def run(args) -> int:
-        return run_in_processes(_train, args)
+def run_train(args) -> int:
+    return run_in_processes(_train, args)
 
 
 def _recipe_from_args(args) -> dict:
@@ -277,7 +269,7 @@ def _recipe_from_args(args) -> dict:
     return recipe
 
 
-def _train(args, processes: Processes) -> int:
+def _train(args, processes: ProcessContext) -> int:
     recipe = _recipe_from_args(args)
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     data = args.data
@@ -292,8 +284,8 @@ def _train(args, processes: Processes) -> int:
     if not args.skip_data_check:
         check_coco(data, [splits["train_split"], splits["val_split"]], progress=processes.is_main)
 
-    def config_for(name: str) -> dict:
-        return dict(
+    def settings_for(name: str) -> DetectionSettings:
+        return DetectionSettings(
             model=name,
             data=data,
             **splits,
@@ -301,7 +293,7 @@ def _train(args, processes: Processes) -> int:
             run_dir=os.path.join(args.output, name),
             resume=args.resume,
             init_from=args.init_from,
-            model_args=model_args(args),
+            hafa_options=hafa_options_of(args),
             amp=args.amp,
             workers=args.workers,
             device=args.device,
@@ -309,7 +301,7 @@ def _train(args, processes: Processes) -> int:
             norm_eval=norm_eval(args, args.init_from),
         )
 
-    results = train_models(models, config_for, train_one_model, processes)
+    results = train_models(models, settings_for, train_one_model, processes)
     return finish_training(results, processes, _print_summary)
 
 
@@ -343,31 +335,27 @@ def load_detector(path: str, command: str, image_sizes: dict | None = None) -> t
     return model, saved
 
 
-class EvalCommand:
-    """hafa det-eval"""
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa det-train")
-        parser.add_argument("--data", help="COCO ROOT (default: the checkpoint's training data)")
-        parser.add_argument("--split", help="default: val, else val2017 (the checkpoint's validation split)")
-        parser.add_argument(
-            "--batch-size",
-            type=int,
-            help="images per batch (default: the recipe's eval_batch_size; "
-            "batches are padded, so it can change the result slightly)",
-        )
-        parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
-        parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
-        parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-        add_run_options(parser)
-
-    @staticmethod
-    def run(args) -> int:
-        return run_in_processes(_evaluate_and_report, args)
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa det-train")
+    parser.add_argument("--data", help="COCO ROOT (default: the checkpoint's training data)")
+    parser.add_argument("--split", help="default: val, else val2017 (the checkpoint's validation split)")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        help="images per batch (default: the recipe's eval_batch_size; "
+        "batches are padded, so it can change the result slightly)",
+    )
+    parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
+    parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    add_run_options(parser)
 
 
-def _evaluate_and_report(args, processes: Processes) -> int:
+def run_eval(args) -> int:
+    return run_in_processes(_evaluate_and_report, args)
+
+
+def _evaluate_and_report(args, processes: ProcessContext) -> int:
     metrics = _evaluate_checkpoint(args, processes)
     if processes.is_main:
         print(
@@ -381,20 +369,20 @@ def _evaluate_and_report(args, processes: Processes) -> int:
     return 0
 
 
-def _evaluate_checkpoint(args, processes: Processes) -> dict:
+def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
     for key, size in overrides.items():
         check_input_size(size, f"--{key.replace('_', '-')}")
     model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides)
-    config = saved.settings
-    data = args.data or config["data"]
+    settings = DetectionSettings.from_dict(saved.settings)
+    data = args.data or settings.data
     if args.data is None and not os.path.isdir(data) and data.endswith(os.path.join("scenes", "coco")):
         data = default_data()  # the embedded scenes, written again after the cache was cleared
-    split = args.split or (config["val_split"] if args.data is None else find_split(data, "val"))
-    categories = list(zip(config["category_ids"], saved.classes))
+    split = args.split or (settings.val_split if args.data is None else find_split(data, "val"))
+    categories = list(zip(settings.category_ids, saved.classes))
     dataset = CocoInstances(data, split, train=False, categories=categories)
     model.to(processes.device)
-    batch_size = args.batch_size or config["recipe"]["eval_batch_size"]
+    batch_size = args.batch_size or settings.recipe["eval_batch_size"]
     metrics = evaluate_detection(model, dataset, batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=saved.model_name, data=data, split=split, checkpoint=args.checkpoint)
 
@@ -449,7 +437,3 @@ def predict_detection(
     TF.to_pil_image(drawn).save(output_png, format="PNG")
     boxes = (boxes / scale).tolist()
     return dict(output=output_png, detections=[(n, s, b) for n, s, b in zip(names, scores.tolist(), boxes)])
-
-
-TRAIN = TrainCommand()
-EVAL = EvalCommand()

@@ -18,7 +18,10 @@ from torch.utils.data import DataLoader
 
 from ..data.coco import CocoInstances, collate_detection
 from ..errors import UserError
-from .engine import Processes, ShardSampler, autocast_context, broadcast_object, gather_objects, progress_bar
+from .processes import ProcessContext, broadcast_object, gather_objects
+from .run_log import progress_bar
+from .sampling import ShardSampler
+from .training import autocast_context
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
 MASK_THRESHOLD = 0.5
@@ -74,7 +77,7 @@ def evaluate_detection(
     dataset: CocoInstances,
     batch_size: int,
     workers: int,
-    processes: Processes,
+    processes: ProcessContext,
     amp: str = "none",
     desc: str = "eval",
 ) -> dict[str, float]:

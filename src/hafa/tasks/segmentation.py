@@ -18,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
+from torch import nn
 
 from ..checkpoint import build_model, checkpoint_content, read_checkpoint
 from ..data.checks import check_segmentation_pairs
@@ -42,7 +43,7 @@ from .commands import (
     add_set_option,
     add_training_options,
     finish_training,
-    model_args,
+    hafa_options_of,
     models_to_train,
     norm_eval,
     prepare_on_main,
@@ -51,18 +52,14 @@ from .commands import (
     train_models,
     write_json,
 )
-from .engine import (
-    EpochSampler,
-    Processes,
-    Training,
-    build_optimizer,
-    load_recipe,
-    override_recipe,
-    train,
-)
 from .networks import backbone_of, create_network, segmenter_arguments
 from .options import check_recipe
+from .processes import ProcessContext
+from .recipes import build_optimizer, load_recipe, override_recipe
+from .sampling import EpochSampler
 from .segmentation_metrics import evaluate_segmentation, infer_logits
+from .settings import SegmentationSettings
+from .training import Training, train
 
 ADE20K_CLASSES = 150
 
@@ -121,45 +118,46 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, total_iterat
     )
 
 
-def _evaluate(network, dataset, config: dict, processes: Processes, desc: str = "eval") -> dict:
-    recipe = config["recipe"]
+def evaluate_with_recipe(
+    network, dataset, class_names: list[str], recipe: dict, processes: ProcessContext, workers: int, amp: str
+) -> dict:
+    """mIoU, mAcc, aAcc and per-class IoU with the recipe's evaluation mode (whole image or windows)."""
     return evaluate_segmentation(
         network,
         dataset,
-        config["class_names"],
+        class_names,
         processes,
-        config["workers"],
-        config["amp"],
+        workers,
+        amp,
         recipe["eval_mode"],
         recipe["eval_crop"],
         recipe["eval_stride"],
-        desc,
     )
 
 
-def train_one_model(config: dict, processes: Processes) -> dict:
-    """Train config['model'] on config['data'] into config['run_dir']. -> metrics, paths and the trained network."""
-    recipe = config["recipe"]
+def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -> dict:
+    """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
+    recipe = settings.recipe
     torch.manual_seed(recipe["seed"])
-    labels = LabelMapping(config["num_classes"], config["reduce_zero_label"])
+    labels = LabelMapping(settings.num_classes, settings.reduce_zero_label)
     train_set = SegmentationDataset(
-        data_pairs(config["data"], "train"),
+        data_pairs(settings.data, "train"),
         TrainTransform(recipe),
         labels,
         replace_unreadable=True,
         seed=recipe["seed"],
     )
-    val_set = SegmentationDataset(data_pairs(config["data"], "val"), EvalTransform(recipe), labels)
+    val_set = SegmentationDataset(data_pairs(settings.data, "val"), EvalTransform(recipe), labels)
     model_args = segmenter_arguments(
-        config["model"],
-        num_classes=config["num_classes"],
-        hafa_options=config["model_args"],
+        settings.model,
+        num_classes=settings.num_classes,
+        hafa_options=settings.hafa_options,
         drop_path_rate=recipe["drop_path"],
         dropout=recipe["head_dropout"],
     )
-    model = create_network("segmentation", config["model"], model_args)
-    if config["backbone_checkpoint"]:
-        load_pretrained(backbone_of("segmentation", model), config["backbone_checkpoint"], verbose=processes.is_main)
+    model = create_network("segmentation", settings.model, model_args)
+    if settings.backbone_checkpoint:
+        load_pretrained(backbone_of("segmentation", model), settings.backbone_checkpoint, verbose=processes.is_main)
     model.to(processes.device)
 
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
@@ -174,40 +172,42 @@ def train_one_model(config: dict, processes: Processes) -> dict:
         return segmentation_loss(network(images), targets), images.shape[0], batch.skipped
 
     training = Training(
-        name=config["model"],
-        run_dir=config["run_dir"],
+        name=settings.model,
+        run_dir=settings.run_dir,
         model=model,
         train_set=train_set,
         collate_fn=collate_segmentation,
         sampler=sampler,
-        workers=config["workers"],
+        workers=settings.workers,
         epochs=epochs,
         optimizer=optimizer,
         scheduler=scheduler,
         loss=loss,
-        evaluate=lambda network: _evaluate(network, val_set, config, processes),
+        evaluate=lambda network: evaluate_with_recipe(
+            network, val_set, settings.class_names, recipe, processes, settings.workers, settings.amp
+        ),
         score="mIoU",
-        resume=config["resume"],
-        amp=config["amp"],
+        resume=settings.resume,
+        amp=settings.amp,
         clip_grad=recipe["clip_grad"],
-        sync_batchnorm=config["sync_bn"],
-        frozen_norms=backbone_of("segmentation", model) if config["norm_eval"] else None,
+        sync_batchnorm=settings.sync_bn,
+        frozen_norms=backbone_of("segmentation", model) if settings.norm_eval else None,
         sample_names=[image for image, _ in train_set.pairs],
         header=checkpoint_content(
             task="segmentation",
-            model_name=config["model"],
+            model_name=settings.model,
             model_args=model_args,
-            classes=config["class_names"],
-            settings=config,
+            classes=settings.class_names,
+            settings=settings.as_dict(),
         ),
         curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]},
     )
-    if processes.is_main and not config["resume"]:
+    if processes.is_main and not settings.resume:
         print(
-            f"{config['model']}: {len(train_set)} training / {len(val_set)} validation images, "
+            f"{settings.model}: {len(train_set)} training / {len(val_set)} validation images, "
             f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}"
         )
-    return dict(train(training, processes), model=config["model"])
+    return dict(train(training, processes), model=settings.model)
 
 
 # ---------------------------------------------------------------- data options
@@ -292,7 +292,7 @@ def _is_scenes(data: dict) -> bool:
     return data["layout"] == "ade20k" and data["root"] == os.path.join(default_scenes_root(), "ade")
 
 
-def _ensure_scenes(data: dict, processes: Processes) -> None:
+def _ensure_scenes(data: dict, processes: ProcessContext) -> None:
     """Write the embedded scenes when they are the data and not there yet."""
     if _is_scenes(data):
         prepare_on_main(prepare_scenes, processes)
@@ -301,43 +301,39 @@ def _ensure_scenes(data: dict, processes: Processes) -> None:
 # ---------------------------------------------------------------- seg-train
 
 
-class TrainCommand:
-    """hafa seg-train"""
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        add_training_options(parser, __doc__, "backbone", "segmentation")
-        _add_data_options(parser, training=True)
-        parser.add_argument(
-            "--recipe",
-            help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
-            "data options, scenes_semantic_fpn without)",
-        )
-        parser.add_argument(
-            "--backbone-checkpoint",
-            "--init-from",
-            dest="backbone_checkpoint",
-            metavar="CKPT",
-            help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)",
-        )
-        recipe = parser.add_argument_group("recipe overrides")
-        recipe.add_argument("--iterations", type=int, help="rounded to whole epochs")
-        recipe.add_argument("--batch-size", type=int, help="per process")
-        recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
-        recipe.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
-        recipe.add_argument("--eval-mode", choices=("whole", "slide"))
-        recipe.add_argument("--seed", type=int)
-        add_set_option(recipe, "scale=[1024,256]")
-        add_model_options(parser)
-        add_run_options(parser)
-        add_batchnorm_options(parser)
-
-    @staticmethod
-    def run(args) -> int:
-        return run_in_processes(_train, args)
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_training_options(parser, __doc__, "backbone", "segmentation")
+    _add_data_options(parser, training=True)
+    parser.add_argument(
+        "--recipe",
+        help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
+        "data options, scenes_semantic_fpn without)",
+    )
+    parser.add_argument(
+        "--backbone-checkpoint",
+        "--init-from",
+        dest="backbone_checkpoint",
+        metavar="CKPT",
+        help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)",
+    )
+    recipe = parser.add_argument_group("recipe overrides")
+    recipe.add_argument("--iterations", type=int, help="rounded to whole epochs")
+    recipe.add_argument("--batch-size", type=int, help="per process")
+    recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
+    recipe.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
+    recipe.add_argument("--eval-mode", choices=("whole", "slide"))
+    recipe.add_argument("--seed", type=int)
+    add_set_option(recipe, "scale=[1024,256]")
+    add_model_options(parser)
+    add_run_options(parser)
+    add_batchnorm_options(parser)
 
 
-def _train(args, processes: Processes) -> int:
+def run_train(args) -> int:
+    return run_in_processes(_train, args)
+
+
+def _train(args, processes: ProcessContext) -> int:
     data = _data_from_args(args)
     own_data = not _is_scenes(data["data"])
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data)
@@ -360,15 +356,15 @@ def _train(args, processes: Processes) -> int:
             data["data"], data["num_classes"], data["reduce_zero_label"], progress=processes.is_main
         )
 
-    def config_for(name: str) -> dict:
-        return dict(
-            data,
+    def settings_for(name: str) -> SegmentationSettings:
+        return SegmentationSettings(
+            **data,
             model=name,
             recipe=recipe,
             run_dir=os.path.join(args.output, name),
             resume=args.resume,
             backbone_checkpoint=args.backbone_checkpoint,
-            model_args=model_args(args),
+            hafa_options=hafa_options_of(args),
             amp=args.amp,
             workers=args.workers,
             device=args.device,
@@ -376,39 +372,35 @@ def _train(args, processes: Processes) -> int:
             norm_eval=norm_eval(args, args.backbone_checkpoint),
         )
 
-    results = train_models(models, config_for, train_one_model, processes)
+    results = train_models(models, settings_for, train_one_model, processes)
     return finish_training(results, processes, lambda done: print_best_scores(done, "mIoU"))
 
 
 # ---------------------------------------------------------------- checkpoints -> models
 
 
-def load_segmenter(checkpoint: str, command: str) -> tuple:
+def load_segmenter(checkpoint: str, command: str) -> tuple[nn.Module, SegmentationSettings]:
     """A `hafa seg-train` checkpoint -> (its exact SemanticFPN in eval mode on the CPU, its training settings)."""
     saved = read_checkpoint(checkpoint, "segmentation", command)
-    return build_model(saved), saved.settings
+    return build_model(saved), SegmentationSettings.from_dict(saved.settings)
 
 
 # ---------------------------------------------------------------- seg-eval
 
 
-class EvalCommand:
-    """hafa seg-eval"""
-
-    @staticmethod
-    def add_arguments(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa seg-train")
-        _add_data_options(parser, training=False)
-        parser.add_argument("--eval-mode", choices=("whole", "slide"), help="default: the checkpoint's recipe")
-        parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
-        add_run_options(parser)
-
-    @staticmethod
-    def run(args) -> int:
-        return run_in_processes(_evaluate_and_report, args)
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa seg-train")
+    _add_data_options(parser, training=False)
+    parser.add_argument("--eval-mode", choices=("whole", "slide"), help="default: the checkpoint's recipe")
+    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    add_run_options(parser)
 
 
-def _evaluate_and_report(args, processes: Processes) -> int:
+def run_eval(args) -> int:
+    return run_in_processes(_evaluate_and_report, args)
+
+
+def _evaluate_and_report(args, processes: ProcessContext) -> int:
     metrics = _evaluate_checkpoint(args, processes)
     if processes.is_main:
         _print_metrics(metrics)
@@ -419,8 +411,8 @@ def _evaluate_and_report(args, processes: Processes) -> int:
     return 0
 
 
-def _evaluate_checkpoint(args, processes: Processes) -> dict:
-    model, config = load_segmenter(args.checkpoint, "hafa seg-eval")
+def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
+    model, settings = load_segmenter(args.checkpoint, "hafa seg-eval")
     if args.data and (args.images or args.masks):
         raise UserError("give either --data ROOT or --images DIR --masks DIR")
     if args.images or args.masks:
@@ -430,14 +422,14 @@ def _evaluate_checkpoint(args, processes: Processes) -> dict:
     elif args.data:
         data = dict(layout="ade20k", root=os.path.abspath(args.data))
     else:
-        data = config["data"]
+        data = settings.data
         _ensure_scenes(data, processes)
-    labels = LabelMapping(config["num_classes"], config["reduce_zero_label"])
-    dataset = SegmentationDataset(data_pairs(data, "val"), EvalTransform(config["recipe"]), labels)
-    recipe = dict(config["recipe"], eval_mode=args.eval_mode or config["recipe"]["eval_mode"])
+    labels = LabelMapping(settings.num_classes, settings.reduce_zero_label)
+    dataset = SegmentationDataset(data_pairs(data, "val"), EvalTransform(settings.recipe), labels)
+    recipe = dict(settings.recipe, eval_mode=args.eval_mode or settings.recipe["eval_mode"])
     model.to(processes.device)
-    metrics = _evaluate(model, dataset, dict(config, recipe=recipe, workers=args.workers, amp=args.amp), processes)
-    return dict(metrics, model=config["model"], data=data, checkpoint=args.checkpoint, eval_mode=recipe["eval_mode"])
+    metrics = evaluate_with_recipe(model, dataset, settings.class_names, recipe, processes, args.workers, args.amp)
+    return dict(metrics, model=settings.model, data=data, checkpoint=args.checkpoint, eval_mode=recipe["eval_mode"])
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -469,12 +461,12 @@ def predict_segmentation(
     from ..tools.segmentation_overlay import draw_segmentation
     from .predict import shrink_to_draw
 
-    model, config = load_segmenter(checkpoint, "hafa predict")
+    model, settings = load_segmenter(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read the image {image_path}")
     image, _ = shrink_to_draw(image)
-    recipe = config["recipe"]
+    recipe = settings.recipe
     pixels = EvalTransform(recipe).image_tensor(image)
     model.to(device)
     logits = infer_logits(
@@ -482,14 +474,10 @@ def predict_segmentation(
     )
     logits = F.interpolate(logits.float(), size=(image.height, image.width), mode="bilinear", align_corners=False)
     labels = logits.argmax(1)[0].cpu().numpy()
-    draw_segmentation(image, labels, config["class_names"], alpha).save(output_png, format="PNG")
-    shares = np.bincount(labels.ravel(), minlength=len(config["class_names"])) / labels.size
+    draw_segmentation(image, labels, settings.class_names, alpha).save(output_png, format="PNG")
+    shares = np.bincount(labels.ravel(), minlength=len(settings.class_names)) / labels.size
     return dict(
         output=output_png,
         labels=labels,
-        class_shares={n: 100 * float(s) for n, s in zip(config["class_names"], shares) if s > 0},
+        class_shares={n: 100 * float(s) for n, s in zip(settings.class_names, shares) if s > 0},
     )
-
-
-TRAIN = TrainCommand()
-EVAL = EvalCommand()

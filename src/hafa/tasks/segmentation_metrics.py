@@ -11,7 +11,10 @@ from torch.utils.data import DataLoader
 
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segmentation
 from ..errors import UserError
-from .engine import Processes, ShardSampler, all_sum, autocast_context, progress_bar
+from .processes import ProcessContext, all_sum
+from .run_log import progress_bar
+from .sampling import ShardSampler
+from .training import autocast_context
 
 
 def confusion_matrix(predicted: Tensor, labels: Tensor, num_classes: int) -> Tensor:
@@ -73,7 +76,7 @@ def evaluate_segmentation(
     model: nn.Module,
     dataset: SegmentationDataset,
     class_names: list[str],
-    processes: Processes,
+    processes: ProcessContext,
     workers: int = 0,
     amp: str = "none",
     mode: str = "whole",
