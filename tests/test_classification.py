@@ -383,7 +383,11 @@ DDP_SCRIPT = textwrap.dedent("""
     processes = init_processes("cpu")
     recipe = load_recipe("mnist_demo", cls.RECIPE_DEFAULTS)
     recipe.update(img_size=32, batch_size=batch, epochs=2, warmup_epochs=0)
-    settings = ClassificationSettings(model="hafa_pvt_v2_b0", data=data, recipe=recipe, run_dir=out, workers=0)
+    # LAA's BatchNorm normalises over each process's own batch on CPU (torch has no SyncBatchNorm there):
+    # with the baseline's norm one process and two compute the same steps
+    settings = ClassificationSettings(
+        model="hafa_pvt_v2_b0", data=data, recipe=recipe, run_dir=out, workers=0, hafa_options=dict(laa_norm="baseline")
+    )
     result = cls.train_one_model(settings, processes)
     torch.save(result["network"].state_dict(), f"{out}/rank{processes.rank}.pth")
     close_processes()
@@ -420,6 +424,8 @@ def test_two_processes_with_gloo_match_one_process(tmp_path):
     single = torch.load(tmp_path / "one" / "rank0.pth", weights_only=True)
     for name in rank0:
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0, msg=name)
-        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=1e-5, msg=name)
+        # float sums in another order; Adam magnifies them where gradients are near zero (LAA's offsets
+        # start at zero): 2e-5 there, 6e-6 elsewhere, against a step of lr = 1e-3 (a wrong split is a whole step)
+        torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=5e-5, msg=name)
     assert (tmp_path / "two" / "log.csv").exists()
     assert not (tmp_path / "two" / "rank1").exists()

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
+from ..layers.laa import LAA_NORMS
 from ..models.table import BASELINE
 from .networks import backbone_arguments
 from .options import check_run_options
@@ -54,6 +55,11 @@ def add_model_options(parser) -> None:
     group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
     group.add_argument("--cluster-ratio", type=float, help="clusters per token in SIA (default 0.25)")
     group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
+    group.add_argument(
+        "--laa-norm",
+        choices=LAA_NORMS,
+        help="LAA's norm: BatchNorm as the authors (default), or the baseline's own (the baseline at step 0)",
+    )
 
 
 def hafa_options_of(args) -> dict:
@@ -67,6 +73,8 @@ def hafa_options_of(args) -> dict:
         chosen["cluster_ratio"] = args.cluster_ratio
     if args.knn_k is not None:
         chosen["knn_k"] = args.knn_k
+    if args.laa_norm is not None:
+        chosen["laa_norm"] = args.laa_norm
     return chosen
 
 
