@@ -1,5 +1,8 @@
 import csv
+import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,8 +16,9 @@ import torch
 from PIL import Image
 
 from hafa.cli import main
+from hafa.errors import UserError
 from hafa.tasks import classification as cls
-from hafa.tasks.recipes import load_recipe
+from hafa.tasks.recipes import load_recipe, override_recipe
 
 QUICK = [
     "--recipe",
@@ -100,7 +104,6 @@ def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
         )
         == 0
     )
-    import json
 
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert metrics["top1"] == pytest.approx(best["metrics"]["top1"])
@@ -126,8 +129,6 @@ def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
 
 
 def test_set_reads_numbers_as_numbers_and_refuses_unknown_keys():
-    from hafa.errors import UserError
-    from hafa.tasks.recipes import override_recipe
 
     recipe = override_recipe(dict(lr=0.1, epochs=3, auto_augment="x"), {}, ["lr=1e-3", "epochs=5", "auto_augment=None"])
     assert recipe == dict(lr=1e-3, epochs=5, auto_augment="None")
@@ -165,7 +166,7 @@ def test_grayscale_rgba_and_corrupt_images(tmp_path, caplog):
             lambda root: (write_dataset(root), os.rename(root / "val" / "stripe", root / "val" / "zebra")),
             "classes differ",
         ),
-        (lambda root: (write_dataset(root), os.system(f"rm -r {root}/val")), "has no 'val' folder"),
+        (lambda root: (write_dataset(root), shutil.rmtree(root / "val")), "has no 'val' folder"),
     ],
 )
 def test_bad_data_gets_a_clear_message(tmp_path, capsys, make, message):
@@ -173,7 +174,6 @@ def test_bad_data_gets_a_clear_message(tmp_path, capsys, make, message):
     make(root)
     code = main(["train", "--model", "pvt_v2_b0", "--data", str(root), "--output", str(tmp_path / "r"), *QUICK])
     assert code == 2
-    import re
 
     assert re.search(message, capsys.readouterr().err)
 

@@ -5,6 +5,7 @@ end on tiny COCO datasets at non-square sizes not divisible by 32, with a HAFA a
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -223,7 +224,6 @@ def test_ground_truth_as_predictions_gives_ap_100(tiny_coco):
 @pytest.fixture
 def coco_copy(tiny_coco, tmp_path):
     """A writable copy of the tiny dataset: -> (root, train json)."""
-    import shutil
 
     root = tmp_path / "copy"
     shutil.copytree(tiny_coco, root)

@@ -1,5 +1,8 @@
+import csv
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -7,6 +10,7 @@ import time
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 
@@ -23,7 +27,7 @@ from hafa.data.segmentation import (
 from hafa.tasks import segmentation as seg
 from hafa.tasks.networks import create_network, segmenter_arguments
 from hafa.tasks.processes import ProcessContext
-from hafa.tasks.recipes import load_recipe
+from hafa.tasks.recipes import build_optimizer, load_recipe
 from hafa.tasks.segmentation_metrics import confusion_matrix, evaluate_segmentation, segmentation_metrics
 
 SIZES = [(70, 101), (90, 75), (67, 118), (100, 83)]  # (height, width): non-square, none a multiple of 32
@@ -318,7 +322,6 @@ def test_folder_layout_with_unpaired_corrupt_and_empty_masks(tmp_path, caplog):
     assert "leaving out 1 files with no image of the same name (no_image.png)" in caplog.text
     assert "skipping unreadable mask" in caplog.text
     assert "1.png" in caplog.text
-    import csv
 
     rows = list(csv.DictReader((out / "pvt_v2_b0" / "log.csv").read_text().splitlines()))
     assert int(rows[-1]["skipped_images"]) >= 1
@@ -357,8 +360,11 @@ def test_out_of_range_class_ids_are_an_error_naming_the_file(tmp_path, capsys, w
     [
         (lambda d: Image.new("RGB", (101, 70)).save(d / "masks" / "train" / "0.png"), "not a RGB image"),
         (lambda d: Image.new("L", (50, 50)).save(d / "masks" / "train" / "0.png"), "is 50x50 but its image"),
-        (lambda d: os.system(f"rm {d}/masks/val/*"), "no image in .* has a mask of the same name"),
-        (lambda d: os.system(f"rm -r {d}/masks/val"), "mask folder not found"),
+        (
+            lambda d: [mask.unlink() for mask in (d / "masks" / "val").iterdir()],
+            "no image in .* has a mask of the same name",
+        ),
+        (lambda d: shutil.rmtree(d / "masks" / "val"), "mask folder not found"),
     ],
 )
 def test_bad_masks_get_a_clear_message(tmp_path, capsys, break_data, message):
@@ -380,7 +386,6 @@ def test_bad_masks_get_a_clear_message(tmp_path, capsys, break_data, message):
         )
         == 2
     )
-    import re
 
     assert re.search(message, capsys.readouterr().err)
 
@@ -410,7 +415,6 @@ def test_recipe_file_gives_the_papers_settings():
         40000,
     )
     model = semantic_fpn("hafa_pvt_v2_b0", num_classes=150)
-    from hafa.tasks.recipes import build_optimizer
 
     optimizer = build_optimizer(model, recipe, global_batch=16)
     assert type(optimizer).__name__ == "AdamW"
@@ -424,7 +428,6 @@ def test_recipe_file_gives_the_papers_settings():
 
 
 def test_backbone_from_an_imagenet_checkpoint(tmp_path, capsys):
-    import timm
 
     data = write_ade(tmp_path / "ade")
     checkpoint = tmp_path / "pvt_v2_b0_imagenet.pth"
