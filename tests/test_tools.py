@@ -179,3 +179,15 @@ def test_torch_compile_gives_the_eager_outputs():
     model = export.build_model(SMALLEST)
     result = export.compile_check(model, torch.randn(2, 3, 64, 64), reps=1)
     assert result["max_abs_difference"] < 1e-4
+
+
+def test_export_refuses_a_batch_of_one_that_would_fix_the_batch_axis(tmp_path, capsys):
+    path = tmp_path / "model.onnx"
+    assert main(["export", "--model", SMALLEST, "--batch", "1", "-o", str(path)]) == 2
+    assert "--batch 1 cannot be traced as a dynamic batch axis" in capsys.readouterr().err
+    assert not path.exists()
+
+
+def test_bench_refuses_fp16_on_cpu(capsys):
+    assert main(["bench", "--device", "cpu", "--amp", "fp16", "--models", SMALLEST]) == 2
+    assert "--amp fp16 needs a GPU" in capsys.readouterr().err

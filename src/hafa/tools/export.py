@@ -166,6 +166,10 @@ def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dic
 def run(args) -> int:
     if args.batch < 1 or min(args.check_batches) < 1:
         raise UserError("--batch and --check-batches must be at least 1")
+    if args.batch == 1 and not args.no_onnx:
+        # torch.export specialises a traced dimension of size 1: the file would take batch 1 only, and
+        # the check of other batches would fail on it.
+        raise UserError("--batch 1 cannot be traced as a dynamic batch axis: use --batch 2 or more")
     check_input_size(args.img_size, "--img-size")
     if args.no_onnx and not args.compile:
         raise UserError("--no-onnx leaves nothing to do without --compile")
