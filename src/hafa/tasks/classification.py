@@ -15,7 +15,6 @@ from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
-from torch.utils.data import DataLoader
 
 from ..checkpoint import (
     Checkpoint,
@@ -38,6 +37,7 @@ from .commands import (
     add_run_options,
     add_set_option,
     add_training_options,
+    evaluate_and_report,
     finish_training,
     hafa_options_of,
     models_to_train,
@@ -45,14 +45,13 @@ from .commands import (
     print_best_scores,
     run_in_processes,
     train_models,
-    write_json,
 )
 from .networks import classifier_arguments, create_network
 from .options import check_input_size, check_recipe
 from .processes import ProcessContext, all_sum
 from .recipes import build_optimizer, load_recipe, override_recipe
 from .run_log import progress_bar
-from .sampling import EpochSampler, ShardSampler
+from .sampling import EpochSampler, evaluation_loader
 from .settings import ClassificationSettings
 from .training import Training, autocast_context, train
 
@@ -169,14 +168,7 @@ def evaluate(
 ) -> dict:
     """Loss, top-1 and top-5 (%) over the dataset, shared among the processes."""
     model.eval()
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=ShardSampler(len(dataset), processes),
-        num_workers=workers,
-        collate_fn=collate_skipping,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = evaluation_loader(dataset, batch_size, workers, processes, collate_skipping)
     sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images, skipped files
     for images, targets, skipped in progress_bar(loader, processes, desc=desc, leave=False):
         sums[4] += skipped
@@ -364,20 +356,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args) -> int:
-    return run_in_processes(_evaluate_and_report, args)
+    return evaluate_and_report(args, _evaluate_checkpoint, _print_metrics)
 
 
-def _evaluate_and_report(args, processes: ProcessContext) -> int:
-    metrics = _evaluate_checkpoint(args, processes)
-    if processes.is_main:
-        print(
-            f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
-            f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
-            + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")")
-        )
-        if args.json:
-            write_json(args.json, metrics)
-    return 0
+def _print_metrics(metrics: dict) -> None:
+    print(
+        f"{metrics['model']} on {metrics['data']}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  "
+        f"loss {metrics['loss']:.4f}  ({metrics['images']} images"
+        + (f", {metrics['skipped']} unreadable skipped)" if metrics["skipped"] else ")")
+    )
 
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
@@ -222,6 +223,26 @@ def finish_training(results: list[dict], processes: ProcessContext, print_summar
         if interrupted:
             print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
     return 130 if interrupted else 0
+
+
+def evaluate_and_report(
+    args,
+    evaluate_checkpoint: Callable[[Any, ProcessContext], dict],
+    print_metrics: Callable[[dict], None],
+    json_values: Callable[[dict], dict] = lambda metrics: metrics,
+) -> int:
+    """An eval command: every process evaluates its shard of the checkpoint's data; the first prints
+    the metrics and writes them as JSON when --json asks."""
+
+    def job(args, processes: ProcessContext) -> int:
+        metrics = evaluate_checkpoint(args, processes)
+        if processes.is_main:
+            print_metrics(metrics)
+            if args.json:
+                write_json(args.json, json_values(metrics))
+        return 0
+
+    return run_in_processes(job, args)
 
 
 def write_json(path: str, values: dict) -> None:

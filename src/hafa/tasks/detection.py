@@ -32,6 +32,7 @@ from .commands import (
     add_set_option,
     add_training_options,
     baseline_pairs,
+    evaluate_and_report,
     finish_training,
     hafa_options_of,
     models_to_train,
@@ -39,7 +40,6 @@ from .commands import (
     prepare_on_main,
     run_in_processes,
     train_models,
-    write_json,
 )
 from .detection_metrics import METRICS, evaluate_detection
 from .networks import backbone_of, create_network, detector_arguments
@@ -352,21 +352,16 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args) -> int:
-    return run_in_processes(_evaluate_and_report, args)
+    return evaluate_and_report(args, _evaluate_checkpoint, _print_metrics)
 
 
-def _evaluate_and_report(args, processes: ProcessContext) -> int:
-    metrics = _evaluate_checkpoint(args, processes)
-    if processes.is_main:
-        print(
-            f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
-            + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):")
-        )
-        for kind, title in (("bbox", "box "), ("segm", "mask")):
-            print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
-        if args.json:
-            write_json(args.json, metrics)
-    return 0
+def _print_metrics(metrics: dict) -> None:
+    print(
+        f"{metrics['model']} on {metrics['data']} ({metrics['images']} images"
+        + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):")
+    )
+    for kind, title in (("bbox", "box "), ("segm", "mask")):
+        print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
 
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:

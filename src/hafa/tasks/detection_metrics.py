@@ -14,13 +14,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from ..data.coco import CocoInstances, collate_detection
 from ..errors import UserError
 from .processes import ProcessContext, broadcast_object, gather_objects
 from .run_log import progress_bar
-from .sampling import ShardSampler
+from .sampling import evaluation_loader
 from .training import autocast_context
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # COCOeval.stats[0:6]
@@ -84,14 +83,7 @@ def evaluate_detection(
     """Detect on every image of the dataset (shared among the processes), gather, COCOeval on the main process.
     -> bbox_* and segm_* metrics, images evaluated and files skipped, the same on every process."""
     model.eval()
-    loader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=ShardSampler(len(dataset), processes),
-        num_workers=workers,
-        collate_fn=collate_detection,
-        generator=torch.Generator().manual_seed(0),
-    )
+    loader = evaluation_loader(dataset, batch_size, workers, processes, collate_detection)
     results, image_ids, skipped = [], [], 0
     for images, targets, skipped_now in progress_bar(loader, processes, desc=desc, leave=False):
         skipped += skipped_now

@@ -4,7 +4,7 @@ mid-epoch) for training, a plain shard per process for evaluation."""
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..errors import UserError
 from .processes import ProcessContext
@@ -56,3 +56,17 @@ class ShardSampler(Sampler):
 
     def __len__(self):
         return len(self.indices)
+
+
+def evaluation_loader(
+    dataset: Dataset, batch_size: int, workers: int, processes: ProcessContext, collate_fn
+) -> DataLoader:
+    """Batches of this process's shard of `dataset`, in order (workers seeded alike on every run)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=ShardSampler(len(dataset), processes),
+        num_workers=workers,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(0),
+    )

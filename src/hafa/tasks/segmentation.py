@@ -42,6 +42,7 @@ from .commands import (
     add_run_options,
     add_set_option,
     add_training_options,
+    evaluate_and_report,
     finish_training,
     hafa_options_of,
     models_to_train,
@@ -50,7 +51,6 @@ from .commands import (
     print_best_scores,
     run_in_processes,
     train_models,
-    write_json,
 )
 from .networks import backbone_of, create_network, segmenter_arguments
 from .options import check_recipe
@@ -397,18 +397,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_eval(args) -> int:
-    return run_in_processes(_evaluate_and_report, args)
+    return evaluate_and_report(args, _evaluate_checkpoint, _print_metrics, _json_values)
 
 
-def _evaluate_and_report(args, processes: ProcessContext) -> int:
-    metrics = _evaluate_checkpoint(args, processes)
-    if processes.is_main:
-        _print_metrics(metrics)
-        if args.json:
-            # null: a class neither in the ground truth nor predicted
-            per_class = {k: None if np.isnan(v) else v for k, v in metrics["per_class_IoU"].items()}
-            write_json(args.json, dict(metrics, per_class_IoU=per_class))
-    return 0
+def _json_values(metrics: dict) -> dict:
+    """null for a class neither in the ground truth nor predicted."""
+    per_class = {k: None if np.isnan(v) else v for k, v in metrics["per_class_IoU"].items()}
+    return dict(metrics, per_class_IoU=per_class)
 
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:

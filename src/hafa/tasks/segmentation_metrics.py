@@ -7,13 +7,12 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
 from ..data.segmentation import IGNORE_INDEX, SegmentationDataset, collate_segmentation
 from ..errors import UserError
 from .processes import ProcessContext, all_sum
 from .run_log import progress_bar
-from .sampling import ShardSampler
+from .sampling import evaluation_loader
 from .training import autocast_context
 
 
@@ -88,13 +87,7 @@ def evaluate_segmentation(
     resized image are resized back to the original size and compared there."""
     model.eval()
     num_classes = len(class_names)
-    loader = DataLoader(
-        dataset,
-        batch_size=1,
-        sampler=ShardSampler(len(dataset), processes),
-        num_workers=workers,
-        collate_fn=collate_segmentation,
-    )
+    loader = evaluation_loader(dataset, 1, workers, processes, collate_segmentation)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     images, skipped = 0, 0
     for batch in progress_bar(loader, processes, desc=desc, leave=False):
