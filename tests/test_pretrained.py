@@ -18,13 +18,16 @@ def _timm_baseline_state(name):
 
 
 def _official_pvt_v1_layout(state_dict):
-    """Our PVT v1 names -> the official code's (patch_embed1, pos_embed1, block1, cls_token; LAA's offset
-    predictor as mmcv DeformConv2dPack's proj.conv_offset; TCFormer's token-conv skip as a Conv1d weight)."""
+    """Our PVT v1 names -> the official code's (patch_embed1, pos_embed1, block1, cls_token; LAA as
+    DeformablePatchMerging: mmcv DeformConv2dPack `dconv` with its `conv_offset`, BatchNorm `norm_layer`;
+    TCFormer's token-conv skip as a Conv1d weight)."""
+    laa = {"offset.": "dconv.conv_offset.", "proj.": "dconv.", "norm.": "norm_layer."}
+    has_laa = any(".patch_embed.offset." in k for k in state_dict)
     out = {}
     for k, v in state_dict.items():
-        k = re.sub(
-            r"^stages\.(\d)\.patch_embed\.offset\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.proj.conv_offset.", k
-        )
+        match = re.match(r"^stages\.([12])\.patch_embed\.(offset\.|proj\.|norm\.)", k)
+        if has_laa and match:
+            k = f"patch_embed{int(match.group(1)) + 1}.{laa[match.group(2)]}{k[match.end() :]}"
         k = re.sub(r"^stages\.(\d)\.patch_embed\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.", k)
         k = re.sub(r"^stages\.(\d)\.pos_embed$", lambda m: f"pos_embed{int(m.group(1)) + 1}", k)
         k = re.sub(r"^stages\.(\d)\.blocks\.", lambda m: f"block{int(m.group(1)) + 1}.", k)
@@ -120,7 +123,8 @@ def test_official_hafa_checkpoint_loads_every_tensor(tmp_path):
         p.data.normal_(std=0.02)
     trained.train()(torch.randn(4, 3, 64, 64))  # BatchNorm statistics
     official = _official_pvt_v1_layout(trained.state_dict())
-    assert "patch_embed2.proj.conv_offset.weight" in official
+    assert "patch_embed2.dconv.conv_offset.weight" in official
+    assert "patch_embed3.norm_layer.running_var" in official
     path = tmp_path / "hafa_pvt_tiny_official.pth"
     torch.save({"model": official}, path)
     model = timm.create_model("hafa_pvt_tiny", num_classes=5)

@@ -29,9 +29,10 @@ NAMES_SHOWN = 12
 
 # Official PVT v1 / v2 top-level names (patch_embed1..4, block1..4, pos_embed1..4, norm1..4, cls_token).
 _OFFICIAL_ROOT = re.compile(r"^(patch_embed|block|pos_embed|norm)\d$|^cls_token$")
-# Inside the official HAFA's LAA (patch_embed2, patch_embed3): mmcv's DeformConv2dPack keeps its offset
-# predictor as `conv_offset`.
-_OFFICIAL_LAA_NAMES = {"proj.conv_offset.": "offset."}
+# Inside the official HAFA's LAA (patch_embed2, patch_embed3: DeformablePatchMerging): the deformable conv
+# is mmcv's DeformConv2dPack `dconv`, which keeps its offset predictor as `conv_offset`, and the BatchNorm
+# is `norm_layer`. Renamed in this order.
+_OFFICIAL_LAA_NAMES = {"dconv.conv_offset.": "offset.", "dconv.": "proj.", "norm_layer.": "norm."}
 
 
 class CheckpointMismatchError(CheckpointError):
