@@ -20,14 +20,26 @@ def _timm_baseline_state(name):
 def _official_pvt_v1_layout(state_dict):
     """Our PVT v1 names -> the official code's (patch_embed1, pos_embed1, block1, cls_token; LAA as
     DeformablePatchMerging: mmcv DeformConv2dPack `dconv` with its `conv_offset`, BatchNorm `norm_layer`;
-    TCFormer's token-conv skip as a Conv1d weight)."""
+    SIA as CTM: token conv `conv` with its `skip`, keys/values `Multiscale`, `norm1`; skips as Conv1d weights)."""
     laa = {"offset.": "dconv.conv_offset.", "proj.": "dconv.", "norm.": "norm_layer."}
+    sia = {
+        "skip.": "conv.skip.",
+        "proj.": "conv.",
+        "kv_proj.": "Multiscale.skip.",
+        "kv_dwconv.": "Multiscale.depth_conv.",
+        "kv_pwconv.": "Multiscale.point_conv.",
+        "kv_norm.": "norm1.",
+    }
     has_laa = any(".patch_embed.offset." in k for k in state_dict)
+    has_sia = any(".patch_embed.score." in k for k in state_dict)
     out = {}
     for k, v in state_dict.items():
-        match = re.match(r"^stages\.([12])\.patch_embed\.(offset\.|proj\.|norm\.)", k)
-        if has_laa and match:
-            k = f"patch_embed{int(match.group(1)) + 1}.{laa[match.group(2)]}{k[match.end() :]}"
+        laa_match = re.match(r"^stages\.([12])\.patch_embed\.(offset\.|proj\.|norm\.)", k)
+        sia_match = re.match(r"^stages\.3\.patch_embed\.(skip\.|proj\.|kv_proj\.|kv_dwconv\.|kv_pwconv\.|kv_norm\.)", k)
+        if has_laa and laa_match:
+            k = f"patch_embed{int(laa_match.group(1)) + 1}.{laa[laa_match.group(2)]}{k[laa_match.end() :]}"
+        elif has_sia and sia_match:
+            k = f"patch_embed4.{sia[sia_match.group(1)]}{k[sia_match.end() :]}"
         k = re.sub(r"^stages\.(\d)\.patch_embed\.", lambda m: f"patch_embed{int(m.group(1)) + 1}.", k)
         k = re.sub(r"^stages\.(\d)\.pos_embed$", lambda m: f"pos_embed{int(m.group(1)) + 1}", k)
         k = re.sub(r"^stages\.(\d)\.blocks\.", lambda m: f"block{int(m.group(1)) + 1}.", k)
@@ -125,6 +137,8 @@ def test_official_hafa_checkpoint_loads_every_tensor(tmp_path):
     official = _official_pvt_v1_layout(trained.state_dict())
     assert "patch_embed2.dconv.conv_offset.weight" in official
     assert "patch_embed3.norm_layer.running_var" in official
+    assert "patch_embed4.Multiscale.depth_conv.weight" in official
+    assert "patch_embed4.norm1.weight" in official
     path = tmp_path / "hafa_pvt_tiny_official.pth"
     torch.save({"model": official}, path)
     model = timm.create_model("hafa_pvt_tiny", num_classes=5)

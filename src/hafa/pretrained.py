@@ -33,6 +33,17 @@ _OFFICIAL_ROOT = re.compile(r"^(patch_embed|block|pos_embed|norm)\d$|^cls_token$
 # is mmcv's DeformConv2dPack `dconv`, which keeps its offset predictor as `conv_offset`, and the BatchNorm
 # is `norm_layer`. Renamed in this order.
 _OFFICIAL_LAA_NAMES = {"dconv.conv_offset.": "offset.", "dconv.": "proj.", "norm_layer.": "norm."}
+# Inside the official HAFA's SIA (patch_embed4: CTM): the token conv `conv` (a 3x3/s2 conv with its `skip`),
+# the keys/values path `Multiscale` (`skip`, `depth_conv`, `point_conv`) and its LayerNorm `norm1`.
+# Renamed in this order; CTM's score bias and unused `proj_q` have no counterpart and are reported unused.
+_OFFICIAL_SIA_NAMES = {
+    "conv.skip.": "skip.",
+    "conv.": "proj.",
+    "Multiscale.skip.": "kv_proj.",
+    "Multiscale.depth_conv.": "kv_dwconv.",
+    "Multiscale.point_conv.": "kv_pwconv.",
+    "norm1.": "kv_norm.",
+}
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -103,7 +114,9 @@ def _official_pvt_to_staged(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             k = k.replace("patch_embed1.", "patch_embed.")
             k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.downsample.", k)
         for official, ours in _OFFICIAL_LAA_NAMES.items():
-            k = re.sub(rf"^(stages\.\d\.(?:patch_embed|downsample)\.){re.escape(official)}", rf"\g<1>{ours}", k)
+            k = re.sub(rf"^(stages\.[12]\.(?:patch_embed|downsample)\.){re.escape(official)}", rf"\g<1>{ours}", k)
+        for official, ours in _OFFICIAL_SIA_NAMES.items():
+            k = re.sub(rf"^(stages\.3\.(?:patch_embed|downsample)\.){re.escape(official)}", rf"\g<1>{ours}", k)
         out[k] = v
     return out
 
