@@ -12,10 +12,11 @@ from torch.utils.data import DataLoader, Dataset
 
 from hafa.cli import main
 from hafa.errors import UserError, message_of
+from hafa.models import freeze_batch_norm_statistics
 from hafa.models.semantic_fpn import SemanticFPN
 from hafa.tasks.networks import create_network, segmenter_arguments
 from hafa.tasks.predict import DRAW_LONG_SIDE, shrink_to_draw
-from hafa.tasks.training import StopOnSignal, freeze_batchnorm_statistics
+from hafa.tasks.training import StopOnSignal
 from test_classification import QUICK, read_log, write_dataset
 
 MISSING = "/nonexistent/data"  # an option error must come before the data is looked at
@@ -162,9 +163,9 @@ def test_frozen_batchnorm_statistics_stay_and_its_weights_train():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4), torch.nn.Flatten())
     before = model[1].running_mean.clone()
     model.train()
-    freeze_batchnorm_statistics(model)
+    freeze_batch_norm_statistics(model)
     model(torch.randn(2, 3, 5, 5) + 3).sum().backward()
     assert torch.equal(model[1].running_mean, before)
     assert model[1].weight.grad is not None
     assert model[0].training
-    freeze_batchnorm_statistics(torch.nn.Linear(2, 2))  # no BatchNorm: nothing to do
+    freeze_batch_norm_statistics(torch.nn.Linear(2, 2))  # no BatchNorm: nothing to do

@@ -21,12 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import pack_names, read_file, unpack_names, write_file
 from ..errors import UserError, message_of
+from ..models import freeze_batch_norm_statistics
 from .processes import ProcessContext, all_sum, any_process, gather_objects
 from .run_log import RunLog, progress_bar
 from .sampling import EpochSampler
 
 _logger = logging.getLogger("hafa")
-BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 # ---------------------------------------------------------------- RNG states
@@ -276,14 +276,6 @@ def train(t: Training, processes: ProcessContext) -> dict:
     )
 
 
-def freeze_batchnorm_statistics(module: nn.Module) -> None:
-    """Put module's BatchNorms (SyncBatchNorm too) in eval mode: they normalise with their running
-    statistics and keep them (mmdetection's norm_eval); their weights still train."""
-    for child in module.modules():
-        if isinstance(child, BATCHNORMS):
-            child.eval()
-
-
 def _check_same_samples(saved: list[str], current: list[str], run_dir: str) -> None:
     """A resumed run must see the training data it started with (the sample order depends on it)."""
     if saved == current:
@@ -312,7 +304,7 @@ def _train_epoch(
     """One epoch (or its rest after a resume), or less when a stop is requested."""
     model.train()
     if t.frozen_norms is not None:
-        freeze_batchnorm_statistics(t.frozen_norms)
+        freeze_batch_norm_statistics(t.frozen_norms)
     t.train_set.set_epoch(state.epoch)
     t.sampler.set_epoch(state.epoch, state.step_in_epoch)
     # The loader's own generator: creating it must not draw from the global RNG, or a resumed run would

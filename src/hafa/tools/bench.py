@@ -37,6 +37,7 @@ from ..errors import UserError, unknown_name
 from ..models._base import BASELINE_AGGREGATION, run_downsample
 from ..models.table import BASELINE, PAPER
 from ..ops import TokenLayout
+from ..tasks.options import check_device, check_output_file
 from .flops import count_macs
 
 DEFAULT_MODELS = [
@@ -153,19 +154,11 @@ class BenchConfig:
 
 
 def resolve_device(name: str) -> torch.device:
+    """--device: auto (cuda when present), or what every command takes (cpu, cuda, cuda:N)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UserError(f"unknown device {name!r}: {error}") from None
-    if device.type not in ("cpu", "cuda"):
-        raise UserError(f"--device must be cpu, cuda or cuda:N, got {name!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for, but torch sees no CUDA device")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
-    return device
+    check_device(name)
+    return torch.device(name)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -679,7 +672,7 @@ def run(args) -> int:
         detection_size=tuple(args.detection_size),
     )
     if args.json:
-        check_writable(args.json)
+        check_output_file(args.json, "--json")
     result = dict(settings=settings(config))
     print(
         f"device {result['settings']['device']} ({result['settings']['device_name']}), "
@@ -726,12 +719,3 @@ def run(args) -> int:
             json.dump(result, f, indent=2)
         print(f"wrote {args.json}")
     return 0
-
-
-def check_writable(path: str) -> None:
-    """Refuse, before any work, an output path whose folder does not exist or cannot be written."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {path}: {folder} is not a writable folder")
-    if os.path.isdir(path):
-        raise UserError(f"cannot write {path}: it is a folder")
