@@ -17,6 +17,7 @@ checkpoint's fused qkv is split into them on loading.
 """
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from ..layers import SIA, Block, batch_norm_act, check_laa_norm, deformable_samples
 from ..layers.laa import zero_offsets_
 from ..ops import TokenLayout
+from ..ops.constants import shape_constant
 from ._base import HAFA_AGGREGATION, HafaBackbone, create_backbone, hafa_cfgs, run_blocks, run_downsample
 
 __all__ = ["HafaSwin"]
@@ -46,6 +48,17 @@ class PatchMergingMap(PatchMerging):
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class CachedMaskSwinBlock(SwinTransformerBlock):
+    """timm's Swin block for any input size (dynamic_mask) whose shifted-window mask is kept per size,
+    as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
+
+    def get_attn_mask(self, x: Tensor | None = None, device=None, dtype=None) -> Tensor | None:
+        if x is None or not any(self.shift_size):
+            return super().get_attn_mask(x, device=device, dtype=dtype)
+        key = ("swin_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.device, x.dtype)
+        return shape_constant(key, partial(SwinTransformerBlock.get_attn_mask, self, x))
 
 
 class LAAPatchMerging(nn.Module):
@@ -109,7 +122,7 @@ class SwinStage(nn.Module):
             window_size = to_2tuple(window_size)
             self.blocks = nn.ModuleList(
                 [
-                    SwinTransformerBlock(
+                    CachedMaskSwinBlock(
                         dim,
                         input_resolution=input_resolution,
                         num_heads=num_heads,

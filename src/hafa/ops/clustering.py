@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .constants import batch_offsets, graph_capture, token_indices
+
 # Row chunks keep one B x rows x N block of distances under this many elements (256 MB in fp32).
 _MAX_BLOCK_ELEMENTS = 64 * 1024 * 1024
 # On CPU, gathered neighbour features are handled in blocks of this many elements (1 MB in fp32): such
@@ -30,53 +32,47 @@ _GRAM_BLOCK = 512
 
 def _scans_every_token(x: Tensor) -> bool:
     """Whether the relative distance scans all tokens (fixed shapes, no device-to-host sync)."""
-    return x.device.type != "cpu" or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+    return x.device.type != "cpu" or graph_capture()
 
 
-def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor], budget: int | None = None) -> list:
-    """fn over slices of rows, each costing at most `budget` elements (_MAX_BLOCK_ELEMENTS by default).
+def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor], budget: int | None = None) -> Tensor:
+    """fn over slices of rows, each costing at most `budget` elements (_MAX_BLOCK_ELEMENTS by default),
+    concatenated along dim 1 (the rows of a B x rows x ... result).
 
     One chunk while exporting: the graph then holds no loop whose length depends on the batch size.
     """
-    if torch.compiler.is_exporting():
-        return [fn(slice(0, num_rows))]
     step = max(1, (budget or _MAX_BLOCK_ELEMENTS) // max(1, row_cost))
-    return [fn(slice(start, min(start + step, num_rows))) for start in range(0, num_rows, step)]
+    if step >= num_rows or torch.compiler.is_exporting():
+        return fn(slice(0, num_rows))
+    return torch.cat([fn(slice(start, min(start + step, num_rows))) for start in range(0, num_rows, step)], dim=1)
 
 
 def _take(values: Tensor, index: Tensor) -> Tensor:
     """values[b, index[b, ...]] for values B x N x C and index B x ...: B x ... x C."""
     B, N, C = values.shape
-    offsets = torch.arange(B, device=index.device).mul_(N).view(-1, *[1] * (index.dim() - 1))
+    offsets = batch_offsets(B, N, index.device).view(-1, *[1] * (index.dim() - 1))
     return values.reshape(B * N, C).index_select(0, (index + offsets).flatten()).view(*index.shape, C)
 
 
-def _augmented(x: Tensor) -> tuple[Tensor, Tensor]:
-    """[-2x, 1] and [x, |x|^2], B x N x (C+1) each: row i of the first dotted with row j of the second
-    is |x_j|^2 - 2 x_i.x_j."""
-    left = torch.cat([x * -2, x.new_ones(x.shape[:2] + (1,))], dim=-1)
-    right = torch.cat([x, x.pow(2).sum(-1, keepdim=True)], dim=-1)
-    return left, right
+def _shifted_distances(rows: Tensor, columns: Tensor, columns_sq: Tensor) -> Tensor:
+    """|b|^2 - 2 a.b for rows a (B x R x C) and columns b (B x M x C, squared norms B x M): B x R x M."""
+    return torch.baddbmm(columns_sq[:, None, :], rows, columns.transpose(1, 2), alpha=-2)
 
 
-def _shifted_distances(left: Tensor, right: Tensor) -> Tensor:
-    """|b|^2 - 2 a.b for rows a of `left` (B x R x (C+1)) and b of `right` (B x N x (C+1)): B x R x N."""
-    return torch.bmm(left, right.transpose(1, 2))
-
-
-def _all_shifted_distances(x: Tensor, left: Tensor, right: Tensor, block: int = _GRAM_BLOCK) -> Tensor:
-    """|x_j|^2 - 2 x_i.x_j for all pairs, B x N x N. Above `block` tokens with half the products: the
-    Gram matrix x x^T is symmetric, so only its blocks on and above the diagonal are multiplied."""
+def _all_shifted_distances(x: Tensor, sq: Tensor, block: int = _GRAM_BLOCK) -> Tensor:
+    """|x_j|^2 - 2 x_i.x_j for all pairs, B x N x N (sq: B x N squared norms). Above `block` tokens with
+    half the products: the Gram matrix x x^T is symmetric, so only its blocks on and above the diagonal
+    are multiplied."""
     B, N, _ = x.shape
     if block >= N:
-        return _shifted_distances(left, right)
+        return _shifted_distances(x, x, sq)
     gram = x.new_empty(B, N, N)
     for start in range(0, N, block):
         stop = min(start + block, N)
         upper = torch.bmm(x[:, start:stop], x[:, start:].transpose(1, 2))
         gram[:, start:stop, start:] = upper
         gram[:, stop:, start:stop] = upper[:, :, stop - start :].transpose(1, 2)
-    return gram.mul_(-2).add_(x.pow(2).sum(-1)[:, None, :])
+    return gram.mul_(-2).add_(sq[:, None, :])
 
 
 class _PairDistances:
@@ -91,45 +87,41 @@ class _PairDistances:
 
     def __init__(self, x: Tensor):
         self.x = x
-        self.left, self.right = _augmented(x)
+        self.sq = x.square().sum(-1)
         B, N, _ = x.shape
         keep = torch.compiler.is_exporting() or B * N * N <= _MAX_BLOCK_ELEMENTS
-        self.kept = _all_shifted_distances(x, self.left, self.right) if keep else None
+        self.kept = _all_shifted_distances(x, self.sq) if keep else None
 
     def rows(self, rows: slice) -> Tensor:
         """Rows `rows` against all tokens: B x R x N."""
         if self.kept is not None:
             return self.kept[:, rows]
-        return _shifted_distances(self.left[:, rows], self.right)
+        return _shifted_distances(self.x[:, rows], self.x, self.sq)
 
     def rows_of(self, tokens: Tensor) -> Tensor:
         """Tokens (indices, B x R) against all tokens: B x R x N."""
         if self.kept is not None:
             return self.kept.gather(1, tokens[:, :, None].expand(-1, -1, self.kept.shape[2]))
-        return _shifted_distances(_take(self.left, tokens), self.right)
+        return _shifted_distances(_take(self.x, tokens), self.x, self.sq)
 
     def to(self, rows: slice, columns: Tensor) -> Tensor:
         """Rows `rows` against the tokens `columns` (indices, B x M): B x R x M."""
         if self.kept is not None:
             kept = self.kept[:, rows]
             return kept.gather(2, columns[:, None, :].expand(-1, kept.shape[1], -1))
-        return _shifted_distances(self.left[:, rows], _take(self.right, columns))
+        return _shifted_distances(self.x[:, rows], _take(self.x, columns), self.sq.gather(1, columns))
 
-    def exact(self, anchors: Tensor, others: Tensor) -> Tensor:
-        """|x_i - x_j|^2 for anchors i (indices, B x R) and others j (indices, B x R x K): B x R x K."""
+    def exact(self, anchors: slice | Tensor, others: Tensor) -> Tensor:
+        """|x_i - x_j|^2 for anchors i (a slice of all tokens, or indices B x R) and others j (indices,
+        B x R x K): B x R x K."""
         B, N, C = self.x.shape
-        flat = self.x.reshape(B * N, C)
-        offsets = torch.arange(B, device=self.x.device)[:, None] * N
-        anchors, others_flat = (anchors + offsets).flatten(), (others + offsets[:, :, None]).flatten(0, 1)
+        anchor_x = self.x[:, anchors] if isinstance(anchors, slice) else _take(self.x, anchors)
 
         def block(rows: slice) -> Tensor:
-            diff = flat.index_select(0, others_flat[rows].flatten()).view(-1, others.shape[2], C)
-            diff -= flat.index_select(0, anchors[rows])[:, None]
-            return diff.square_().sum(-1)
+            return (_take(self.x, others[:, rows]) - anchor_x[:, rows, None]).square_().sum(-1)
 
         budget = _CACHE_BLOCK_ELEMENTS if self.x.device.type == "cpu" else None  # a GPU wants few, large blocks
-        blocks = _over_row_chunks(anchors.shape[0], others.shape[2] * C, block, budget)
-        return torch.cat(blocks).view(others.shape)
+        return _over_row_chunks(others.shape[1], B * others.shape[2] * C, block, budget)
 
 
 def _nearest_neighbours(distances: _PairDistances, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -138,20 +130,18 @@ def _nearest_neighbours(distances: _PairDistances, k: int, mask: Tensor | None) 
     Returns their exact squared distances (inf for padding) and indices, B x N x k each.
     """
     B, N, C = distances.x.shape
-    tokens = torch.arange(N, device=distances.x.device)
 
-    def neighbours(rows: slice) -> tuple[Tensor, Tensor]:
+    def neighbours(rows: slice) -> Tensor:
         d2 = distances.rows(rows)
         if mask is not None:
             d2 = d2.masked_fill(mask[:, None, :], math.inf)
-        indices = torch.topk(d2, k, dim=-1, largest=False, sorted=True).indices
-        exact = distances.exact(tokens[rows].expand(B, -1), indices)
-        if mask is not None:
-            exact.masked_fill_(mask.gather(1, indices.flatten(1)).view_as(indices), math.inf)
-        return exact, indices
+        return torch.topk(d2, k, dim=-1, largest=False, sorted=True).indices
 
-    chunks = _over_row_chunks(N, B * N + k * C, neighbours)
-    return torch.cat([c[0] for c in chunks], dim=1), torch.cat([c[1] for c in chunks], dim=1)
+    knn_idx = _over_row_chunks(N, B * N, neighbours)
+    knn_d2 = distances.exact(slice(None), knn_idx)
+    if mask is not None:
+        knn_d2.masked_fill_(mask.gather(1, knn_idx.flatten(1)).view_as(knn_idx), math.inf)
+    return knn_d2, knn_idx
 
 
 def _density_rank(knn_d2: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -165,7 +155,7 @@ def _density_rank(knn_d2: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
         mean_d2 = mean_d2.masked_fill(mask, math.inf)
     B, N = mean_d2.shape
     order = torch.sort(mean_d2, dim=-1, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=order.device).expand(B, N))
+    rank = torch.empty_like(order).scatter_(1, order, token_indices(N, order.device).expand(B, N))
     return mean_d2, rank
 
 
@@ -175,45 +165,50 @@ def _relative_distance(
     """delta^2: squared distance to the nearest denser token, or to the farthest token for the
     densest one, B x N."""
     B, N, _ = distances.x.shape
-    denser = rank.gather(1, knn_idx.flatten(1)).view_as(knn_idx) < rank[:, :, None]
-    delta2 = knn_d2.masked_fill(~denser, math.inf).amin(-1)
-    is_peak = ~denser.any(-1)
+    not_denser = rank.gather(1, knn_idx.flatten(1)).view_as(knn_idx) >= rank[:, :, None]
+    delta2 = knn_d2.masked_fill(not_denser, math.inf).amin(-1)
+    is_peak = not_denser.all(-1)
     if mask is not None:
         is_peak &= ~mask
 
-    scan_all = _scans_every_token(distances.x)
-    if scan_all:
-        scanned = torch.arange(N, device=rank.device).expand(B, N)
+    if _scans_every_token(distances.x):
+        scanned, scanned_rank = slice(None), rank
     else:
         num_peaks = int(is_peak.sum(-1).max())
         if num_peaks == 0:
             return delta2
         scanned = torch.sort(is_peak.to(torch.uint8), dim=-1, descending=True, stable=True).indices[:, :num_peaks]
-    scanned_rank = rank.gather(1, scanned)
+        scanned_rank = rank.gather(1, scanned)
 
     def nearest_denser_or_farthest(rows: slice) -> Tensor:
-        d2 = distances.rows(rows) if scan_all else distances.rows_of(scanned[:, rows])
-        lower = rank[:, None, :] < scanned_rank[:, rows, None]
+        if isinstance(scanned, slice):
+            d2 = distances.rows(rows)
+        else:
+            d2 = distances.rows_of(scanned[:, rows])
+        not_lower = rank[:, None, :] >= scanned_rank[:, rows, None]
         if mask is not None:
-            lower &= ~mask[:, None, :]
+            not_lower |= mask[:, None, :]
         farthest = (d2 if mask is None else d2.masked_fill(mask[:, None, :], -math.inf)).argmax(-1)
-        nearest_denser = d2.masked_fill(~lower, math.inf).argmin(-1)
-        return torch.where(lower.any(-1), nearest_denser, farthest)
+        nearest_denser = d2.masked_fill(not_lower, math.inf).argmin(-1)
+        return torch.where(not_lower.all(-1), farthest, nearest_denser)
 
-    partner = torch.cat(_over_row_chunks(scanned.shape[1], B * N, nearest_denser_or_farthest), dim=1)
+    partner = _over_row_chunks(scanned_rank.shape[1], B * N, nearest_denser_or_farthest)
     scanned_delta2 = distances.exact(scanned, partner[:, :, None]).squeeze(-1)
-    scanned_delta2 = torch.where(is_peak.gather(1, scanned), scanned_delta2, math.inf)
-    return delta2.scatter(1, scanned, torch.minimum(delta2.gather(1, scanned), scanned_delta2))
+    if isinstance(scanned, slice):
+        return torch.where(is_peak, scanned_delta2, delta2)
+    return delta2.scatter(
+        1, scanned, torch.where(is_peak.gather(1, scanned), scanned_delta2, delta2.gather(1, scanned))
+    )
 
 
 def _select_centres(mean_d2: Tensor, delta2: Tensor, num_clusters: int, mask: Tensor | None) -> Tensor:
     """The num_clusters tokens of highest rho * delta, B x M ascending (ties: lower index; padding
     last). mean_d2 and delta2 are scaled by 1/C; rho * delta is compared as its logarithm, so
     nothing underflows."""
-    log_score = -mean_d2 + 0.5 * torch.log(delta2)
+    log_score = 0.5 * torch.log(delta2) - mean_d2
     if mask is not None:
         log_score = log_score.masked_fill(mask, -math.inf)
-    by_score = torch.sort(-log_score, dim=-1, stable=True).indices
+    by_score = torch.sort(log_score, dim=-1, descending=True, stable=True).indices
     if mask is not None:
         by_score = by_score.gather(1, torch.sort(mask.gather(1, by_score).to(torch.uint8), dim=-1, stable=True).indices)
     return torch.sort(by_score[:, :num_clusters], dim=-1).values
@@ -223,8 +218,8 @@ def _assign_to_centres(distances: _PairDistances, centres: Tensor) -> Tensor:
     """Every token joins its nearest centre (ties: lower cluster id); every centre is its own cluster."""
     B, N, _ = distances.x.shape
     M = centres.shape[1]
-    cluster_ids = torch.cat(_over_row_chunks(N, B * M, lambda rows: distances.to(rows, centres).argmin(-1)), dim=1)
-    return cluster_ids.scatter_(1, centres, torch.arange(M, device=centres.device).expand(B, M))
+    cluster_ids = _over_row_chunks(N, B * M, lambda rows: distances.to(rows, centres).argmin(-1))
+    return cluster_ids.scatter_(1, centres, token_indices(M, centres.device).expand(B, M))
 
 
 @torch.no_grad()

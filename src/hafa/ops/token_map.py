@@ -9,11 +9,14 @@ pixels x taps x channels is written out (docs/benchmarks.md compares it with den
 matrices); it runs in any dtype, and exports (ONNX: a Loop over the bags).
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .constants import batch_offsets, graph_capture, shape_constant
 
 Size = tuple[int, int]
 
@@ -31,18 +34,26 @@ def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> tuple[Te
 
 def _pooling_taps_2d(size_in: Size, size_out: Size, device: torch.device) -> tuple[Tensor, Tensor]:
     """2-D adaptive average pooling as taps: (Ho*Wo) x T raster cells of size_in and their weights."""
-    rows, row_weights = _pooling_taps(size_in[0], size_out[0], device)
-    cols, col_weights = _pooling_taps(size_in[1], size_out[1], device)
-    cells = rows[:, None, :, None] * size_in[1] + cols[None, :, None, :]
-    weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
-    num_pixels = size_out[0] * size_out[1]
-    return cells.reshape(num_pixels, -1), weights.reshape(num_pixels, -1)
+
+    def build() -> tuple[Tensor, Tensor]:
+        rows, row_weights = _pooling_taps(size_in[0], size_out[0], device)
+        cols, col_weights = _pooling_taps(size_in[1], size_out[1], device)
+        cells = rows[:, None, :, None] * size_in[1] + cols[None, :, None, :]
+        weights = row_weights[:, None, :, None] * col_weights[None, :, None, :]
+        num_pixels = size_out[0] * size_out[1]
+        return cells.reshape(num_pixels, -1), weights.reshape(num_pixels, -1)
+
+    return shape_constant(("pooling_taps_2d", tuple(size_in), tuple(size_out), device), build)
 
 
 def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
     """size_out x size_in matrix of 1-D adaptive average pooling (each row sums to 1)."""
-    cells, weights = _pooling_taps(size_in, size_out, like.device)
-    return torch.zeros(size_out, size_in, device=like.device).scatter_add_(1, cells, weights).to(like.dtype)
+
+    def build() -> Tensor:
+        cells, weights = _pooling_taps(size_in, size_out, like.device)
+        return torch.zeros(size_out, size_in, device=like.device).scatter_add_(1, cells, weights).to(like.dtype)
+
+    return shape_constant(("pooling_matrix", size_in, size_out, like.device, like.dtype), build)
 
 
 def resize_map(feature_map: Tensor, size: Size) -> Tensor:
@@ -56,9 +67,46 @@ def resize_map(feature_map: Tensor, size: Size) -> Tensor:
     return feature_map
 
 
-def _batch_offsets(batch: int, rows_per_image: int, device: torch.device) -> Tensor:
-    """B x 1: where each image's rows start when the rows of the batch are stacked."""
-    return torch.arange(batch, device=device)[:, None] * rows_per_image
+# How to paint B x M tokens onto a map: (B*P) x T token rows (P output pixels, T cells each) and their
+# weights. How to read a map back into tokens: its pixel rows in bags, where each bag starts, the weights.
+PaintPlan = tuple[Tensor, Tensor]
+ReadPlan = tuple[Tensor, Tensor, Tensor]
+
+
+def _paint_plan(index: Tensor, grid_size: Size, out_size: Size, num_tokens: int, dtype: torch.dtype) -> PaintPlan:
+    B = index.shape[0]
+    cells, weights = _pooling_taps_2d(grid_size, out_size, index.device)
+    token_rows = index.index_select(1, cells.flatten()) + batch_offsets(B, num_tokens, index.device)
+    return token_rows.view(-1, cells.shape[1]), weights.to(dtype).repeat(B, 1)
+
+
+def _paint(tokens: Tensor, plan: PaintPlan, out_size: Size) -> Tensor:
+    B, M, C = tokens.shape
+    token_rows, weights = plan
+    painted = F.embedding_bag(token_rows, tokens.reshape(B * M, C), mode="sum", per_sample_weights=weights)
+    return painted.view(B, -1, C).transpose(1, 2).view(B, C, *out_size)
+
+
+def _read_plan(index: Tensor, grid_size: Size, map_size: Size, num_tokens: int, dtype: torch.dtype) -> ReadPlan:
+    B = index.shape[0]
+    pixels, weights = _pooling_taps_2d(map_size, grid_size, index.device)
+    # Bags must be consecutive: the cells in token order, each token's bag starting at its first cell.
+    order = index.argsort(dim=1, stable=True)
+    cells_per_token = torch.zeros(B, num_tokens, dtype=torch.long, device=index.device).scatter_add_(
+        1, index, torch.ones_like(index)
+    )
+    first_cell = cells_per_token.cumsum(1) - cells_per_token + batch_offsets(B, index.shape[1], index.device)
+    pixel_rows = pixels[order] + batch_offsets(B, map_size[0] * map_size[1], index.device)[:, :, None]
+    shares = weights[order] / cells_per_token.gather(1, index.gather(1, order))[:, :, None]
+    return pixel_rows.flatten(), first_cell.flatten() * pixels.shape[1], shares.flatten().to(dtype)
+
+
+def _read(feature_map: Tensor, plan: ReadPlan, num_tokens: int) -> Tensor:
+    B, C, Hm, Wm = feature_map.shape
+    pixel_rows, bag_starts, shares = plan
+    rows = feature_map.flatten(2).transpose(1, 2).reshape(B * Hm * Wm, C)
+    tokens = F.embedding_bag(pixel_rows, rows, bag_starts, mode="sum", per_sample_weights=shares)
+    return tokens.view(B, num_tokens, C)
 
 
 def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) -> Tensor:
@@ -73,16 +121,8 @@ def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) ->
     Returns:
         B x C x Ho x Wo (channels-last memory layout).
     """
-    B, M, C = tokens.shape
-    cells, weights = _pooling_taps_2d(grid_size, out_size, index.device)
-    token_rows = index.index_select(1, cells.flatten()) + _batch_offsets(B, M, index.device)
-    painted = F.embedding_bag(
-        token_rows.view(-1, cells.shape[1]),
-        tokens.reshape(B * M, C),
-        mode="sum",
-        per_sample_weights=weights.repeat(B, 1).to(tokens.dtype),
-    )
-    return painted.view(B, -1, C).transpose(1, 2).view(B, C, *out_size)
+    plan = _paint_plan(index, grid_size, out_size, tokens.shape[1], tokens.dtype)
+    return _paint(tokens, plan, out_size)
 
 
 def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: int) -> Tensor:
@@ -97,24 +137,8 @@ def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: i
     Returns:
         B x M x C (a token with no cell gets zeros).
     """
-    B, C, Hm, Wm = feature_map.shape
-    pixels, weights = _pooling_taps_2d((Hm, Wm), grid_size, index.device)
-    # Bags must be consecutive: the cells in token order, each token's bag starting at its first cell.
-    order = index.argsort(dim=1, stable=True)
-    cells_per_token = torch.zeros(B, num_tokens, dtype=torch.long, device=index.device).scatter_add_(
-        1, index, torch.ones_like(index)
-    )
-    first_cell = cells_per_token.cumsum(1) - cells_per_token + _batch_offsets(B, index.shape[1], index.device)
-    pixel_rows = pixels[order] + _batch_offsets(B, Hm * Wm, index.device)[:, :, None]
-    shares = weights[order] / cells_per_token.gather(1, index.gather(1, order))[:, :, None]
-    tokens = F.embedding_bag(
-        pixel_rows.flatten(),
-        feature_map.flatten(2).transpose(1, 2).reshape(B * Hm * Wm, C),
-        first_cell.flatten() * pixels.shape[1],
-        mode="sum",
-        per_sample_weights=shares.flatten().to(feature_map.dtype),
-    )
-    return tokens.view(B, num_tokens, C)
+    plan = _read_plan(index, grid_size, feature_map.shape[-2:], num_tokens, feature_map.dtype)
+    return _read(feature_map, plan, num_tokens)
 
 
 @dataclass
@@ -132,6 +156,8 @@ class TokenLayout:
     index: Tensor | None = None
     grid_size: Size | None = None
     num_tokens: int | None = None
+    # Paint and read plans of a clustered layout, made once for every block that uses the layout.
+    _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.map_size = tuple(int(s) for s in self.map_size)
@@ -151,13 +177,25 @@ class TokenLayout:
         if self.index is None:
             B, _, C = tokens.shape
             return resize_map(tokens.transpose(1, 2).reshape(B, C, *self.map_size), size)
-        return token2map(tokens, self.index, self.grid_size, size)
+        plan = self._plan("paint", size, tokens.dtype, _paint_plan)
+        return _paint(tokens, plan, size)
 
     def to_tokens(self, feature_map: Tensor) -> Tensor:
         """B x C x Hm x Wm map of any size -> B x N x C tokens."""
         if self.index is None:
             return resize_map(feature_map, self.map_size).flatten(2).transpose(1, 2)
-        return map2token(feature_map, self.index, self.grid_size, self.num_tokens)
+        plan = self._plan("read", tuple(feature_map.shape[-2:]), feature_map.dtype, _read_plan)
+        return _read(feature_map, plan, self.num_tokens)
+
+    def _plan(self, kind: str, size: Size, dtype: torch.dtype, make: Callable):
+        """make(index, grid_size, size, num_tokens, dtype), kept for later calls (not while capturing a graph)."""
+        key = (kind, size, dtype)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = make(self.index, self.grid_size, size, self.num_tokens, dtype)
+            if not graph_capture():
+                self._plans[key] = plan
+        return plan
 
     def compose(self, cluster_ids: Tensor, num_clusters: int, map_size: Size) -> "TokenLayout":
         """The layout after these tokens were clustered (cluster_ids: B x N) into a map of map_size."""

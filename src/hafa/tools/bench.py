@@ -1,7 +1,8 @@
 """`hafa bench`: each HAFA model beside its baseline, measured in one process.
 
 Figures: parameters; MACs (tools.flops.count_macs: clustering, bilinear sampling and merging by
-formula); inference latency at a small batch; forward time (and throughput) at a large batch; one
+formula); the aten operators that launch a kernel in one forward at the small batch (what bounds a
+GPU's latency there); inference latency at a small batch; forward time (and throughput) at a large batch; one
 training step at the large batch (forward, cross-entropy, backward, AdamW step); peak memory of that
 forward and of that step. Timings are interleaved: each repetition runs every model once in turn, so
 that a noisy machine slows all of them alike; the median and half the interquartile range are
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
+from torch.utils._python_dispatch import TorchDispatchMode
 from tqdm import tqdm
 
 from ..errors import UserError, unknown_name
@@ -248,6 +250,31 @@ def peak_memory_mb(call: Callable[[], object], device: torch.device) -> float:
     return max((sum(per_category) for per_category in sizes), default=0) / 2**20
 
 
+# Operators that launch no kernel besides the views: reshape's relabelling and allocations.
+_NO_KERNEL = {"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty"}
+
+
+class _OperatorCounter(TorchDispatchMode):
+    """Counts the aten operators dispatched, leaving out those that launch no kernel (views, allocations)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view and func.overloadpacket.__name__ not in _NO_KERNEL:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(call: Callable[[], object]) -> int:
+    """How many aten operators that launch a kernel one call() dispatches: on a GPU at small batches each
+    costs launch time whatever its size, so this count, more than the arithmetic, sets the latency."""
+    with _OperatorCounter() as counter:
+        call()
+    return counter.count
+
+
 class Subject:
     """A model under measurement, with its inputs and its training step."""
 
@@ -312,6 +339,7 @@ def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
         row = rows[n]
         row["params_m"] = round(sum(p.numel() for p in s.model.parameters()) / 1e6, 3)
         row["gmacs"] = round(count_macs(s.model, (1, 3, config.img_size, config.img_size)) / 1e9, 3)
+        row["operators"] = count_operators(partial(s.infer, small))
         row["throughput_img_s"] = round(large / row["forward"]["median_ms"] * 1e3, 2)
         if config.memory:
             row["memory_mb"] = {"forward": round(peak_memory_mb(partial(s.infer, large), config.device), 1)}
@@ -329,6 +357,7 @@ def pair_ratios(hafa: dict, baseline: dict) -> dict:
         baseline=baseline["model"],
         params=_ratio(hafa["params_m"], baseline["params_m"]),
         gmacs=_ratio(hafa["gmacs"], baseline["gmacs"]),
+        operators=_ratio(hafa["operators"], baseline["operators"]),
     )
     for kind in ("latency", "forward", "train_step"):
         if kind in hafa:
@@ -353,6 +382,7 @@ def models_markdown(rows: list[dict], ratios: list[dict], config: BenchConfig) -
         "model",
         "params (M)",
         f"GMACs @{config.img_size}",
+        f"ops b{small}",
         f"latency b{small} (ms)",
         f"forward b{large} (ms)",
         f"img/s b{large}",
@@ -369,6 +399,7 @@ def models_markdown(rows: list[dict], ratios: list[dict], config: BenchConfig) -
             row["model"],
             _cell(row["params_m"], "{:.2f}"),
             _cell(row["gmacs"], "{:.2f}"),
+            _cell(row["operators"]),
             str(Timing(**row["latency"])),
             str(Timing(**row["forward"])),
             _cell(row["throughput_img_s"], "{:.1f}"),
@@ -382,7 +413,7 @@ def models_markdown(rows: list[dict], ratios: list[dict], config: BenchConfig) -
 
     def ratio_cells(r: dict) -> list[str]:
         cells = ["**HAFA / baseline**"] + [
-            _cell(r.get(k), "**{:.3f}**") for k in ("params", "gmacs", "latency", "forward")
+            _cell(r.get(k), "**{:.3f}**") for k in ("params", "gmacs", "operators", "latency", "forward")
         ]
         cells.append(_cell(r["throughput"], "{:.3f}"))
         if config.train:
@@ -534,7 +565,7 @@ def forward_breakdown(name: str, size: tuple[int, int], batch: int) -> dict:
         "sia": [SIA.forward],
         "clustering": [clustering.cluster_dpc_knn],
         "merging": [merge.merge_tokens],
-        "dictionary": [token_map.token2map, token_map.map2token],
+        "dictionary": [token_map._paint_plan, token_map._paint, token_map._read_plan, token_map._read],
         "laa": [LAA.forward, LAAPatchMerging.forward],
     }
     labels = {part: tuple(_code_label(f) for f in functions) for part, functions in parts.items()}
