@@ -41,8 +41,10 @@ def _over_row_chunks(num_rows: int, row_cost: int, fn: Callable[[slice], Tensor]
 
     One chunk while exporting: the graph then holds no loop whose length depends on the batch size.
     """
+    if torch.compiler.is_exporting():
+        return fn(slice(0, num_rows))
     step = max(1, (budget or _MAX_BLOCK_ELEMENTS) // max(1, row_cost))
-    if step >= num_rows or torch.compiler.is_exporting():
+    if step >= num_rows:
         return fn(slice(0, num_rows))
     return torch.cat([fn(slice(start, min(start + step, num_rows))) for start in range(0, num_rows, step)], dim=1)
 
