@@ -83,7 +83,8 @@ class LAAPatchMerging(nn.Module):
         zero_offsets_(self.offset)
 
     def forward(self, x: Tensor, return_offsets: bool = False):
-        x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
         offsets = self.offset(x)
         samples = deformable_samples(x, offsets, kernel_size=2, stride=2, padding=0)  # B, C, (ky, kx), Ho, Wo
         B, C, _, Ho, Wo = samples.shape
