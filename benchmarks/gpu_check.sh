@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check: the cuda tests, HAFA-vs-baseline timings on the GPU (fp32 and bf16), SIA's
-# operations at the detection size, a CUDA kernel profile, and a short bf16 training run on the
-# embedded data. About 7 minutes on an H100. Everything it prints and measures goes to OUT_DIR.
+# The GPU check: the cuda tests, HAFA-vs-baseline timings on the GPU (fp32 and bf16, and under CUDA
+# graphs, which take the launch cost away), SIA's operations at the detection size, a CUDA kernel
+# profile, and a short bf16 training run on the embedded data. About 8 minutes on an H100.
+# Everything it prints and measures goes to OUT_DIR.
 #
 #   bash benchmarks/gpu_check.sh [OUT_DIR]          (default: gpu_check/)
 #
@@ -39,6 +40,8 @@ step bench-fp32 75 "$PY" -m hafa bench --device cuda --models hafa_pvt_tiny hafa
     hafa_swin_tiny_patch4_window7_224 --batch-sizes 1 64 --reps 10 --warmup 3 --json "$OUT/bench_fp32.json"
 step bench-bf16 75 "$PY" -m hafa bench --device cuda --amp bf16 --models hafa_pvt_tiny hafa_pvt_v2_b1 \
     hafa_swin_tiny_patch4_window7_224 --batch-sizes 1 64 --reps 10 --warmup 3 --json "$OUT/bench_bf16.json"
+step bench-cudagraphs 120 "$PY" -m hafa bench --device cuda --compile cudagraphs --models hafa_pvt_tiny hafa_pvt_v2_b1 \
+    --batch-sizes 1 64 --reps 10 --warmup 3 --no-train --json "$OUT/bench_cudagraphs.json"
 step bench-modules 45 "$PY" -m hafa bench --device cuda --modules --models hafa_pvt_v2_b1 --reps 10 --warmup 3 \
     --json "$OUT/bench_modules.json"
 step train-bf16 75 "$PY" -m hafa train --model hafa_pvt_v2_b0 --baseline --device cuda --amp bf16 --epochs 2 \

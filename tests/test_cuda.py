@@ -4,6 +4,7 @@ The default suite stays CPU-only; benchmarks/gpu_check.sh runs these on a lent G
 """
 
 import contextlib
+import json
 
 import numpy as np
 import pytest
@@ -155,6 +156,14 @@ def test_bench_runs_on_cuda(tmp_path):
     argv = ["bench", "--device", "cuda", "--models", "hafa_pvt_v2_b0", "--quick", "--amp", "bf16", "--json", str(path)]
     assert main(argv) == 0
     assert "H100" in path.read_text() or "cuda" in path.read_text()
+
+
+def test_bench_times_cuda_graphs_on_cuda(tmp_path):
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--device", "cuda", "--models", "hafa_pvt_v2_b0", "--quick", "--no-train"]
+    assert main([*argv, "--compile", "cudagraphs", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())["models"]
+    assert all(row["latency"]["median_ms"] > 0 for row in rows)
 
 
 def write_image_folder(root, classes=3, per_split=(6, 3), size=40):

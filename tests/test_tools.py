@@ -56,6 +56,34 @@ def test_bench_writes_well_formed_json_for_the_smallest_pair(tmp_path, capsys):
     assert "| **HAFA / baseline** |" in table
 
 
+def test_bench_times_compiled_inference_and_counts_eager_operators(tmp_path, monkeypatch, capsys):
+    # The eager backend stands in for inductor (whose compile takes minutes here): the plumbing is tested.
+    modes, real_compile = [], torch.compile
+
+    def eager_compile(model, mode=None, backend="inductor", fullgraph=False, dynamic=None):
+        modes.append((mode, backend, fullgraph, dynamic))
+        return real_compile(model, backend="eager", fullgraph=fullgraph, dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", eager_compile)
+    torch._dynamo.reset()
+    path = tmp_path / "bench.json"
+    argv = ["bench", "--models", SMALLEST, "--img-size", "64", "--batch-sizes", "1", "2", "--reps", "1"]
+    assert main([*argv, "--warmup", "1", "--no-train", "--compile", "default", "--json", str(path)]) == 0
+    torch._dynamo.reset()
+    assert modes == [("default", "inductor", True, False)] * 2
+    result = json.loads(path.read_text())
+    assert result["settings"]["compile"] == "default"
+    for row in result["models"]:
+        assert row["latency"]["median_ms"] > 0
+        assert row["operators"] > 100  # counted on the eager model: a compiled one dispatches few aten calls
+        assert "memory_mb" not in row
+    assert "inference compiled (default" in capsys.readouterr().out
+    assert main([*argv, "--warmup", "0", "--compile", "default"]) == 2
+    assert "--compile needs --warmup 1 or more" in capsys.readouterr().err
+    assert main([*argv, "--device", "cpu", "--compile", "cudagraphs"]) == 2
+    assert "--compile cudagraphs captures CUDA graphs: it needs a GPU" in capsys.readouterr().err
+
+
 def test_bench_modules_times_laa_and_sia_and_profiles_the_backbone(tmp_path):
     path = tmp_path / "modules.json"
     argv = [

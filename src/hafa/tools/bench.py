@@ -109,6 +109,13 @@ def add_arguments(parser):
         default="none",
         help="run forward passes under autocast in bf16 or fp16 (fp16: with loss scaling; default none)",
     )
+    parser.add_argument(
+        "--compile",
+        choices=COMPILE_MODES,
+        help="time inference of torch.compile(model, fullgraph=True), for both models: cudagraphs (CUDA "
+        "graphs over the eager kernels: no launch cost, same arithmetic), or an inductor mode (default, "
+        "reduce-overhead, max-autotune). The training step and the operator count stay eager",
+    )
     parser.add_argument("--no-train", action="store_true", help="skip the training step")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     parser.add_argument("--quick", action="store_true", help="a quick look: 2 repetitions, 1 warm-up, batches 1 and 8")
@@ -132,6 +139,18 @@ def add_arguments(parser):
 
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+COMPILE_MODES = ("cudagraphs", "default", "reduce-overhead", "max-autotune")
+GPU_COMPILE_MODES = ("cudagraphs", "reduce-overhead")
+
+
+def compiled(model: nn.Module, mode: str | None) -> nn.Module:
+    """torch.compile(model, fullgraph=True) in a --compile mode (None: the model itself)."""
+    if mode is None:
+        return model
+    # dynamic=False: each batch size gets its own graph, as a deployment with a fixed batch would.
+    if mode == "cudagraphs":
+        return torch.compile(model, backend="cudagraphs", fullgraph=True, dynamic=False)
+    return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
 
 
 @dataclass
@@ -146,6 +165,7 @@ class BenchConfig:
     warmup: int = 2
     clock: str = "wall"
     amp: str = "none"
+    compile: str | None = None
     train: bool = True
     memory: bool = True
     detection_size: tuple[int, int] = DETECTION_SIZE
@@ -283,16 +303,17 @@ class Subject:
         self.name = name
         self.config = config
         self.model = timm.create_model(name).to(config.device)
+        self.inference_model = compiled(self.model, config.compile)
         size = config.img_size
         self.images = {b: torch.randn(b, 3, size, size, device=config.device) for b in set(config.batch_sizes)}
         self.labels = torch.randint(0, self.model.num_classes, (config.batch_sizes[1],), device=config.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.scaler = torch.amp.GradScaler(config.device.type, enabled=config.amp == "fp16")
 
-    def infer(self, batch: int) -> None:
+    def infer(self, batch: int, eager: bool = False) -> None:
         self.model.eval()
         with torch.inference_mode(), self.config.autocast():
-            self.model(self.images[batch])
+            (self.model if eager else self.inference_model)(self.images[batch])
 
     def train_step(self) -> None:
         self.model.train()
@@ -339,7 +360,7 @@ def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
         row = rows[n]
         row["params_m"] = round(sum(p.numel() for p in s.model.parameters()) / 1e6, 3)
         row["gmacs"] = round(count_macs(s.model, (1, 3, config.img_size, config.img_size)) / 1e9, 3)
-        row["operators"] = count_operators(partial(s.infer, small))
+        row["operators"] = count_operators(partial(s.infer, small, eager=True))
         row["throughput_img_s"] = round(large / row["forward"]["median_ms"] * 1e3, 2)
         if config.memory:
             row["memory_mb"] = {"forward": round(peak_memory_mb(partial(s.infer, large), config.device), 1)}
@@ -466,6 +487,7 @@ def settings(config: BenchConfig) -> dict:
         warmup=config.warmup,
         clock="cuda events" if device.type == "cuda" else config.clock,
         amp=config.amp,
+        compile=config.compile,
     )
 
 
@@ -689,6 +711,14 @@ def run(args) -> int:
         raise UserError("--clock cpu measures CPU time: use it with --device cpu")
     if args.amp == "fp16" and device.type == "cpu":
         raise UserError("--amp fp16 needs a GPU; use bf16 on CPU")
+    if args.compile in GPU_COMPILE_MODES and device.type == "cpu":
+        raise UserError(
+            f"--compile {args.compile} captures CUDA graphs: it needs a GPU (on CPU: default or max-autotune)"
+        )
+    if args.compile and args.modules:
+        raise UserError("--compile times whole models: leave out --modules")
+    if args.compile and warmup < 1:
+        raise UserError("--compile needs --warmup 1 or more: the first run of each batch size compiles")
     config = BenchConfig(
         models=list(args.models),
         device=device,
@@ -698,8 +728,9 @@ def run(args) -> int:
         warmup=warmup,
         clock=args.clock,
         amp=args.amp,
+        compile=args.compile,
         train=not args.no_train,
-        memory=not args.no_memory,
+        memory=not (args.no_memory or args.compile),
         detection_size=tuple(args.detection_size),
     )
     if args.json:
@@ -711,6 +742,11 @@ def run(args) -> int:
         f"{result['settings']['clock']}, median ± half the interquartile range of {reps} "
         f"interleaved runs after {warmup} warm-up"
     )
+    if config.compile:
+        print(
+            f"inference compiled ({config.compile}; the first warm-up run compiles), training step eager; "
+            "no memory figures (a compiled model's memory is not the eager model's)"
+        )
     if args.modules:
         with tqdm(
             total=(len(config.models) * 3 * 3 + 4) * (warmup + reps), desc="layers", unit="run", disable=None
