@@ -49,6 +49,17 @@ def test_every_family_forward_is_one_graph(name):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_every_family_exports_with_a_dynamic_batch_axis(name):
+    # The ONNX export's first step: no guard may pin the batch size (hafa export's slow test goes on to ONNX).
+    model = timm.create_model(name, num_classes=5).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+        images = torch.randn(3, 3, 64, 64)
+        torch.testing.assert_close(program.module()(images), model(images), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_inductor_compiles_a_hafa_model_as_one_graph():
     model = timm.create_model("hafa_pvt_v2_b0", num_classes=5).eval()
