@@ -50,9 +50,9 @@ def shape_constant(key: Hashable, build: Callable[[], Tensor | tuple[Tensor, ...
         with torch.inference_mode(False), torch.no_grad():
             kept = build()
         size = _nbytes(kept)
-        if len(_kept) >= _MAX_ENTRIES or _kept_bytes + size > _MAX_BYTES:
-            clear()
-        if size <= _MAX_BYTES:
+        if size <= _MAX_BYTES:  # a larger one is handed out without being kept or emptying the store
+            if len(_kept) >= _MAX_ENTRIES or _kept_bytes + size > _MAX_BYTES:
+                clear()
             _kept[key] = kept
             _kept_bytes += size
     return kept
