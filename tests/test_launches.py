@@ -7,8 +7,11 @@ from functools import partial
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import hafa  # noqa: F401  (registers the models)
+from hafa.layers import deformable_samples
 from hafa.ops import TokenLayout, clustering, constants
 from hafa.tools.bench import count_operators
 
@@ -113,6 +116,24 @@ def test_kept_constants_stay_within_their_memory_budget(monkeypatch):
         assert constants._kept_bytes <= 1000
         assert constants._kept_bytes == sum(constants._nbytes(v) for v in constants._kept.values())
     kept = dict(constants._kept)
-    big = constants.shape_constant("too big to keep", lambda: torch.zeros(1000))
+    big = constants.shape_constant("too big to keep", torch.device("cpu"), lambda: torch.zeros(1000))
     assert big.shape == (1000,)
     assert constants._kept.keys() == kept.keys()  # neither kept nor emptying what is
+
+
+def test_fake_tensors_are_never_kept():
+    # Memory estimators run forwards on fake tensors: keeping one would hand it to later real forwards.
+    constants.clear()
+    with FakeTensorMode():
+        constants.token_indices(5, torch.device("cpu"))
+    assert not constants._kept
+    assert type(constants.token_indices(5, torch.device("cpu"))) is torch.Tensor
+
+
+def test_float64_sampling_stays_float64_exact():
+    # Zero offsets read the pixels a 3x3/s2 conv reads; the kept grid must not round them to float32.
+    x = torch.randn(1, 2, 199, 333, dtype=torch.float64)
+    offsets = torch.zeros(1, 18, 100, 167, dtype=torch.float64)
+    samples = deformable_samples(x, offsets, kernel_size=3, stride=2, padding=1)
+    expected = F.unfold(x, kernel_size=3, padding=1, stride=2).view(1, 2, 9, 100, 167)
+    torch.testing.assert_close(samples, expected, rtol=1e-12, atol=1e-12)

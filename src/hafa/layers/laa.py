@@ -18,7 +18,12 @@ IntPair = int | tuple[int, int]
 
 
 def _kernel_points(
-    kernel_size: IntPair, stride: IntPair, padding: IntPair, out_size: tuple[int, int], device: torch.device
+    kernel_size: IntPair,
+    stride: IntPair,
+    padding: IntPair,
+    out_size: tuple[int, int],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Where a conv reads without offsets, (y, x) in input pixels: K x 2 x Ho x Wo, K = kh * kw in raster order."""
 
@@ -28,10 +33,15 @@ def _kernel_points(
         ky, kx = torch.meshgrid(torch.arange(kh, device=device), torch.arange(kw, device=device), indexing="ij")
         y = ky.reshape(-1, 1, 1) + (torch.arange(Ho, device=device) * sh - ph).view(1, Ho, 1)
         x = kx.reshape(-1, 1, 1) + (torch.arange(Wo, device=device) * sw - pw).view(1, 1, Wo)
-        return torch.stack([y.expand(-1, Ho, Wo), x.expand(-1, Ho, Wo)], dim=1).float()
+        return torch.stack([y.expand(-1, Ho, Wo), x.expand(-1, Ho, Wo)], dim=1).to(dtype)
 
-    key = ("kernel_points", _pair(kernel_size), _pair(stride), _pair(padding), tuple(out_size), device)
-    return shape_constant(key, build)
+    key = ("kernel_points", _pair(kernel_size), _pair(stride), _pair(padding), tuple(out_size), dtype)
+    return shape_constant(key, device, build)
+
+
+def _position_dtype(offsets: Tensor) -> torch.dtype:
+    """Positions in float32 at least: in bfloat16 one would be off by up to a quarter pixel."""
+    return torch.promote_types(offsets.dtype, torch.float32)
 
 
 def sampling_positions(offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair) -> Tensor:
@@ -40,7 +50,7 @@ def sampling_positions(offsets: Tensor, kernel_size: IntPair, stride: IntPair, p
     offsets: B x 2K x Ho x Wo in deform_conv2d's layout, (dy, dx) for each kernel point in raster order.
     """
     B, _, Ho, Wo = offsets.shape
-    points = _kernel_points(kernel_size, stride, padding, (Ho, Wo), offsets.device)
+    points = _kernel_points(kernel_size, stride, padding, (Ho, Wo), offsets.device, _position_dtype(offsets))
     return (points + offsets.view(B, *points.shape)).permute(0, 1, 3, 4, 2)
 
 
@@ -51,29 +61,34 @@ def _normalised_kernel_points(
     in_size: tuple[int, int],
     out_size: tuple[int, int],
     device: torch.device,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """The kernel points as grid_sample reads them, (x, y) normalised to [-1, 1] with align_corners=False
-    ((2p + 1) / size - 1): K x 2 x Ho x Wo, and the scale of an offset in those units, 2 x 1 x 1. In
-    float32 whatever autocast does: in bfloat16 a position would be off by up to a quarter pixel."""
+    ((2p + 1) / size - 1): K x 2 x Ho x Wo, and the scale of an offset in those units, 2 x 1 x 1."""
     H, W = in_size
 
     def build() -> tuple[Tensor, Tensor]:
         # Made by fills, not from a Python list: a list would be a host-to-device copy (a sync).
         scale = torch.cat(
-            [torch.full((1, 1, 1), 2.0 / W, device=device), torch.full((1, 1, 1), 2.0 / H, device=device)]
+            [
+                torch.full((1, 1, 1), 2.0 / W, device=device, dtype=dtype),
+                torch.full((1, 1, 1), 2.0 / H, device=device, dtype=dtype),
+            ]
         )
-        points = _kernel_points(kernel_size, stride, padding, out_size, device).flip(1)
+        points = _kernel_points(kernel_size, stride, padding, out_size, device, dtype).flip(1)
         return points * scale + (scale / 2 - 1), scale
 
-    key = ("normalised_kernel_points", _pair(kernel_size), _pair(stride), _pair(padding), in_size, out_size)
-    return shape_constant(key + (device,), build)
+    key = ("normalised_kernel_points", _pair(kernel_size), _pair(stride), _pair(padding), in_size, out_size, dtype)
+    return shape_constant(key, device, build)
 
 
 def deformable_samples(x: Tensor, offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair) -> Tensor:
     """Bilinear samples of x at the deformed kernel points, zero outside: B x C x K x Ho x Wo."""
     B, C, H, W = x.shape
     K, Ho, Wo = offsets.shape[1] // 2, offsets.shape[2], offsets.shape[3]
-    points, scale = _normalised_kernel_points(kernel_size, stride, padding, (H, W), (Ho, Wo), x.device)
+    points, scale = _normalised_kernel_points(
+        kernel_size, stride, padding, (H, W), (Ho, Wo), x.device, _position_dtype(offsets)
+    )
     grid = torch.addcmul(points, offsets.view(B, K, 2, Ho, Wo).flip(2), scale)  # B x K x (x, y) x Ho x Wo
     grid = grid.view(B, K, 2, Ho * Wo).transpose(2, 3)  # a K x Ho*Wo grid of (x, y), as grid_sample takes it
     samples = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)

@@ -54,11 +54,11 @@ class CachedMaskSwinBlock(SwinTransformerBlock):
     """timm's Swin block for any input size (dynamic_mask) whose shifted-window mask is kept per size,
     as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
 
-    def get_attn_mask(self, x: Tensor | None = None, device=None, dtype=None) -> Tensor | None:
+    def get_attn_mask(self, x: Tensor | None = None, *args, **kwargs) -> Tensor | None:
         if x is None or not any(self.shift_size):
-            return super().get_attn_mask(x, device=device, dtype=dtype)
-        key = ("swin_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.device, x.dtype)
-        return shape_constant(key, partial(SwinTransformerBlock.get_attn_mask, self, x))
+            return super().get_attn_mask(x, *args, **kwargs)
+        key = ("swin_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
+        return shape_constant(key, x.device, partial(SwinTransformerBlock.get_attn_mask, self, x))
 
 
 class LAAPatchMerging(nn.Module):

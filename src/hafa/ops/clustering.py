@@ -116,11 +116,11 @@ class _PairDistances:
     def exact(self, anchors: slice | Tensor, others: Tensor) -> Tensor:
         """|x_i - x_j|^2 for anchors i (a slice of all tokens, or indices B x R) and others j (indices,
         B x R x K): B x R x K."""
-        B, N, C = self.x.shape
+        B, _, C = self.x.shape
         anchor_x = self.x[:, anchors] if isinstance(anchors, slice) else _take(self.x, anchors)
 
         def block(rows: slice) -> Tensor:
-            return (_take(self.x, others[:, rows]) - anchor_x[:, rows, None]).square_().sum(-1)
+            return _take(self.x, others[:, rows]).sub_(anchor_x[:, rows, None]).square_().sum(-1)
 
         budget = _CACHE_BLOCK_ELEMENTS if self.x.device.type == "cpu" else None  # a GPU wants few, large blocks
         return _over_row_chunks(others.shape[1], B * others.shape[2] * C, block, budget)
@@ -131,7 +131,7 @@ def _nearest_neighbours(distances: _PairDistances, k: int, mask: Tensor | None) 
 
     Returns their exact squared distances (inf for padding) and indices, B x N x k each.
     """
-    B, N, C = distances.x.shape
+    B, N, _ = distances.x.shape
 
     def neighbours(rows: slice) -> Tensor:
         d2 = distances.rows(rows)

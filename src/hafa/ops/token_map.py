@@ -43,7 +43,7 @@ def _pooling_taps_2d(size_in: Size, size_out: Size, device: torch.device) -> tup
         num_pixels = size_out[0] * size_out[1]
         return cells.reshape(num_pixels, -1), weights.reshape(num_pixels, -1)
 
-    return shape_constant(("pooling_taps_2d", tuple(size_in), tuple(size_out), device), build)
+    return shape_constant(("pooling_taps_2d", tuple(size_in), tuple(size_out)), device, build)
 
 
 def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
@@ -53,7 +53,7 @@ def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
         cells, weights = _pooling_taps(size_in, size_out, like.device)
         return torch.zeros(size_out, size_in, device=like.device).scatter_add_(1, cells, weights).to(like.dtype)
 
-    return shape_constant(("pooling_matrix", size_in, size_out, like.device, like.dtype), build)
+    return shape_constant(("pooling_matrix", size_in, size_out, like.dtype), like.device, build)
 
 
 def resize_map(feature_map: Tensor, size: Size) -> Tensor:
