@@ -25,6 +25,9 @@ HAFA_AGGREGATION = ("laa", "laa", "sia")
 BASELINE_AGGREGATION = ("conv", "conv", "conv")
 # The pretrained tag that loads a baseline's ImageNet weights into the HAFA model (LAA in baseline mode).
 FROM_BASELINE_TAG = "in1k_from_baseline"
+# The smallest input side the backbones take: every one ends at stride 32, and PVT's spatial-reduction
+# attention needs a whole 8x8 window at stride 4.
+SMALLEST_INPUT = 32
 
 
 def check_stage_aggregation(stage_aggregation: Sequence[str]) -> tuple[str, str, str]:

@@ -16,11 +16,9 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from ..errors import UserError, unknown_name
+from ._base import SMALLEST_INPUT
 
 PATCH_SIZE = 4
-# Every backbone here ends at stride 32 and PVT's first attention reduces 8x8 windows at stride 4:
-# a smaller input is padded up to this size.
-SMALLEST_SIDE = 32
 
 
 class SemanticHead(nn.Module):
@@ -72,8 +70,8 @@ class SemanticFPN(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         height, width = images.shape[-2:]
-        padded_height = max(SMALLEST_SIDE, height + -height % PATCH_SIZE)
-        padded_width = max(SMALLEST_SIDE, width + -width % PATCH_SIZE)
+        padded_height = max(SMALLEST_INPUT, height + -height % PATCH_SIZE)
+        padded_width = max(SMALLEST_INPUT, width + -width % PATCH_SIZE)
         padded = F.pad(images, (0, padded_width - width, 0, padded_height - height))
         maps = self.backbone(padded)
         if self.channels_last:

@@ -34,8 +34,8 @@ from ..pretrained import load_pretrained
 from .commands import (
     DEMO_MODELS,
     add_model_options,
+    add_recipe_overrides,
     add_run_options,
-    add_set_option,
     add_training_options,
     evaluate_and_report,
     finish_training,
@@ -286,16 +286,12 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
-    recipe = parser.add_argument_group("recipe overrides")
+    recipe = add_recipe_overrides(parser, "mixup=0 smoothing=0.0")
     recipe.add_argument("--epochs", type=int)
-    recipe.add_argument("--batch-size", type=int, help="per process")
-    recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
     recipe.add_argument("--img-size", type=int)
     recipe.add_argument("--warmup-epochs", type=float)
     recipe.add_argument("--drop-path", type=float)
     recipe.add_argument("--clip-grad", type=float)
-    recipe.add_argument("--seed", type=int)
-    add_set_option(recipe, "mixup=0 smoothing=0.0")
     add_model_options(parser)
     add_run_options(parser)
 

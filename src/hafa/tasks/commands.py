@@ -110,15 +110,22 @@ def norm_eval(args, backbone_checkpoint: str | None) -> bool:
     return bool(backbone_checkpoint) if args.norm_eval is None else args.norm_eval
 
 
-def add_set_option(group, example: str) -> None:
+def add_recipe_overrides(parser, set_example: str):
+    """The group of recipe overrides with what every task has (--batch-size, --lr, --seed, --set); the
+    task adds its own options to the group it returns."""
+    group = parser.add_argument_group("recipe overrides")
+    group.add_argument("--batch-size", type=int, help="per process")
+    group.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
+    group.add_argument("--seed", type=int)
     group.add_argument(
         "--set",
         nargs="+",
         default=[],
         action="extend",
         metavar="KEY=VALUE",
-        help=f"any recipe setting, e.g. --set {example} (YAML values)",
+        help=f"any recipe setting, e.g. --set {set_example} (YAML values)",
     )
+    return group
 
 
 def run_in_processes(job: Callable, args) -> int:

@@ -28,8 +28,8 @@ from .commands import (
     DEMO_MODELS,
     add_batchnorm_options,
     add_model_options,
+    add_recipe_overrides,
     add_run_options,
-    add_set_option,
     add_training_options,
     baseline_pairs,
     evaluate_and_report,
@@ -214,16 +214,12 @@ def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> d
 
 
 def _add_recipe_options(parser) -> None:
-    recipe = parser.add_argument_group("recipe overrides")
+    recipe = add_recipe_overrides(parser, "lr_steps=[16,22] filter_empty=false")
     recipe.add_argument("--epochs", type=int)
-    recipe.add_argument("--batch-size", type=int, help="per process")
-    recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
     recipe.add_argument("--min-size", type=int, help="shorter image side")
     recipe.add_argument("--max-size", type=int, help="longest image side")
     recipe.add_argument("--warmup-iters", type=int)
     recipe.add_argument("--clip-grad", type=float)
-    recipe.add_argument("--seed", type=int)
-    add_set_option(recipe, "lr_steps=[16,22] filter_empty=false")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,10 +7,7 @@ import re
 import torch
 
 from ..errors import UserError
-
-# Every backbone here ends at stride 32, and PVT's spatial-reduction attention needs a whole
-# 8x8 window at stride 4: smaller inputs fail inside the first stage.
-SMALLEST_INPUT = 32
+from ..models._base import SMALLEST_INPUT
 
 
 def check_positive(value: float | None, option: str, integer: bool = False) -> None:

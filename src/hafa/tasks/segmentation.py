@@ -39,8 +39,8 @@ from .commands import (
     DEMO_MODELS,
     add_batchnorm_options,
     add_model_options,
+    add_recipe_overrides,
     add_run_options,
-    add_set_option,
     add_training_options,
     evaluate_and_report,
     finish_training,
@@ -316,14 +316,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)",
     )
-    recipe = parser.add_argument_group("recipe overrides")
+    recipe = add_recipe_overrides(parser, "scale=[1024,256]")
     recipe.add_argument("--iterations", type=int, help="rounded to whole epochs")
-    recipe.add_argument("--batch-size", type=int, help="per process")
-    recipe.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
     recipe.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
     recipe.add_argument("--eval-mode", choices=("whole", "slide"))
-    recipe.add_argument("--seed", type=int)
-    add_set_option(recipe, "scale=[1024,256]")
     add_model_options(parser)
     add_run_options(parser)
     add_batchnorm_options(parser)

@@ -281,10 +281,11 @@ def _check_same_samples(saved: list[str], current: list[str], run_dir: str) -> N
     if saved == current:
         return
     added, removed = sorted(set(current) - set(saved)), sorted(set(saved) - set(current))
-    changes = [f"{len(added)} added ({', '.join(added[:3])}{' ...' if len(added) > 3 else ''})"] if added else []
-    changes += [f"{len(removed)} removed ({', '.join(removed[:3])}{' ...' if len(removed) > 3 else ''})"] * bool(
-        removed
-    )
+    changes = [
+        f"{len(names)} {what} ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+        for what, names in (("added", added), ("removed", removed))
+        if names
+    ]
     raise UserError(
         f"--resume: the training data changed since the run in {run_dir} started: "
         f"{'; '.join(changes) or 'the same files in another order'}. Resume with the data it started with, "

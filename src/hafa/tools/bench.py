@@ -39,7 +39,7 @@ from ..errors import UserError, unknown_name
 from ..models._base import BASELINE_AGGREGATION, run_downsample
 from ..models.table import BASELINE, PAPER
 from ..ops import TokenLayout
-from ..tasks.options import check_device, check_output_file
+from ..tasks.options import check_device, check_input_size, check_output_file
 from .flops import count_macs
 
 DEFAULT_MODELS = [
@@ -698,8 +698,9 @@ def run(args) -> int:
     for name in args.models:
         if name not in BASELINE:
             raise unknown_name("HAFA model", name, sorted(BASELINE))
-    if args.reps < 1 or args.warmup < 0 or min(args.batch_sizes) < 1 or args.img_size < 32:
-        raise UserError("--reps must be >= 1, --warmup >= 0, batch sizes >= 1 and --img-size >= 32")
+    if args.reps < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
+        raise UserError("--reps must be >= 1, --warmup >= 0 and batch sizes >= 1")
+    check_input_size(args.img_size, "--img-size")
     reps, warmup, batch_sizes = args.reps, args.warmup, tuple(args.batch_sizes)
     if args.quick:
         reps, warmup, batch_sizes = 2, 1, (batch_sizes[0], min(batch_sizes[1], 8))

@@ -29,9 +29,10 @@ from ..checkpoint import build_model as build_model_of
 from ..errors import UserError, unknown_name
 from ..layers import LAA, SIA, SIAOutput
 from ..layers.laa import sampling_positions
+from ..models._base import SMALLEST_INPUT
 from ..models.swin import LAAPatchMerging
 from ..models.table import BASELINE
-from ..tasks.options import SMALLEST_INPUT, check_input_size, check_output_file
+from ..tasks.options import check_input_size, check_output_file
 
 DEFAULT_MODEL = "hafa_pvt_v2_b1"
 SHORT_SIDE, LONG_SIDE = 224, 1024  # default model input of an image
