@@ -3,22 +3,17 @@ checkpoint of each task and with a plain timm state dict gives either the exact 
 the training run's evaluation) or a refusal naming what is wrong; never a result from new weights."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 import timm
 import torch
+from PIL import Image
 
-from hafa.checkpoint import (
-    FORMAT,
-    VERSION,
-    CheckpointError,
-    build_classifier_from_state_dict,
-    build_model,
-    read_checkpoint,
-    read_file,
-    write_file,
-)
+from hafa.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, read_file, write_file
 from hafa.cli import main
+from hafa.tasks.networks import build_classifier_from_state_dict, build_model
 from hafa.tools import export
 from test_classification import QUICK as CLASSIFICATION_QUICK
 from test_classification import write_dataset
@@ -153,8 +148,6 @@ def test_model_options_that_contradict_the_checkpoint_are_an_error_naming_both(r
     )
     assert "--num-classes 10 vs the checkpoint's 3" in error_of([*base, "--num-classes", "10"], capsys)
     assert "--knn-k 7 vs the checkpoint's 5" in error_of([*base, "--knn-k", "7"], capsys)
-    visualize = ["visualize", "--checkpoint", runs["classification"], "--cluster-ratio", "0.5"]
-    assert "--cluster-ratio 0.5 vs the checkpoint's 0.25" in error_of(visualize, capsys)
 
 
 def test_export_and_visualize_use_the_checkpoints_model(runs, tmp_path, capsys):
@@ -187,5 +180,97 @@ def test_incomplete_extra_legacy_and_corrupt_files_are_refused(runs, tmp_path, c
     write_file(str(tmp_path / "newer.pth"), newer)
     assert "format version 2" in error_of(["seg-eval", "--checkpoint", str(tmp_path / "newer.pth")], capsys)
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    assert "cannot read" in error_of(["det-eval", "--checkpoint", str(tmp_path / "junk.pth")], capsys)
+    assert "is not a PyTorch checkpoint" in error_of(["det-eval", "--checkpoint", str(tmp_path / "junk.pth")], capsys)
     assert "checkpoint file not found" in error_of(["export", "--checkpoint", str(tmp_path / "none.pth")], capsys)
+
+
+class CarriesCode:
+    def __reduce__(self):
+        return (os.system, ("echo this ran",))
+
+
+def test_unreadable_files_get_one_line_saying_why(tmp_path, capsys):
+    (tmp_path / "empty.pth").write_bytes(b"")
+    (tmp_path / "text.pth").write_text("epochs: 3\nnot a checkpoint\n")
+    torch.save({"model": CarriesCode()}, tmp_path / "code.pth")
+    torch.save({"w": torch.zeros(1000)}, tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:2000])
+    expected = {
+        "empty.pth": "is empty (0 bytes), not a checkpoint",
+        "text.pth": "is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)",
+        "code.pth": "holds Python objects other than tensors and plain data (loading it could run code)",
+        "cut.pth": "is damaged: it ends early or its zip archive is corrupt",
+    }
+    for name, message in expected.items():
+        error = error_of(["eval", "--checkpoint", str(tmp_path / name), "--data", "x"], capsys)
+        assert message in error, name
+        assert error.count("\n") == 1, name
+        assert "weights_only=False" not in error  # no advice to load code
+
+
+def to_folder_masks(ade_masks, folder, shift: bool):
+    """The ADE20K masks (0 = ignore, class k = k + 1) as folder-pair masks: shifted to the classes 0..K-1
+    (255 = ignore) when `shift`, else copied as they are."""
+    os.makedirs(folder)
+    for name in sorted(os.listdir(ade_masks)):
+        values = np.array(Image.open(os.path.join(ade_masks, name))).astype(np.int64)
+        if shift:
+            values = np.where(values == 0, 255, values - 1)
+        Image.fromarray(values.astype(np.uint8)).save(os.path.join(folder, name))
+    return folder
+
+
+def test_seg_eval_on_masks_of_another_layout_needs_their_convention_and_then_equals_the_ade_result(
+    runs, tmp_path, capsys
+):
+    ade = runs["ade"]
+    reference, shifted, as_is = tmp_path / "ade.json", tmp_path / "shifted.json", tmp_path / "as_is.json"
+    base = ["seg-eval", "--checkpoint", runs["segmentation"], "--workers", "0"]
+    assert main([*base, "--data", ade, "--json", str(reference)]) == 0
+    images = os.path.join(ade, "images", "validation")
+    folders = ["--images", images, "--masks"]
+    shifted_masks = to_folder_masks(os.path.join(ade, "annotations", "validation"), tmp_path / "shifted", True)
+    error = error_of([*base, *folders, str(shifted_masks)], capsys)
+    assert "was trained on masks in the ADE20K layout (--data) with reduce_zero_label" in error
+    assert "these masks are in image / mask folder pairs" in error
+    assert "--reduce-zero-label or --no-reduce-zero-label" in error
+    assert main([*base, *folders, str(shifted_masks), "--no-reduce-zero-label", "--json", str(shifted)]) == 0
+    original_masks = to_folder_masks(os.path.join(ade, "annotations", "validation"), tmp_path / "as_is", False)
+    assert main([*base, *folders, str(original_masks), "--reduce-zero-label", "--json", str(as_is)]) == 0
+    expected = json.loads(reference.read_text())
+    for path in (shifted, as_is):
+        got = json.loads(path.read_text())
+        assert (got["mIoU"], got["mAcc"], got["aAcc"]) == (expected["mIoU"], expected["mAcc"], expected["aAcc"])
+
+
+def test_seg_eval_with_no_labelled_pixel_is_an_error_not_nan(runs, tmp_path, capsys):
+    ignored = tmp_path / "ignored"
+    os.makedirs(ignored)
+    images = os.path.join(runs["ade"], "images", "validation")
+    for name in os.listdir(images):
+        size = Image.open(os.path.join(images, name)).size
+        Image.new("L", size, 255).save(ignored / (os.path.splitext(name)[0] + ".png"))
+    argv = ["seg-eval", "--checkpoint", runs["segmentation"], "--images", images, "--masks", str(ignored)]
+    error = error_of([*argv, "--no-reduce-zero-label", "--workers", "0"], capsys)
+    assert "no pixel of the 2 evaluated masks is labelled (every value is ignore): mIoU is undefined" in error
+
+
+def test_a_detector_draws_a_very_thin_image(runs, tmp_path, capsys):
+    for size in ((5000, 20), (20, 5000)):
+        image = tmp_path / f"strip_{size[0]}.png"
+        Image.new("RGB", size, (120, 60, 30)).save(image)
+        output = tmp_path / f"strip_{size[0]}_drawn.png"
+        assert main(["predict", "--checkpoint", runs["detection"], "--image", str(image), "-o", str(output)]) == 0
+        assert "detections" in capsys.readouterr().out
+        with Image.open(output) as drawn:
+            assert max(drawn.size) == 2048
+
+
+def test_visualize_draws_a_checkpoint_at_another_cluster_ratio(runs, tmp_path, capsys):
+    picture = tmp_path / "v.png"
+    argv = ["visualize", "--checkpoint", runs["classification"], "--img-size", "64", "-o", str(picture)]
+    assert main([*argv, "--cluster-ratio", "0.5"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert picture.exists()
+    error = error_of([*argv, "--cluster-ratio", "0"], capsys)
+    assert "--cluster-ratio must be a number > 0 and <= 1 (clusters per token), not 0" in error

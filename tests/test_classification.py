@@ -129,13 +129,13 @@ def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
 
 
 def test_set_reads_numbers_as_numbers_and_refuses_unknown_keys():
-
-    recipe = override_recipe(dict(lr=0.1, epochs=3, auto_augment="x"), {}, ["lr=1e-3", "epochs=5", "auto_augment=None"])
-    assert recipe == dict(lr=1e-3, epochs=5, auto_augment="None")
-    with pytest.raises(UserError, match="expected a number"):
-        override_recipe(dict(lr=0.1), {}, ["lr=fast"])
-    with pytest.raises(UserError, match="KEY one of lr"):
-        override_recipe(dict(lr=0.1), {}, ["learning_rate=1"])
+    defaults = cls.RECIPE.defaults()
+    recipe = override_recipe(defaults, {}, ["lr=1e-3", "epochs=5", "auto_augment=None"], cls.RECIPE)
+    assert (recipe["lr"], recipe["epochs"], recipe["auto_augment"]) == (1e-3, 5, None)
+    with pytest.raises(UserError, match="--set lr must be a number > 0"):
+        override_recipe(defaults, {}, ["lr=fast"], cls.RECIPE)
+    with pytest.raises(UserError, match="KEY one of auto_augment"):
+        override_recipe(defaults, {}, ["learning_rate=1"], cls.RECIPE)
 
 
 def test_grayscale_rgba_and_corrupt_images(tmp_path, caplog):
@@ -295,7 +295,7 @@ def test_init_from_a_baseline_checkpoint(tmp_path):
 
 
 def test_recipe_file_gives_the_papers_settings():
-    recipe = load_recipe("imagenet_hafa", cls.RECIPE_DEFAULTS)
+    recipe = load_recipe("imagenet_hafa", cls.RECIPE)
     model = timm.create_model("hafa_pvt_v2_b0", num_classes=10)
     optimizer = cls.build_optimizer(model, recipe, global_batch=256)
     assert type(optimizer).__name__ == "AdamW"
@@ -381,7 +381,7 @@ DDP_SCRIPT = textwrap.dedent("""
     from hafa.tasks.settings import ClassificationSettings
     data, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     processes = init_processes("cpu")
-    recipe = load_recipe("mnist_demo", cls.RECIPE_DEFAULTS)
+    recipe = load_recipe("mnist_demo", cls.RECIPE)
     recipe.update(img_size=32, batch_size=batch, epochs=2, warmup_epochs=0)
     # LAA's BatchNorm normalises over each process's own batch on CPU (torch has no SyncBatchNorm there):
     # with the baseline's norm one process and two compute the same steps

@@ -209,7 +209,8 @@ def test_a_split_whose_masks_label_no_pixel_is_refused(tmp_path):
     data = write_pairs(tmp_path, value=0)  # with reduce_zero_label, 0 is ignore as 255 is
     message = refusal(check_segmentation_pairs, data, num_classes=3, reduce_zero_label=True, splits=("val",))
     assert message == (
-        f"no mask of the val split ({tmp_path}/masks/val) labels any pixel (every value is ignore: 0 and 255); "
+        f"no mask of the val split (images {tmp_path}/images/val, masks {tmp_path}/masks/val) labels any pixel "
+        "(every value is ignore: 0 and 255); "
         "check --reduce-zero-label"
     )
     assert check_segmentation_pairs(data, 3, False, splits=("val",), progress=False).files == 6
@@ -219,12 +220,14 @@ def test_unreadable_pairs_warn_and_a_split_of_unreadable_pairs_is_refused(tmp_pa
     data = write_pairs(tmp_path)
     (tmp_path / "masks" / "train" / "0.png").write_bytes(NOT_AN_IMAGE)
     report = check_segmentation_pairs(data, 3, False, progress=False)
-    assert report.warnings[0].startswith(f"1 of the 3 files of the train split ({tmp_path}/masks/train) cannot be read")
+    split = f"the train split (images {tmp_path}/images/train, masks {tmp_path}/masks/train)"
+    assert report.warnings[0].startswith(f"1 of the 3 files of {split} cannot be read")
     for i in range(3):
         (tmp_path / "images" / "val" / f"{i}.png").write_bytes(NOT_AN_IMAGE)
     message = refusal(check_segmentation_pairs, data, 3, False)
     assert message.startswith(
-        f"none of the 3 files of the val split ({tmp_path}/masks/val) can be read (first: {tmp_path}/images/val/0.png: "
+        f"none of the 3 files of the val split (images {tmp_path}/images/val, masks {tmp_path}/masks/val) can be "
+        f"read (first: {tmp_path}/images/val/0.png: "
     )
 
 

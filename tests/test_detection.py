@@ -369,12 +369,14 @@ def test_det_train_eval_and_predict_end_to_end(tiny_coco, tmp_path, capsys):
                 "--output",
                 str(tmp_path / "cli.png"),
                 "--score-threshold",
-                "1.1",
+                "1",
             ]
         )
         == 0
     )
     assert capsys.readouterr().out.startswith("detection: 0 detections")
+    assert main(["predict", "--checkpoint", best, "--score-threshold", "1.1"]) == 2
+    assert "--score-threshold must be a number from 0 to 1, not 1.1" in capsys.readouterr().err
     assert os.path.isfile(tmp_path / "cli.png")
 
 

@@ -7,14 +7,17 @@ A checkpoint written by a `hafa` command is a dict of plain data (loadable with 
     metrics={...}, and in last.pth the training state (optimizer, scheduler, scaler, train_state, rng, data).
 
 model.args are the complete keyword arguments of `hafa.tasks.networks.create_network`, so that
-`build_model` rebuilds exactly the trained network, and every one of its tensors must come from the
-file: a command never evaluates, predicts, exports or draws from newly initialised weights.
+`hafa.tasks.networks.build_model` rebuilds exactly the trained network, and every one of its tensors
+must come from the file (`load_exactly`): a command never evaluates, predicts, exports or draws from
+newly initialised weights. This module knows the file format only, never the networks.
 
 Plain state dicts (timm, the official PVT releases) and their usual wrappers ("state_dict",
 "model", "model_ema", a "module." prefix from DistributedDataParallel) are read too.
 """
 
 import os
+import pickle
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -58,6 +61,26 @@ class Checkpoint:
         return f"a {self.task} checkpoint of {self.model_name} (written by {TASK_COMMANDS[self.task][0]})"
 
 
+def _why_unreadable(path: str, error: Exception) -> str:
+    """One line saying why torch.load could not read `path`."""
+    with open(path, "rb") as f:
+        start = f.read(4)
+    if not start:
+        return f"{path} is empty (0 bytes), not a checkpoint"
+    if not start.startswith((b"PK", b"\x80")):
+        return f"{path} is not a PyTorch checkpoint (neither a torch.save zip archive nor a pickle)"
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return (
+            f"{path} holds Python objects other than tensors and plain data (loading it could run code); "
+            "hafa reads only plain data (torch.load with weights_only=True): give a state dict saved with "
+            "torch.save(model.state_dict(), PATH)"
+        )
+    if isinstance(error, EOFError) or "zip archive" in str(error) or "central directory" in str(error):
+        return f"{path} is damaged: it ends early or its zip archive is corrupt (an interrupted save or copy?)"
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return f"cannot read {path} as a PyTorch checkpoint: {first_line}"
+
+
 def read_file(path: str) -> object:
     """The content of a checkpoint file as data (never unpickles code); .safetensors too."""
     if not os.path.isfile(path):
@@ -67,11 +90,13 @@ def read_file(path: str) -> object:
             from safetensors.torch import load_file
 
             return load_file(path)
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # the unpickler's protocol remarks
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise CheckpointError(
-            f"cannot read {path} as a PyTorch checkpoint (corrupt, or not plain data): {error}"
-        ) from error
+        if path.endswith(".safetensors"):
+            raise CheckpointError(f"cannot read {path} as safetensors: {error}") from error
+        raise CheckpointError(_why_unreadable(path, error)) from error
 
 
 def write_file(path: str, content: dict) -> None:
@@ -183,7 +208,7 @@ def check_task(checkpoint: Checkpoint, task: str, command: str) -> None:
         )
 
 
-def _names(names: list[str]) -> str:
+def names_shown(names: list[str]) -> str:
     shown = ", ".join(names[:NAMES_SHOWN])
     return shown + (f" and {len(names) - NAMES_SHOWN} more" if len(names) > NAMES_SHOWN else "")
 
@@ -200,61 +225,17 @@ def load_exactly(model: nn.Module, state_dict: dict[str, Tensor], source: str, m
     ]
     problems = []
     if missing:
-        problems.append(f"missing {len(missing)} ({_names(missing)})")
+        problems.append(f"missing {len(missing)} ({names_shown(missing)})")
     if extra:
-        problems.append(f"extra {len(extra)} ({_names(extra)})")
+        problems.append(f"extra {len(extra)} ({names_shown(extra)})")
     if reshaped:
-        problems.append(f"other shapes in {len(reshaped)} (checkpoint vs model: {_names(reshaped)})")
+        problems.append(f"other shapes in {len(reshaped)} (checkpoint vs model: {names_shown(reshaped)})")
     if problems:
         raise CheckpointError(
             f"{source} does not hold exactly the weights of {model_name}: {'; '.join(problems)}. "
             "Nothing is computed from newly initialised weights."
         )
     model.load_state_dict(state_dict)
-
-
-def build_model(checkpoint: Checkpoint) -> nn.Module:
-    """The exact network a checkpoint was trained as, with all of its weights, in eval mode on the CPU."""
-    from .tasks.networks import create_network
-
-    model = create_network(checkpoint.task, checkpoint.model_name, checkpoint.model_args)
-    load_exactly(model, checkpoint.state_dict, checkpoint.path, checkpoint.model_name)
-    return model.eval()
-
-
-def build_classifier_from_state_dict(
-    state_dict: dict[str, Tensor],
-    path: str,
-    model_name: str | None,
-    num_classes: int | None,
-    hafa_options: dict | None = None,
-    img_size: int = 224,
-) -> nn.Module:
-    """A classifier for a plain state dict (timm or official names), which must hold all its weights:
-    `model_name` with `num_classes` classes and the HAFA options (those without weights may differ)."""
-    from .pretrained import adapt_state_dict
-    from .tasks.networks import classifier_arguments, create_network
-
-    if model_name is None or num_classes is None:
-        raise CheckpointError(
-            f"{path} is a plain state dict: say which model it holds with --model and how many classes its "
-            "classifier has with --num-classes"
-        )
-    args = classifier_arguments(model_name, num_classes=num_classes, hafa_options=hafa_options or {}, img_size=img_size)
-    model = create_network("classification", model_name, args)
-    adapted, report = adapt_state_dict(state_dict, model)
-    problems = []
-    if report.newly_initialised:
-        problems.append(f"missing {len(report.newly_initialised)} ({_names(report.newly_initialised)})")
-    if report.unused:
-        problems.append(f"extra {len(report.unused)} ({_names(report.unused)})")
-    if problems:
-        raise CheckpointError(
-            f"{path} does not hold exactly the weights of {model_name} with {num_classes} classes: "
-            f"{'; '.join(problems)}. Nothing is computed from newly initialised weights."
-        )
-    model.load_state_dict(adapted)
-    return model.eval()
 
 
 def check_model_options(

@@ -1,11 +1,13 @@
 """The `hafa` command line: `hafa <command> [options]`; `hafa <command> -h` for a command's options."""
 
 import argparse
+import difflib
 import importlib
 import sys
 from collections.abc import Callable
 
 from .errors import UserError, message_of
+from .tasks.options import check_defaults
 
 # command -> ("module" with add_arguments(parser) and run(args), or "module:name" with add_<name>_arguments
 # and run_<name>, one-line help).
@@ -51,22 +53,55 @@ def _load(target: str) -> tuple[Callable, Callable]:
     return getattr(module, f"add_{prefix}arguments"), getattr(module, f"run_{name}" if name else "run")
 
 
+# Options a newcomer may bring from another command: what this command takes instead.
+OTHER_COMMANDS_OPTIONS = {
+    "--epochs": "seg-train counts its length in --iterations (rounded to whole epochs), not --epochs",
+    "--iterations": "this command counts its length in --epochs; seg-train is the one with --iterations",
+}
+
+
+class CommandParser(argparse.ArgumentParser):
+    """A parser whose error names the closest known option for an unknown one (after its own usage)."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments: "):
+            unknown = [word.partition("=")[0] for word in message.split(": ", 1)[1].split() if word.startswith("-")]
+            known = [option for action in self._actions for option in action.option_strings]
+            hints = []
+            for option in unknown:
+                if option in OTHER_COMMANDS_OPTIONS:
+                    hints.append(OTHER_COMMANDS_OPTIONS[option])
+                elif close := difflib.get_close_matches(option, known, n=3, cutoff=0.6):
+                    hints.append(f"{option}: did you mean {' or '.join(close)}?")
+            if hints:
+                message += "; " + "; ".join(hints)
+        elif message.endswith("expected one argument"):
+            message += " (a value that starts with '-' is written --option=-1)"
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} -h)\n")
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="hafa", description=__doc__)
-    commands = parser.add_subparsers(dest="command", metavar="command", required=True)
+    parser = CommandParser(prog="hafa", description=__doc__)
+    commands = parser.add_subparsers(dest="command", metavar="command", required=True, parser_class=CommandParser)
     for name, (_, help_text) in COMMANDS.items():
         commands.add_parser(name, help=help_text, description=help_text)
-    if argv and argv[0] in COMMANDS:
-        add_arguments, _ = _load(COMMANDS[argv[0]][0])
-        add_arguments(commands.choices[argv[0]])
-    args = parser.parse_args(argv)
-    _, run = _load(COMMANDS[args.command][0])
+    if not argv or argv[0] not in COMMANDS:
+        parser.parse_args(argv)  # -h, or the usage and an error naming the commands
+        return 2
+    name = argv[0]
+    add_arguments, run = _load(COMMANDS[name][0])
+    command = commands.choices[name]
     try:
+        add_arguments(command)
+        args = command.parse_args(argv[1:])  # this command's own usage on an error
+        args.command = name
+        check_defaults(command, args)
         return run(args) or 0
     except UserError as error:
-        print(f"hafa {args.command}: error: {message_of(error)}", file=sys.stderr)
+        print(f"hafa {name}: error: {message_of(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"hafa {args.command}: aborted without saving", file=sys.stderr)
+        print(f"hafa {name}: aborted without saving", file=sys.stderr)
         return 130

@@ -23,9 +23,8 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
-
 from ..errors import UserError
+from ..progress import progress as show_progress
 from .coco import annotation_path, find_missing_images, first_items, is_whole_number, parse_instances, size_problem
 from .files import UNREADABLE, many_problems, read_header
 from .folder import scan_split
@@ -86,7 +85,7 @@ def _scan(
     """inspect(item) for every item, in a thread pool (header reads wait on the disk), in order."""
     with (
         ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=len(items), desc=f"checking {what}", unit="file", disable=None if progress else True) as bar,
+        show_progress(total=len(items), desc=f"checking {what}", unit="file", enabled=progress) as bar,
     ):
         reports = []
         for report in pool.map(inspect, items):
@@ -177,7 +176,7 @@ def check_segmentation_pairs(
         except UserError as error:
             findings.problems.append(str(error))
             continue
-        what = f"the {split} split ({os.path.dirname(pairs[0][1])})"
+        what = f"the {split} split (images {os.path.dirname(pairs[0][0])}, masks {os.path.dirname(pairs[0][1])})"
         reports = _scan(pairs, partial(_inspect_pair, labels=labels), what, workers, progress)
         findings.problems += [problem for report in reports for problem in report.problems]
         findings.readability(reports, what)

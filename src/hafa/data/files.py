@@ -86,6 +86,16 @@ def first_readable(
     return None, 1
 
 
+_warned: set[str] = set()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """A warning logged once per process (a folder is listed by the data check and again by the dataset)."""
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
+
+
 def many_problems(problems: list[str], limit: int = 10) -> UserError:
     """One error for a list of problems (each naming its file or id and what to do): the first `limit`."""
     if len(problems) == 1:

@@ -34,7 +34,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import ColorJitter
 
 from ..errors import UserError
-from .files import UNREADABLE, first_readable, read_rgb
+from .files import UNREADABLE, first_readable, read_rgb, warn_once
 from .folder import IMAGE_EXTENSIONS, _is_image, _seeded, sample_seed
 
 IGNORE_INDEX = 255
@@ -70,12 +70,11 @@ def pair_folders(images_dir: str, masks_dir: str) -> list[Pair]:
     for missing, present, other in unmatched:
         if missing:
             names = ", ".join(os.path.basename(present[s]) for s in sorted(missing)[:5])
-            _logger.warning(
-                "leaving out %d files with no %s of the same name (%s%s)",
-                len(missing),
-                other,
-                names,
-                ", ..." if len(missing) > 5 else "",
+            files = "file" if len(missing) == 1 else "files"
+            warn_once(
+                _logger,
+                f"{os.path.dirname(present[next(iter(missing))])}: leaving out {len(missing)} {files} with no "
+                f"{other} of the same name ({names}{', ...' if len(missing) > 5 else ''})",
             )
     pairs = [(images[s], masks[s]) for s in sorted(set(images) & set(masks))]
     if not pairs:

@@ -7,7 +7,11 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from ..ops import TokenLayout, cluster_dpc_knn, merge_tokens
+from ..spec import Number, Whole
 from .attention import KeyValues
+
+CLUSTER_RATIO = Number(0.25, low=0, low_open=True, high=1, note="clusters per token")
+KNN_K = Whole(5, low=1, note="neighbours for the density")
 
 
 @dataclass
@@ -50,12 +54,8 @@ class SIA(nn.Module):
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
     ):
         super().__init__()
-        if not 0 < cluster_ratio <= 1:
-            raise ValueError(f"cluster_ratio must be in (0, 1], got {cluster_ratio}")
-        if knn_k < 1:
-            raise ValueError(f"knn_k must be at least 1, got {knn_k}")
-        self.cluster_ratio = cluster_ratio
-        self.knn_k = knn_k
+        self.cluster_ratio = CLUSTER_RATIO.check(cluster_ratio, "cluster_ratio")
+        self.knn_k = KNN_K.check(knn_k, "knn_k")
         self.cluster_qkv = cluster_qkv
         # B x Cin x H x W -> B x Cout x ceil(H/2) x ceil(W/2)
         self.proj = proj if proj is not None else nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
@@ -75,6 +75,11 @@ class SIA(nn.Module):
 
     def forward(self, x: Tensor, layout: TokenLayout, mask: Tensor | None = None) -> SIAOutput:
         """x: B x N x Cin tokens with their layout; mask: B x N, True for padding (never a centre)."""
+        if x.dim() != 3 or x.shape[1] != layout.num_tokens or x.shape[2] != self.skip.in_features:
+            raise ValueError(
+                f"SIA takes tokens B x {layout.num_tokens} x {self.skip.in_features} (its layout's tokens, "
+                f"in_dim channels), got x of shape {tuple(x.shape)}"
+            )
         conv_map = self.proj(layout.to_map(x))
         tokens = self.norm(self.skip(x) + layout.to_tokens(conv_map))
         scores = self.score(tokens).squeeze(-1)

@@ -14,15 +14,36 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import LAA, SIA, ConvDownsample, check_laa_norm
+from ..layers import LAA, LAA_NORMS, SIA, ConvDownsample
 from ..layers.attention import KeyValues
 from ..layers.laa import BATCH_NORMS
+from ..layers.sia import CLUSTER_RATIO, KNN_K
 from ..ops import TokenLayout
 from ..pretrained import checkpoint_filter_fn
+from ..spec import Choice, Flag, Number, Values, Whole
 
 AGGREGATIONS = ("conv", "laa", "sia")
 HAFA_AGGREGATION = ("laa", "laa", "sia")
 BASELINE_AGGREGATION = ("conv", "conv", "conv")
+# The HAFA options of every HAFA model: their types, ranges and defaults.
+HAFA_OPTIONS = {
+    "stage_aggregation": Values(
+        list(HAFA_AGGREGATION), item=Choice(choices=AGGREGATIONS), length=3, note="transitions 1->2, 2->3, 3->4"
+    ),
+    "cluster_ratio": CLUSTER_RATIO,
+    "knn_k": KNN_K,
+    "cluster_qkv": Flag(False),
+    "laa_norm": Choice("batch", choices=LAA_NORMS),
+}
+# The other constructor arguments every HAFA model checks.
+MODEL_ARGUMENTS = {
+    "num_classes": Whole(1000, low=0, note="0: no classifier"),
+    "in_chans": Whole(3, low=1),
+    "drop_rate": Number(0.0, low=0, high=1, high_open=True),
+    "drop_path_rate": Number(0.0, low=0, high=1, high_open=True),
+    "proj_drop_rate": Number(0.0, low=0, high=1, high_open=True),
+    "attn_drop_rate": Number(0.0, low=0, high=1, high_open=True),
+}
 # The pretrained tag that loads a baseline's ImageNet weights into the HAFA model (LAA in baseline mode).
 FROM_BASELINE_TAG = "in1k_from_baseline"
 # The smallest input side the backbones take: every one ends at stride 32, and PVT's spatial-reduction
@@ -30,15 +51,16 @@ FROM_BASELINE_TAG = "in1k_from_baseline"
 SMALLEST_INPUT = 32
 
 
-def check_stage_aggregation(stage_aggregation: Sequence[str]) -> tuple[str, str, str]:
-    """Validate the per-transition choice (1->2, 2->3, 3->4) of 'conv', 'laa' or 'sia'."""
-    choice = tuple(stage_aggregation)
-    if len(choice) != 3 or any(c not in AGGREGATIONS for c in choice):
+def check_images(x: Tensor, in_chans: int) -> None:
+    """A batch of images the backbones take: B x in_chans x H x W, B >= 1, H and W >= SMALLEST_INPUT.
+    Shapes only: no device synchronisation."""
+    if x.dim() != 4 or x.shape[0] < 1 or x.shape[1] != in_chans:
+        raise ValueError(f"images must be B x {in_chans} x H x W with B >= 1, got a tensor of shape {tuple(x.shape)}")
+    if min(x.shape[-2:]) < SMALLEST_INPUT:
         raise ValueError(
-            f"stage_aggregation must be 3 values (transitions 1->2, 2->3, 3->4) from {AGGREGATIONS}, "
-            f"got {stage_aggregation!r}"
+            f"images must be at least {SMALLEST_INPUT} x {SMALLEST_INPUT} pixels (the models end at stride 32), "
+            f"got {x.shape[-2]} x {x.shape[-1]}"
         )
-    return choice
 
 
 def freeze_batch_norm_statistics(module: nn.Module) -> int:
@@ -110,17 +132,32 @@ class HafaBackbone(nn.Module):
         knn_k: int,
         laa_norm: str,
         class_token: bool = False,
+        **arguments,
     ):
+        """arguments: the MODEL_ARGUMENTS the family takes (num_classes, in_chans, drop rates), checked."""
         super().__init__()
+        for name, value in arguments.items():
+            MODEL_ARGUMENTS[name].check(value, name)
         pools = ("token", "avg", "") if class_token else ("avg", "")
         if global_pool not in pools:
             raise ValueError(f"global_pool must be one of {pools}, got {global_pool!r}")
-        self.num_classes = num_classes
+        self.num_classes = MODEL_ARGUMENTS["num_classes"].check(num_classes, "num_classes")
+        self.in_chans = arguments.get("in_chans", 3)
         self.global_pool = global_pool
         self.num_prefix_tokens = int(class_token)
-        self.stage_aggregation = check_stage_aggregation(stage_aggregation)
-        self.laa_norm = check_laa_norm(laa_norm)
-        self.sia_args = dict(cluster_ratio=cluster_ratio, knn_k=knn_k, cluster_qkv=cluster_qkv)
+        options = dict(
+            stage_aggregation=stage_aggregation,
+            cluster_ratio=cluster_ratio,
+            knn_k=knn_k,
+            cluster_qkv=cluster_qkv,
+            laa_norm=laa_norm,
+        )
+        options = {name: HAFA_OPTIONS[name].check(value, name) for name, value in options.items()}
+        self.stage_aggregation = tuple(options["stage_aggregation"])
+        self.laa_norm = options["laa_norm"]
+        self.sia_args = dict(
+            cluster_ratio=options["cluster_ratio"], knn_k=options["knn_k"], cluster_qkv=options["cluster_qkv"]
+        )
 
     def transition(
         self,
@@ -213,6 +250,7 @@ class HafaBackbone(nn.Module):
         common size): tokens wholly in the padding never become SIA's cluster centres."""
         if output_fmt != "NCHW":
             raise ValueError("HAFA backbones return NCHW feature maps")
+        check_images(x, self.in_chans)
         stages = self.stage_list
         take_indices, max_index = feature_take_indices(len(stages), indices)
         intermediates = []
@@ -241,6 +279,7 @@ class HafaBackbone(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Images B x 3 x H x W -> final tokens B x N x C (normalised)."""
+        check_images(x, self.in_chans)
         x, layout = self.stem(x)
         for stage in self.stage_list:
             x, layout = stage(x, layout)

@@ -24,6 +24,7 @@ from ..ops import TokenLayout
 from ._base import (
     BASELINE_AGGREGATION,
     HAFA_AGGREGATION,
+    HAFA_OPTIONS,
     HafaBackbone,
     create_backbone,
     hafa_cfg,
@@ -148,6 +149,7 @@ class HafaPvt(HafaBackbone):
         class_token: bool | None = None,
     ):
         """global_pool: 'token' (the class token; default with one), 'avg' (mean of the other tokens) or ''."""
+        stage_aggregation = HAFA_OPTIONS["stage_aggregation"].check(stage_aggregation, "stage_aggregation")
         if class_token is None:
             class_token = "sia" not in stage_aggregation
         super().__init__(
@@ -159,6 +161,11 @@ class HafaPvt(HafaBackbone):
             knn_k=knn_k,
             laa_norm=laa_norm,
             class_token=class_token,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
         )
         if class_token and sr_ratios[-1] != 1:
             raise ValueError("PVT v1's class token has no place on a map: with it, sr_ratios[-1] must be 1")

@@ -103,6 +103,11 @@ class HafaPvtV2(HafaBackbone):
             cluster_ratio=cluster_ratio,
             knn_k=knn_k,
             laa_norm=laa_norm,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
         )
         self.patch_embed = ConvDownsample(in_chans, embed_dims[0], kernel_size=7, stride=4, padding=3)
         dpr = calculate_drop_path_rates(drop_path_rate, list(depths), stagewise=True)

@@ -222,6 +222,11 @@ class HafaSwin(HafaBackbone):
             cluster_ratio=cluster_ratio,
             knn_k=knn_k,
             laa_norm=laa_norm,
+            in_chans=in_chans,
+            drop_rate=drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
         )
         dims = [embed_dim * 2**i for i in range(4)]
         self.patch_embed = PatchEmbed(

@@ -36,7 +36,18 @@ def merge_tokens(x: Tensor, cluster_ids: Tensor, num_clusters: int, scores: Tens
     Returns:
         merged tokens, B x M x C (an empty cluster gives a zero token).
     """
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"merge_tokens: x must be floating-point tokens B x N x C, got {x.dtype} {tuple(x.shape)}")
     B, N, C = x.shape
+    if cluster_ids.shape != (B, N) or cluster_ids.dtype != torch.long:
+        raise ValueError(
+            f"merge_tokens: cluster_ids must be long B x N = {B} x {N}, got {cluster_ids.dtype} "
+            f"{tuple(cluster_ids.shape)}"
+        )
+    if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
+        raise ValueError(f"merge_tokens: num_clusters must be a whole number >= 1, got {num_clusters!r}")
+    if scores is not None and scores.numel() != B * N:
+        raise ValueError(f"merge_tokens: scores must be B x N or B x N x 1, got {tuple(scores.shape)}")
     weights = merge_weights(cluster_ids, num_clusters, scores).to(x.dtype)
     return x.new_zeros(B, num_clusters, C).scatter_add(
         1, cluster_ids[:, :, None].expand(B, N, C), x * weights[:, :, None]

@@ -109,6 +109,21 @@ def _read(feature_map: Tensor, plan: ReadPlan, num_tokens: int) -> Tensor:
     return tokens.view(B, num_tokens, C)
 
 
+def _check_dictionary(function: str, index: Tensor, grid_size: Size, batch: int, size: Size, size_name: str) -> None:
+    """Shapes and types of a dictionary call (no device synchronisation: the index values are not read)."""
+    if index.dim() != 2 or index.dtype != torch.long or index.shape[0] != batch:
+        raise ValueError(
+            f"{function}: index must be long B x (H*W) with B = {batch}, got {index.dtype} {tuple(index.shape)}"
+        )
+    if len(grid_size) != 2 or min(grid_size) < 1 or grid_size[0] * grid_size[1] != index.shape[1]:
+        raise ValueError(
+            f"{function}: grid_size {tuple(grid_size)} must be (H, W) >= 1 with H*W = "
+            f"{index.shape[1]} cells, as the index has"
+        )
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"{function}: {size_name} must be (H, W) with H, W >= 1, got {tuple(size)}")
+
+
 def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) -> Tensor:
     """Paint tokens onto a feature map through the dictionary.
 
@@ -121,6 +136,11 @@ def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) ->
     Returns:
         B x C x Ho x Wo (channels-last memory layout).
     """
+    if tokens.dim() != 3 or not tokens.is_floating_point():
+        raise ValueError(
+            f"token2map: tokens must be floating-point B x M x C, got {tokens.dtype} {tuple(tokens.shape)}"
+        )
+    _check_dictionary("token2map", index, grid_size, tokens.shape[0], out_size, "out_size")
     plan = _paint_plan(index, grid_size, out_size, tokens.shape[1], tokens.dtype)
     return _paint(tokens, plan, out_size)
 
@@ -137,6 +157,14 @@ def map2token(feature_map: Tensor, index: Tensor, grid_size: Size, num_tokens: i
     Returns:
         B x M x C (a token with no cell gets zeros).
     """
+    if feature_map.dim() != 4 or not feature_map.is_floating_point():
+        raise ValueError(
+            f"map2token: feature_map must be floating-point B x C x H x W, got {feature_map.dtype} "
+            f"{tuple(feature_map.shape)}"
+        )
+    _check_dictionary("map2token", index, grid_size, feature_map.shape[0], feature_map.shape[-2:], "the map's size")
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 1:
+        raise ValueError(f"map2token: num_tokens must be a whole number >= 1, got {num_tokens!r}")
     plan = _read_plan(index, grid_size, feature_map.shape[-2:], num_tokens, feature_map.dtype)
     return _read(feature_map, plan, num_tokens)
 

@@ -18,8 +18,6 @@ from timm.utils import accuracy
 
 from ..checkpoint import (
     Checkpoint,
-    build_classifier_from_state_dict,
-    build_model,
     check_model_options,
     check_task,
     checkpoint_content,
@@ -31,9 +29,11 @@ from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError
 from ..pretrained import load_pretrained
+from ..spec import Whole
 from .commands import (
     DEMO_MODELS,
     add_model_options,
+    add_recipe_option,
     add_recipe_overrides,
     add_run_options,
     add_training_options,
@@ -43,52 +43,20 @@ from .commands import (
     models_to_train,
     prepare_on_main,
     print_best_scores,
+    recipe_from_args,
     run_in_processes,
     train_models,
 )
-from .networks import classifier_arguments, create_network
-from .options import check_input_size, check_recipe
+from .networks import build_classifier_from_state_dict, build_model, classifier_arguments, create_network
+from .options import add_json_option, add_setting, image_side
 from .processes import ProcessContext, all_sum
-from .recipes import build_optimizer, load_recipe, override_recipe
+from .recipes import build_optimizer
 from .run_log import progress_bar
 from .sampling import EpochSampler, evaluation_loader
-from .settings import ClassificationSettings
+from .settings import CLASSIFICATION_RECIPE, ClassificationSettings
 from .training import Training, autocast_context, train
 
-# Every recipe setting, with timm's usual values; a recipe file overrides some, options override it.
-RECIPE_DEFAULTS = dict(
-    epochs=300,
-    batch_size=128,
-    lr=1e-3,
-    lr_base_batch=128,
-    min_lr=1e-5,
-    warmup_epochs=5,
-    warmup_lr=1e-6,
-    opt="adamw",
-    opt_betas=[0.9, 0.999],
-    opt_eps=1e-8,
-    weight_decay=0.05,
-    clip_grad=None,
-    img_size=224,
-    crop_pct=0.875,
-    interpolation="bicubic",
-    mean=[0.485, 0.456, 0.406],
-    std=[0.229, 0.224, 0.225],
-    scale=[0.08, 1.0],
-    ratio=[0.75, 1.3333],
-    hflip=0.5,
-    color_jitter=0.4,
-    auto_augment="rand-m9-mstd0.5-inc1",
-    reprob=0.25,
-    mixup=0.8,
-    cutmix=1.0,
-    mixup_prob=1.0,
-    mixup_switch_prob=0.5,
-    smoothing=0.1,
-    drop_path=0.1,
-    drop_rate=0.0,
-    seed=0,
-)
+RECIPE = CLASSIFICATION_RECIPE
 
 
 # ---------------------------------------------------------------- building blocks
@@ -197,7 +165,7 @@ def evaluate(
 
 def train_one_model(settings: ClassificationSettings, processes: ProcessContext) -> dict:
     """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
-    recipe = settings.recipe
+    recipe = settings.check().recipe
     torch.manual_seed(recipe["seed"])
     train_set = ImageFolderDataset(
         settings.data, "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
@@ -264,8 +232,24 @@ def train_one_model(settings: ClassificationSettings, processes: ProcessContext)
             settings=settings.as_dict(),
         ),
         curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]},
+        curves_note=_curves_note(recipe),
+        keep=settings.keep,
     )
     return dict(train(training, processes), model=settings.model)
+
+
+def _curves_note(recipe: dict) -> str:
+    """Why the training loss is not the validation loss (it often sits above it)."""
+    extras = []
+    if recipe["smoothing"] > 0:
+        extras.append(f"label smoothing {recipe['smoothing']:g}")
+    if recipe["mixup"] > 0 or recipe["cutmix"] > 0:
+        extras.append("Mixup / CutMix targets")
+    return (
+        "train loss: on augmented training images"
+        + (f", with {' and '.join(extras)}" if extras else "")
+        + "; val loss: plain cross-entropy on the unaugmented validation images"
+    )
 
 
 # ---------------------------------------------------------------- commands
@@ -284,14 +268,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="start from a (baseline) checkpoint: hafa.load_pretrained, classifier re-initialised",
     )
-    parser.add_argument("--num-classes", type=int, help="check that the data has this many classes")
+    add_setting(parser, "--num-classes", setting=NUM_CLASSES, help="check that the data has this many classes")
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
-    recipe = add_recipe_overrides(parser, "mixup=0 smoothing=0.0")
-    recipe.add_argument("--epochs", type=int)
-    recipe.add_argument("--img-size", type=int)
-    recipe.add_argument("--warmup-epochs", type=float)
-    recipe.add_argument("--drop-path", type=float)
-    recipe.add_argument("--clip-grad", type=float)
+    recipe = add_recipe_overrides(parser, RECIPE, "mixup=0 smoothing=0.0")
+    for key in ("epochs", "img_size", "warmup_epochs", "drop_path", "clip_grad"):
+        add_recipe_option(recipe, RECIPE, key)
     add_model_options(parser)
     add_run_options(parser)
 
@@ -300,16 +281,13 @@ def run_train(args) -> int:
     return run_in_processes(_train, args)
 
 
-def _recipe_from_args(args) -> dict:
-    recipe = load_recipe(args.recipe or ("mnist_demo" if args.data is None else "imagenet_hafa"), RECIPE_DEFAULTS)
-    keys = ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed")
-    recipe = override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
-    check_recipe(recipe, whole=("epochs", "batch_size"), positive=("lr",), sizes=("img_size",))
-    return recipe
+RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed")
+NUM_CLASSES = Whole(None, low=1, optional=True)
 
 
 def _train(args, processes: ProcessContext) -> int:
-    recipe = _recipe_from_args(args)
+    default_recipe = "mnist_demo" if args.data is None else "imagenet_hafa"
+    recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     data = args.data
     if data is None:
@@ -331,6 +309,7 @@ def _train(args, processes: ProcessContext) -> int:
             hafa_options=hafa_options_of(args),
             grad_checkpointing=args.grad_checkpointing,
             amp=args.amp,
+            keep=args.keep,
             workers=args.workers,
             device=args.device,
         )
@@ -343,10 +322,14 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa train, or a state dict")
     parser.add_argument("--model", help="model name (default: the checkpoint's)")
     parser.add_argument("--data", help="ROOT with ROOT/val/<class>/* (default: the checkpoint's training data)")
-    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict (default: from the data)")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--img-size", type=int, help="default: the checkpoint's recipe, else 224")
-    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    add_setting(
+        parser, "--num-classes", setting=NUM_CLASSES, help="classes of a plain state dict (default: the data's)"
+    )
+    add_setting(parser, "--batch-size", setting=Whole(64, low=1))
+    add_setting(
+        parser, "--img-size", setting=image_side(optional=True), help="default: the checkpoint's recipe, else 224"
+    )
+    add_json_option(parser, "the metrics")
     add_model_options(parser)
     add_run_options(parser)
 
@@ -364,8 +347,6 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
-    if args.img_size:
-        check_input_size(args.img_size, "--img-size")
     source = read_checkpoint_or_state_dict(args.checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa eval")
@@ -374,7 +355,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
         )
         recipe, classes, data = dict(source.settings["recipe"]), source.classes, args.data or source.settings["data"]
     else:
-        recipe, classes, data = dict(RECIPE_DEFAULTS), None, args.data
+        recipe, classes, data = RECIPE.defaults(), None, args.data
     if args.img_size:
         recipe["img_size"] = args.img_size
     if data is None:

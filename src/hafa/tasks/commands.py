@@ -3,25 +3,26 @@ the HAFA model and run options, running a job in one or several processes, train
 list (a HAFA model and, on request, its baseline), resume checks and the summary against baselines."""
 
 import argparse
-import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
 from ..errors import UserError
-from ..layers.laa import LAA_NORMS
+from ..models._base import HAFA_OPTIONS
 from ..models.table import BASELINE
+from ..spec import RecipeSpec
 from .networks import backbone_arguments
-from .options import check_run_options
+from .options import Device, OutputDir, add_setting, write_json
 from .processes import ProcessContext, barrier, close_processes, init_processes
+from .recipes import load_recipe, override_recipe
 from .run_log import setup_console_logging
-from .settings import RunSettings
+from .settings import RUN_OPTIONS, RunSettings
 
 # the embedded-data demos of every task: the smallest HAFA model and its baseline
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 # recipe settings that may change on --resume without breaking exactness
-RESUME_FREE = ("workers", "device", "epochs", "iterations")
+RESUME_FREE = ("workers", "device", "keep", "epochs", "iterations")
 # run settings that must not
 RESUME_FIXED = ("model", "data", "hafa_options", "amp", "num_classes")
 
@@ -34,10 +35,19 @@ def add_training_options(parser, description: str, kind: str, task: str) -> None
         "--model", nargs="+", help=f"timm {kind} name(s); default {' and '.join(DEMO_MODELS)} on the embedded data"
     )
     parser.add_argument("--baseline", action="store_true", help="also train the baseline of each HAFA model")
-    parser.add_argument(
-        "--output", default=os.path.join("runs", task), help=f"runs go to OUTPUT/<model> (default runs/{task})"
+    add_setting(
+        parser,
+        "--output",
+        setting=OutputDir(os.path.join("runs", task)),
+        help="runs go to OUTPUT/<model>",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+    add_setting(
+        parser,
+        "--keep",
+        setting=RUN_OPTIONS["keep"],
+        help="what a finished run keeps: last.pth (to resume or extend it), best.pth (to evaluate), or both",
+    )
     parser.add_argument(
         "--skip-data-check",
         action="store_true",
@@ -47,19 +57,23 @@ def add_training_options(parser, description: str, kind: str, task: str) -> None
 
 def add_model_options(parser) -> None:
     group = parser.add_argument_group("HAFA model options (ignored for baselines)")
-    group.add_argument(
+    add_setting(
+        group,
         "--stage-aggregation",
-        nargs=3,
+        setting=HAFA_OPTIONS["stage_aggregation"],
+        default=None,
         metavar=("T12", "T23", "T34"),
-        help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4 (default laa laa sia)",
+        help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4",
     )
     group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
-    group.add_argument("--cluster-ratio", type=float, help="clusters per token in SIA (default 0.25)")
-    group.add_argument("--knn-k", type=int, help="neighbours for the DPC-KNN density (default 5)")
-    group.add_argument(
+    add_setting(group, "--cluster-ratio", setting=HAFA_OPTIONS["cluster_ratio"], default=None, help="SIA's clusters")
+    add_setting(group, "--knn-k", setting=HAFA_OPTIONS["knn_k"], default=None, help="DPC-KNN's density")
+    add_setting(
+        group,
         "--laa-norm",
-        choices=LAA_NORMS,
-        help="LAA's norm: BatchNorm as the authors (default), or the baseline's own (the baseline at step 0)",
+        setting=HAFA_OPTIONS["laa_norm"],
+        default=None,
+        help="LAA's norm: BatchNorm as the authors (batch), or the baseline's own (the baseline at step 0)",
     )
 
 
@@ -70,23 +84,17 @@ def hafa_options_of(args) -> dict:
         chosen["stage_aggregation"] = tuple(args.stage_aggregation)
     if args.cluster_qkv:
         chosen["cluster_qkv"] = True
-    if args.cluster_ratio is not None:
-        chosen["cluster_ratio"] = args.cluster_ratio
-    if args.knn_k is not None:
-        chosen["knn_k"] = args.knn_k
-    if args.laa_norm is not None:
-        chosen["laa_norm"] = args.laa_norm
+    for option in ("cluster_ratio", "knn_k", "laa_norm"):
+        if getattr(args, option) is not None:
+            chosen[option] = getattr(args, option)
     return chosen
 
 
 def add_run_options(parser) -> None:
-    parser.add_argument("--workers", type=int, default=2, help="data loading processes per training process")
-    parser.add_argument("--device", help="cpu, cuda, cuda:N (default: cuda when available)")
-    parser.add_argument(
-        "--amp",
-        choices=("none", "bf16", "fp16"),
-        default="none",
-        help="autocast: bf16 (CPU or GPU) or fp16 (GPU, with loss scaling)",
+    add_setting(parser, "--workers", setting=RUN_OPTIONS["workers"], help="data loading processes per process")
+    add_setting(parser, "--device", setting=Device(), help="default: cuda when available")
+    add_setting(
+        parser, "--amp", setting=RUN_OPTIONS["amp"], help="autocast: bf16 (CPU or GPU) or fp16 (GPU, loss scaling)"
     )
 
 
@@ -110,27 +118,37 @@ def norm_eval(args, backbone_checkpoint: str | None) -> bool:
     return bool(backbone_checkpoint) if args.norm_eval is None else args.norm_eval
 
 
-def add_recipe_overrides(parser, set_example: str):
+def add_recipe_option(group, spec: RecipeSpec, key: str, help: str = "", **kwargs) -> None:
+    """--key-name for the recipe setting `key`, checked by its setting; not given: the recipe's value."""
+    add_setting(group, f"--{key.replace('_', '-')}", setting=spec[key], default=None, dest=key, help=help, **kwargs)
+
+
+def add_recipe_overrides(parser, spec: RecipeSpec, set_example: str):
     """The group of recipe overrides with what every task has (--batch-size, --lr, --seed, --set); the
     task adds its own options to the group it returns."""
-    group = parser.add_argument_group("recipe overrides")
-    group.add_argument("--batch-size", type=int, help="per process")
-    group.add_argument("--lr", type=float, help="at a global batch of lr_base_batch (scaled linearly)")
-    group.add_argument("--seed", type=int)
+    group = parser.add_argument_group("recipe overrides (default: the recipe's values)")
+    add_recipe_option(group, spec, "batch_size")
+    add_recipe_option(group, spec, "lr")
+    add_recipe_option(group, spec, "seed")
     group.add_argument(
         "--set",
         nargs="+",
         default=[],
         action="extend",
         metavar="KEY=VALUE",
-        help=f"any recipe setting, e.g. --set {set_example} (YAML values)",
+        help=f"any recipe setting, e.g. --set {set_example} (YAML values; a key given twice takes the last)",
     )
     return group
 
 
+def recipe_from_args(args, spec: RecipeSpec, default_recipe: str, option_keys: Sequence[str]) -> dict:
+    """The run's recipe: the file (--recipe, else `default_recipe`), the recipe options given, --set."""
+    recipe = load_recipe(args.recipe or default_recipe, spec)
+    return override_recipe(recipe, {key: getattr(args, key) for key in option_keys}, args.set, spec)
+
+
 def run_in_processes(job: Callable, args) -> int:
     """job(args, processes) in this process, one of torchrun's when launched by it; -> its exit status."""
-    check_run_options(args)
     setup_console_logging()
     processes = init_processes(args.device)
     try:
@@ -183,7 +201,7 @@ def train_models(
     """train_one_model(settings_for(name), processes) for each model in turn, until one is interrupted.
     What would stop a later model (its name, its options, its run folder, a resume that does not
     match) is found before the first one trains."""
-    runs = [settings_for(name) for name in models]
+    runs = [settings_for(name).check() for name in models]
     for settings in runs:
         backbone_arguments(settings.model, settings.hafa_options)
         check_run_dir(settings.run_dir, settings.resume)
@@ -199,10 +217,11 @@ def train_models(
 
 def check_run_dir(run_dir: str, resume: bool) -> None:
     """A new run never overwrites an old one; --resume needs one to continue."""
-    last = os.path.join(run_dir, "last.pth")
+    last, best = os.path.join(run_dir, "last.pth"), os.path.join(run_dir, "best.pth")
     if resume and not os.path.isfile(last):
-        raise UserError(f"nothing to resume: {last} does not exist")
-    if not resume and os.path.isfile(last):
+        kept_best = " (the run kept only best.pth: --keep best)" if os.path.isfile(best) else ""
+        raise UserError(f"nothing to resume: {last} does not exist{kept_best}")
+    if not resume and (os.path.isfile(last) or os.path.isfile(best)):
         raise UserError(f"{run_dir} already holds a run; add --resume to continue it, or choose another --output")
 
 
@@ -217,7 +236,8 @@ def print_best_scores(results: list[dict], score: str) -> None:
     print(f"\n| model | best val {score} (%) | at epoch | best checkpoint | curves |")
     print("|---|---:|---:|---|---|")
     for r in results:
-        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {r['best_checkpoint']} | {r['curves']} |")
+        checkpoint = r["best_checkpoint"] or f"(not kept; last epoch: {r['last_checkpoint']})"
+        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {checkpoint} | {r['curves']} |")
     for hafa, base in baseline_pairs(results):
         print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
 
@@ -250,8 +270,3 @@ def evaluate_and_report(
         return 0
 
     return run_in_processes(job, args)
-
-
-def write_json(path: str, values: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(values, f, indent=2)

@@ -11,23 +11,27 @@ embedded scenes train a HAFA model and its baseline with a short recipe, side by
 
 import argparse
 import logging
+import math
 import os
 
 import torch
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
-from ..checkpoint import Checkpoint, build_model, checkpoint_content, read_checkpoint, read_file
+from ..checkpoint import Checkpoint, checkpoint_content, read_checkpoint
 from ..data.checks import check_coco
 from ..data.coco import CocoInstances, collate_detection, find_split
 from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
 from ..errors import UserError
+from ..models._base import SMALLEST_INPUT
 from ..pretrained import load_pretrained
+from ..spec import Whole
 from .commands import (
     DEMO_MODELS,
     add_batchnorm_options,
     add_model_options,
+    add_recipe_option,
     add_recipe_overrides,
     add_run_options,
     add_training_options,
@@ -38,16 +42,19 @@ from .commands import (
     models_to_train,
     norm_eval,
     prepare_on_main,
+    recipe_from_args,
     run_in_processes,
     train_models,
 )
 from .detection_metrics import METRICS, evaluate_detection
-from .networks import backbone_of, create_network, detector_arguments
-from .options import check_input_size, check_recipe
+from .drawing import PALETTE, shrink_to_draw
+from .networks import backbone_of, build_model, create_network, detector_arguments
+from .options import add_json_option, add_setting, image_side
 from .processes import ProcessContext
-from .recipes import build_optimizer, load_recipe, override_recipe
+from .recipes import build_optimizer
+from .run_log import format_metric
 from .sampling import EpochSampler
-from .settings import DetectionSettings
+from .settings import DETECTION_RECIPE, DetectionSettings
 from .training import Training, train
 
 _logger = logging.getLogger("hafa")
@@ -65,37 +72,8 @@ RCNN_OPTIONS = (
     "box_detections_per_img",
 )
 
-# Every recipe setting, with the paper's values (coco_mask_rcnn_1x); recipe files override some.
-RECIPE_DEFAULTS = dict(
-    epochs=12,
-    batch_size=2,
-    lr=1e-4,
-    lr_base_batch=16,
-    opt="adamw",
-    opt_betas=[0.9, 0.999],
-    opt_eps=1e-8,
-    weight_decay=1e-4,
-    clip_grad=None,
-    lr_steps=[8, 11],
-    lr_step_rate=0.1,
-    warmup_iters=500,
-    warmup_ratio=0.001,
-    min_size=800,
-    max_size=1333,
-    hflip=0.5,
-    filter_empty=True,
-    fpn_channels=256,
-    drop_path=0.1,
-    rpn_pre_nms_top_n_train=2000,
-    rpn_post_nms_top_n_train=1000,
-    rpn_pre_nms_top_n_test=1000,
-    rpn_post_nms_top_n_test=1000,
-    rpn_batch_size_per_image=256,
-    box_batch_size_per_image=512,
-    box_detections_per_img=100,
-    eval_batch_size=2,
-    seed=0,
-)
+RECIPE = DETECTION_RECIPE
+RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
 
 
 # ---------------------------------------------------------------- building blocks
@@ -141,7 +119,7 @@ def default_data() -> str:
 
 def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> dict:
     """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
-    recipe = settings.recipe
+    recipe = settings.check().recipe
     torch.manual_seed(recipe["seed"])
     train_set = CocoInstances(
         settings.data,
@@ -206,6 +184,9 @@ def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> d
             "box AP (%)": ["val_bbox_AP", "val_bbox_AP50", "val_bbox_AP75"],
             "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"],
         },
+        curves_note="train loss: the sum of Mask R-CNN's losses (proposals, classes, boxes, masks) on the "
+        "training images; validation: COCO box and mask AP",
+        keep=settings.keep,
     )
     return dict(train(training, processes), model=settings.model)
 
@@ -214,12 +195,12 @@ def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> d
 
 
 def _add_recipe_options(parser) -> None:
-    recipe = add_recipe_overrides(parser, "lr_steps=[16,22] filter_empty=false")
-    recipe.add_argument("--epochs", type=int)
-    recipe.add_argument("--min-size", type=int, help="shorter image side")
-    recipe.add_argument("--max-size", type=int, help="longest image side")
-    recipe.add_argument("--warmup-iters", type=int)
-    recipe.add_argument("--clip-grad", type=float)
+    recipe = add_recipe_overrides(parser, RECIPE, "lr_steps=[16,22] filter_empty=false")
+    add_recipe_option(recipe, RECIPE, "epochs")
+    add_recipe_option(recipe, RECIPE, "min_size", help="shorter image side")
+    add_recipe_option(recipe, RECIPE, "max_size", help="longest image side")
+    add_recipe_option(recipe, RECIPE, "warmup_iters")
+    add_recipe_option(recipe, RECIPE, "clip_grad")
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -250,23 +231,9 @@ def run_train(args) -> int:
     return run_in_processes(_train, args)
 
 
-def _recipe_from_args(args) -> dict:
-    recipe = load_recipe(
-        args.recipe or ("scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"), RECIPE_DEFAULTS
-    )
-    keys = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
-    recipe = override_recipe(recipe, {key: getattr(args, key) for key in keys}, args.set)
-    check_recipe(
-        recipe,
-        whole=("epochs", "batch_size", "eval_batch_size"),
-        positive=("lr",),
-        sizes=("min_size", "max_size"),
-    )
-    return recipe
-
-
 def _train(args, processes: ProcessContext) -> int:
-    recipe = _recipe_from_args(args)
+    default_recipe = "scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"
+    recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
     data = args.data
     if data is None:
@@ -291,6 +258,7 @@ def _train(args, processes: ProcessContext) -> int:
             init_from=args.init_from,
             hafa_options=hafa_options_of(args),
             amp=args.amp,
+            keep=args.keep,
             workers=args.workers,
             device=args.device,
             sync_bn=args.sync_bn,
@@ -304,11 +272,12 @@ def _train(args, processes: ProcessContext) -> int:
 def _print_summary(results) -> None:
     print("\n| model | box AP | AP50 | AP75 | APs | APm | APl | mask AP | AP50 | AP75 | APs | APm | APl | at epoch |")
     print("|---|" + "---:|" * 13)
-    best = {r["model"]: read_file(r["best_checkpoint"])["metrics"] for r in results if r["best_epoch"] > 0}
+    best = {r["model"]: r["best_metrics"] for r in results if r["best_epoch"] > 0}
     for r in results:
         if r["model"] in best:
             cells = " | ".join(
-                f"{best[r['model']][f'{kind}_{name}']:.1f}" for kind in ("bbox", "segm") for name in METRICS
+                format_metric(key, best[r["model"]][key] if best[r["model"]][key] is not None else math.nan).rstrip("%")
+                for key in (f"{kind}_{name}" for kind in ("bbox", "segm") for name in METRICS)
             )
             print(f"| {r['model']} | {cells} | {r['best_epoch']} |")
     for hafa, base in baseline_pairs(results):
@@ -318,7 +287,7 @@ def _print_summary(results) -> None:
             f"{ours['segm_AP'] - theirs['segm_AP']:+.1f} mask AP"
         )
     for r in results:
-        print(f"{r['model']}: best checkpoint {r['best_checkpoint']}, curves {r['curves']}")
+        print(f"{r['model']}: best checkpoint {r['best_checkpoint'] or '(not kept)'}, curves {r['curves']}")
 
 
 def load_detector(path: str, command: str, image_sizes: dict | None = None) -> tuple[nn.Module, Checkpoint]:
@@ -335,15 +304,21 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa det-train")
     parser.add_argument("--data", help="COCO ROOT (default: the checkpoint's training data)")
     parser.add_argument("--split", help="default: val, else val2017 (the checkpoint's validation split)")
-    parser.add_argument(
+    add_setting(
+        parser,
         "--batch-size",
-        type=int,
+        setting=Whole(None, low=1, optional=True),
         help="images per batch (default: the recipe's eval_batch_size; "
         "batches are padded, so it can change the result slightly)",
     )
-    parser.add_argument("--min-size", type=int, help="shorter image side (default: the checkpoint's recipe)")
-    parser.add_argument("--max-size", type=int, help="longest image side (default: the checkpoint's recipe)")
-    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    for key, side in (("min_size", "shorter"), ("max_size", "longest")):
+        add_setting(
+            parser,
+            f"--{key.replace('_', '-')}",
+            setting=image_side(optional=True),
+            help=f"{side} image side (default: the checkpoint's recipe)",
+        )
+    add_json_option(parser, "the metrics")
     add_run_options(parser)
 
 
@@ -357,15 +332,14 @@ def _print_metrics(metrics: dict) -> None:
         + (f", {metrics['skipped']} unreadable skipped):" if metrics["skipped"] else "):")
     )
     for kind, title in (("bbox", "box "), ("segm", "mask")):
-        print(f"  {title} " + "  ".join(f"{name} {metrics[f'{kind}_{name}']:.1f}" for name in METRICS))
+        print(f"  {title} " + "  ".join(f"{name} {format_metric(name, metrics[f'{kind}_{name}'])}" for name in METRICS))
 
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
-    for key, size in overrides.items():
-        check_input_size(size, f"--{key.replace('_', '-')}")
     model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides)
     settings = DetectionSettings.from_dict(saved.settings)
+    RECIPE.check_relations({**settings.recipe, **overrides})
     data = args.data or settings.data
     if args.data is None and not os.path.isdir(data) and data.endswith(os.path.join("scenes", "coco")):
         data = default_data()  # the embedded scenes, written again after the cache was cleared
@@ -380,19 +354,6 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
 
 # ---------------------------------------------------------------- one image
 
-PALETTE = [
-    (230, 25, 75),
-    (60, 180, 75),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-]
-
 
 @torch.no_grad()
 def predict_detection(
@@ -404,18 +365,26 @@ def predict_detection(
     from torchvision.transforms.v2 import functional as TF
     from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
-    from .predict import shrink_to_draw
-
     model, saved = load_detector(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:
         raise UserError(f"cannot read image {image_path}")
     image, scale = shrink_to_draw(image)
     pixels = TF.pil_to_tensor(image)
-    detection = model.to(device)([TF.to_dtype(pixels, torch.float32, scale=True).to(device)])[0]
+    height, width = pixels.shape[-2:]
+    # The detector resizes the longer side to at most max_size: a very thin image would shrink below
+    # what the backbone takes, so its shorter side is padded (black, bottom or right) and cut off again.
+    shortest = math.ceil(max(height, width) * SMALLEST_INPUT / model.transform.max_size)
+    padded = (
+        TF.pad(pixels, [0, 0, max(0, shortest - width), max(0, shortest - height)])
+        if min(height, width) < shortest
+        else pixels
+    )
+    detection = model.to(device)([TF.to_dtype(padded, torch.float32, scale=True).to(device)])[0]
     keep = detection["scores"] >= score_threshold
     boxes, labels, scores = (detection[key][keep].cpu() for key in ("boxes", "labels", "scores"))
-    masks = detection["masks"][keep, 0].cpu() > 0.5
+    boxes[:, 0::2], boxes[:, 1::2] = boxes[:, 0::2].clamp(max=width), boxes[:, 1::2].clamp(max=height)
+    masks = detection["masks"][keep, 0, :height, :width].cpu() > 0.5
     names = [saved.classes[label - 1] for label in labels.tolist()]
     colors = [PALETTE[(label - 1) % len(PALETTE)] for label in labels.tolist()]
     drawn = pixels

@@ -9,12 +9,14 @@ import inspect
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
 
+from ..checkpoint import Checkpoint, CheckpointError, load_exactly, names_shown
 from ..errors import UserError, unknown_name
 from ..models.mask_rcnn import create_mask_rcnn
 from ..models.semantic_fpn import create_semantic_fpn
 from ..models.table import BASELINE
+from ..pretrained import adapt_state_dict
 
 # The HAFA constructor options a user may choose (a model takes those its constructor names).
 HAFA_OPTIONS = ("stage_aggregation", "cluster_ratio", "knn_k", "cluster_qkv", "laa_norm")
@@ -97,3 +99,57 @@ def backbone_of(task: str, network: nn.Module) -> nn.Module:
     if task == "detection":
         return network.backbone.body
     return network
+
+
+# HAFA options without weights: a checkpoint's model can be rebuilt with others (e.g. drawn at another
+# cluster ratio) and still load every tensor.
+WEIGHTLESS_OPTIONS = ("cluster_ratio", "knn_k")
+
+
+def build_model(checkpoint: Checkpoint, weightless_options: dict | None = None) -> nn.Module:
+    """The exact network a checkpoint was trained as, with all of its weights, in eval mode on the CPU;
+    weightless_options: other values of WEIGHTLESS_OPTIONS for its backbone."""
+    args = checkpoint.model_args
+    if weightless_options:
+        not_weightless = sorted(set(weightless_options) - set(WEIGHTLESS_OPTIONS))
+        if not_weightless:
+            raise ValueError(f"only {', '.join(WEIGHTLESS_OPTIONS)} can differ from a checkpoint, not {not_weightless}")
+        if "backbone" in args:
+            args = dict(args, backbone=dict(args["backbone"], **weightless_options))
+        else:
+            args = dict(args, **weightless_options)
+    model = create_network(checkpoint.task, checkpoint.model_name, args)
+    load_exactly(model, checkpoint.state_dict, checkpoint.path, checkpoint.model_name)
+    return model.eval()
+
+
+def build_classifier_from_state_dict(
+    state_dict: dict[str, Tensor],
+    path: str,
+    model_name: str | None,
+    num_classes: int | None,
+    hafa_options: dict | None = None,
+    img_size: int = 224,
+) -> nn.Module:
+    """A classifier for a plain state dict (timm or official names), which must hold all its weights:
+    `model_name` with `num_classes` classes and the HAFA options (those without weights may differ)."""
+    if model_name is None or num_classes is None:
+        raise CheckpointError(
+            f"{path} is a plain state dict: say which model it holds with --model and how many classes its "
+            "classifier has with --num-classes"
+        )
+    args = classifier_arguments(model_name, num_classes=num_classes, hafa_options=hafa_options or {}, img_size=img_size)
+    model = create_network("classification", model_name, args)
+    adapted, report = adapt_state_dict(state_dict, model)
+    problems = []
+    if report.newly_initialised:
+        problems.append(f"missing {len(report.newly_initialised)} ({names_shown(report.newly_initialised)})")
+    if report.unused:
+        problems.append(f"extra {len(report.unused)} ({names_shown(report.unused)})")
+    if problems:
+        raise CheckpointError(
+            f"{path} does not hold exactly the weights of {model_name} with {num_classes} classes: "
+            f"{'; '.join(problems)}. Nothing is computed from newly initialised weights."
+        )
+    model.load_state_dict(adapted)
+    return model.eval()

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .options import check_device
+from .options import Device
 
 
 @dataclass
@@ -33,7 +33,7 @@ class ProcessContext:
 def init_processes(device: str | None = None) -> ProcessContext:
     """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU). device: cpu, cuda or
     cuda:N (one process; under torchrun each process takes cuda:LOCAL_RANK), default cuda when available."""
-    check_device(device)
+    Device().check(device, "--device")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")

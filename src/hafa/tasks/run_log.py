@@ -7,8 +7,7 @@ import math
 import os
 import sys
 
-from tqdm import tqdm
-
+from ..progress import progress
 from .processes import ProcessContext
 
 
@@ -57,8 +56,9 @@ class RunLog:
         with open(self.csv_path, newline="") as f:
             return list(csv.DictReader(f))
 
-    def plot(self, groups: dict[str, list[str]]) -> str | None:
-        """curves.png: one panel per group of columns (e.g. {'loss': [...], 'accuracy (%)': [...]})."""
+    def plot(self, groups: dict[str, list[str]], note: str = "") -> str | None:
+        """curves.png: one panel per group of columns (e.g. {'loss': [...], 'accuracy (%)': [...]}), whole
+        epochs on the x axis, and `note` (what the curves measure) as a caption."""
         rows = self.rows()
         if not self.enabled or not rows:
             return None
@@ -66,18 +66,24 @@ class RunLog:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.9 if note else 3.6), squeeze=False)
         epochs = [float(r["epoch"]) for r in rows]
         for ax, (title, columns) in zip(axes[0], groups.items()):
             for column in columns:
                 values = [float(r[column]) if r.get(column) not in (None, "") else math.nan for r in rows]
                 ax.plot(epochs, values, marker="o", label=column)
             ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_title(title)
             ax.grid(alpha=0.3)
             ax.legend()
-        fig.tight_layout()
+        if note:
+            fig.text(0.5, 0.01, note, ha="center", va="bottom", fontsize=8, wrap=True)
+            fig.tight_layout(rect=(0, 0.08, 1, 1))
+        else:
+            fig.tight_layout()
         path = os.path.join(self.run_dir, "curves.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -91,16 +97,21 @@ class RunLog:
 
 
 def progress_bar(iterable, processes: ProcessContext, **kwargs):
-    """tqdm on the main process; on a terminal it redraws, in a log file it writes a line every 30 s."""
-    interactive = sys.stderr.isatty()
-    return tqdm(
-        iterable,
-        disable=not processes.is_main,
-        unit="batch",
-        dynamic_ncols=interactive,
-        mininterval=0.2 if interactive else 30,
-        **kwargs,
-    )
+    """A progress bar on the main process (hafa.progress: redrawn on a terminal, plain lines in a log)."""
+    return progress(iterable, enabled=processes.is_main, unit=kwargs.pop("unit", "batch"), **kwargs)
+
+
+def format_metric(name: str, value: float) -> str:
+    """One unit and one precision for each metric, wherever it is shown: losses with 4 decimals, COCO's
+    AP (%) with 1, every other score (%) with 2."""
+    if "loss" in name:
+        return f"{value:.4f}"
+    return f"{value:.1f}%" if "AP" in name else f"{value:.2f}%"
+
+
+def format_metrics(metrics: dict) -> str:
+    """The numbers of a metrics dict (counts and per-class tables left out), e.g. 'loss 0.0712  top1 98.50%'."""
+    return "  ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items() if isinstance(v, float))
 
 
 def setup_console_logging() -> None:

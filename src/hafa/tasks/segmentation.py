@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 from torch import nn
 
-from ..checkpoint import build_model, checkpoint_content, read_checkpoint
+from ..checkpoint import checkpoint_content, read_checkpoint
 from ..data.checks import check_segmentation_pairs
 from ..data.folder import read_rgb
 from ..data.scenes import SEGMENTATION_CLASSES, default_scenes_root, prepare_scenes
@@ -35,10 +35,12 @@ from ..data.segmentation import (
 )
 from ..errors import UserError
 from ..pretrained import load_pretrained
+from ..spec import Choice, Whole
 from .commands import (
     DEMO_MODELS,
     add_batchnorm_options,
     add_model_options,
+    add_recipe_option,
     add_recipe_overrides,
     add_run_options,
     add_training_options,
@@ -49,50 +51,26 @@ from .commands import (
     norm_eval,
     prepare_on_main,
     print_best_scores,
+    recipe_from_args,
     run_in_processes,
     train_models,
 )
-from .networks import backbone_of, create_network, segmenter_arguments
-from .options import check_recipe
+from .drawing import draw_segmentation, shrink_to_draw
+from .networks import backbone_of, build_model, create_network, segmenter_arguments
+from .options import add_json_option, add_setting
 from .processes import ProcessContext
-from .recipes import build_optimizer, load_recipe, override_recipe
+from .recipes import build_optimizer
 from .sampling import EpochSampler
 from .segmentation_metrics import evaluate_segmentation, infer_logits
-from .settings import SegmentationSettings
+from .settings import SEGMENTATION_RECIPE, SegmentationSettings
 from .training import Training, train
 
 ADE20K_CLASSES = 150
 
-# Every recipe setting (the paper's values); a recipe file overrides some, options override it.
-RECIPE_DEFAULTS = dict(
-    iterations=40000,
-    batch_size=16,
-    lr=1e-4,
-    lr_base_batch=16,
-    min_lr=0.0,
-    poly_power=0.9,
-    warmup_iterations=0,
-    warmup_lr=1e-6,
-    opt="adamw",
-    opt_betas=[0.9, 0.999],
-    opt_eps=1e-8,
-    weight_decay=1e-4,
-    clip_grad=None,
-    scale=[2048, 512],
-    ratio_range=[0.5, 2.0],
-    crop_size=[512, 512],
-    cat_max_ratio=0.75,
-    hflip=0.5,
-    color_jitter=[0.125, 0.5, 0.5, 0.1],
-    mean=[0.485, 0.456, 0.406],
-    std=[0.229, 0.224, 0.225],
-    drop_path=0.1,
-    head_dropout=0.1,
-    eval_mode="whole",
-    eval_crop=[512, 512],
-    eval_stride=[341, 341],
-    seed=0,
-)
+RECIPE = SEGMENTATION_RECIPE
+RECIPE_OPTIONS = ("iterations", "batch_size", "lr", "crop_size", "eval_mode", "seed")
+NUM_CLASSES = Whole(None, low=1, high=IGNORE_INDEX, optional=True)
+EVAL_MODE = Choice(None, choices=("whole", "slide"), optional=True)
 
 
 # ---------------------------------------------------------------- training
@@ -137,7 +115,7 @@ def evaluate_with_recipe(
 
 def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -> dict:
     """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
-    recipe = settings.recipe
+    recipe = settings.check().recipe
     torch.manual_seed(recipe["seed"])
     labels = LabelMapping(settings.num_classes, settings.reduce_zero_label)
     train_set = SegmentationDataset(
@@ -201,6 +179,10 @@ def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -
             settings=settings.as_dict(),
         ),
         curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]},
+        curves_note="train loss: cross-entropy on random crops of the training images; validation: mIoU, mean "
+        "class accuracy and pixel accuracy on the validation images",
+        keep=settings.keep,
+        length_option="--iterations",
     )
     if processes.is_main and not settings.resume:
         print(
@@ -228,15 +210,23 @@ def _add_data_options(parser, training: bool) -> None:
     if training:
         group.add_argument("--val-images", metavar="DIR", help="validation images (with --images)")
         group.add_argument("--val-masks", metavar="DIR", help="validation masks (with --images)")
-        group.add_argument(
-            "--num-classes", type=int, help=f"classes (default {ADE20K_CLASSES} with --data; needed with --images)"
-        )
-        group.add_argument(
-            "--reduce-zero-label",
-            action=argparse.BooleanOptionalAction,
-            help="mask value 0 = ignore, v -> class v-1 (default: on with --data, off with --images)",
+        add_setting(
+            group,
+            "--num-classes",
+            setting=NUM_CLASSES,
+            help=f"classes (default {ADE20K_CLASSES} with --data; needed with --images)",
         )
         group.add_argument("--class-names", metavar="FILE", help="class names, one a line (for logs and legends)")
+    group.add_argument(
+        "--reduce-zero-label",
+        action=argparse.BooleanOptionalAction,
+        help="the masks' convention: value 0 = ignore and v -> class v-1, or (--no-) values 0..K-1 are the classes "
+        + (
+            "(default: on with --data, off with --images)"
+            if training
+            else "(default: the checkpoint's, for masks in its training layout; say it for masks in the other layout)"
+        ),
+    )
 
 
 def _data_from_args(args) -> dict:
@@ -316,10 +306,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)",
     )
-    recipe = add_recipe_overrides(parser, "scale=[1024,256]")
-    recipe.add_argument("--iterations", type=int, help="rounded to whole epochs")
-    recipe.add_argument("--crop-size", type=int, nargs=2, metavar=("H", "W"))
-    recipe.add_argument("--eval-mode", choices=("whole", "slide"))
+    recipe = add_recipe_overrides(parser, RECIPE, "scale=[1024,256]")
+    add_recipe_option(recipe, RECIPE, "iterations")
+    add_recipe_option(recipe, RECIPE, "crop_size", metavar=("H", "W"))
+    add_recipe_option(recipe, RECIPE, "eval_mode")
     add_model_options(parser)
     add_run_options(parser)
     add_batchnorm_options(parser)
@@ -333,17 +323,8 @@ def _train(args, processes: ProcessContext) -> int:
     data = _data_from_args(args)
     own_data = not _is_scenes(data["data"])
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data)
-    recipe = load_recipe(args.recipe or ("ade20k_semantic_fpn" if own_data else "scenes_semantic_fpn"), RECIPE_DEFAULTS)
-    options = dict(
-        iterations=args.iterations,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        crop_size=args.crop_size,
-        eval_mode=args.eval_mode,
-        seed=args.seed,
-    )
-    recipe = override_recipe(recipe, options, args.set)
-    check_recipe(recipe, whole=("iterations", "batch_size"), positive=("lr",), sizes=("crop_size",))
+    default_recipe = "ade20k_semantic_fpn" if own_data else "scenes_semantic_fpn"
+    recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
     _ensure_scenes(data["data"], processes)
     if processes.is_main and not own_data:
         print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {data['data']['root']}")
@@ -362,6 +343,7 @@ def _train(args, processes: ProcessContext) -> int:
             backbone_checkpoint=args.backbone_checkpoint,
             hafa_options=hafa_options_of(args),
             amp=args.amp,
+            keep=args.keep,
             workers=args.workers,
             device=args.device,
             sync_bn=args.sync_bn,
@@ -387,8 +369,8 @@ def load_segmenter(checkpoint: str, command: str) -> tuple[nn.Module, Segmentati
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, help="best.pth / last.pth of hafa seg-train")
     _add_data_options(parser, training=False)
-    parser.add_argument("--eval-mode", choices=("whole", "slide"), help="default: the checkpoint's recipe")
-    parser.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    add_setting(parser, "--eval-mode", setting=EVAL_MODE, help="default: the checkpoint's recipe")
+    add_json_option(parser, "the metrics")
     add_run_options(parser)
 
 
@@ -415,12 +397,38 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     else:
         data = settings.data
         _ensure_scenes(data, processes)
-    labels = LabelMapping(settings.num_classes, settings.reduce_zero_label)
+    reduce_zero_label = label_convention(settings, data["layout"], args.reduce_zero_label, args.checkpoint)
+    labels = LabelMapping(settings.num_classes, reduce_zero_label)
     dataset = SegmentationDataset(data_pairs(data, "val"), EvalTransform(settings.recipe), labels)
     recipe = dict(settings.recipe, eval_mode=args.eval_mode or settings.recipe["eval_mode"])
     model.to(processes.device)
     metrics = evaluate_with_recipe(model, dataset, settings.class_names, recipe, processes, args.workers, args.amp)
     return dict(metrics, model=settings.model, data=data, checkpoint=args.checkpoint, eval_mode=recipe["eval_mode"])
+
+
+LAYOUTS = {"ade20k": "the ADE20K layout (--data)", "folders": "image / mask folder pairs (--images, --masks)"}
+
+
+def _convention(reduce_zero_label: bool, num_classes: int) -> str:
+    if reduce_zero_label:
+        return f"reduce_zero_label (0 = ignore, values 1..{num_classes} = classes 0..{num_classes - 1})"
+    return f"no reduce_zero_label (values 0..{num_classes - 1} = the classes)"
+
+
+def label_convention(settings: SegmentationSettings, layout: str, asked: bool | None, checkpoint: str) -> bool:
+    """The masks' convention for evaluating `checkpoint` on masks in `layout`: as asked; else the
+    checkpoint's, for masks in the layout it was trained on; else refused (the convention of masks in
+    another layout is not known, and a wrong one shifts every class: a plausible, wrong mIoU)."""
+    if asked is not None:
+        return asked
+    trained_layout = settings.data["layout"]
+    if layout == trained_layout:
+        return settings.reduce_zero_label
+    raise UserError(
+        f"{checkpoint} was trained on masks in {LAYOUTS[trained_layout]} with "
+        f"{_convention(settings.reduce_zero_label, settings.num_classes)}; these masks are in {LAYOUTS[layout]}: "
+        "say which convention they use with --reduce-zero-label or --no-reduce-zero-label"
+    )
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -449,9 +457,6 @@ def predict_segmentation(
     """Segment one image with a `hafa seg-train` checkpoint and write the image with the classes
     tinted and a legend as a PNG (a huge image at most DRAW_LONG_SIDE pixels on its longer side).
     -> dict(output, labels [H, W] int64 array of the drawn image, class_shares {name: %})."""
-    from ..tools.segmentation_overlay import draw_segmentation
-    from .predict import shrink_to_draw
-
     model, settings = load_segmenter(checkpoint, "hafa predict")
     image = read_rgb(image_path)
     if image is None:

@@ -105,4 +105,9 @@ def evaluate_segmentation(
     if images == 0:
         raise UserError("no readable validation images")
     matrix = torch.tensor(summed[:-2], dtype=torch.float64).reshape(num_classes, num_classes)
+    if matrix.sum() == 0:
+        raise UserError(
+            f"no pixel of the {images} evaluated masks is labelled (every value is ignore): mIoU is undefined; "
+            "check the masks and --reduce-zero-label"
+        )
     return dict(segmentation_metrics(matrix, class_names), images=images, skipped=skipped)

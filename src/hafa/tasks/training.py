@@ -22,8 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from ..checkpoint import pack_names, read_file, unpack_names, write_file
 from ..errors import UserError, message_of
 from ..models import freeze_batch_norm_statistics
+from ..progress import format_rate
+from .options import write_json
 from .processes import ProcessContext, all_sum, any_process, gather_objects
-from .run_log import RunLog, progress_bar
+from .run_log import RunLog, format_metrics, progress_bar
 from .sampling import EpochSampler
 
 _logger = logging.getLogger("hafa")
@@ -142,6 +144,9 @@ class Training:
     sync_batchnorm: bool = False  # BatchNorm statistics over all processes (SyncBatchNorm) under DDP
     frozen_norms: nn.Module | None = None  # a part whose BatchNorm statistics stay as loaded (norm_eval)
     curves: dict[str, list[str]] = field(default_factory=dict)
+    curves_note: str = ""  # what the curves measure, under the picture
+    keep: str = "both"  # what a finished run keeps: "both", "best" (best.pth) or "last" (last.pth)
+    length_option: str = "--epochs"  # the option that sets the run's length (seg-train: --iterations)
 
 
 @dataclass
@@ -155,6 +160,7 @@ class TrainState:
     # so that the resumed epoch's mean loss is the uninterrupted one
     epoch_loss_sum: float = 0.0
     epoch_steps: int = 0
+    best_metrics: dict | None = None  # the validation metrics of the best epoch
 
 
 @dataclass
@@ -168,8 +174,9 @@ class _Epoch:
 def train(t: Training, processes: ProcessContext) -> dict:
     """Run (or resume) a training: epochs of steps, evaluation and checkpoints after each epoch.
 
-    -> dict(status 'finished' or 'interrupted', best_score, best_epoch, epochs_done, run_dir,
-    best_checkpoint, curves, network (the trained model)).
+    -> dict(status 'finished' or 'interrupted', best_score, best_epoch, best_metrics, epochs_done, run_dir,
+    best_checkpoint and last_checkpoint (None when not kept), curves, network (the trained model)).
+    A finished run writes result.json (the same, without the network) and keeps what t.keep says.
     """
     last_path, best_path = os.path.join(t.run_dir, "last.pth"), os.path.join(t.run_dir, "best.pth")
     scaler = torch.amp.GradScaler(processes.device.type, enabled=t.amp == "fp16")
@@ -185,6 +192,7 @@ def train(t: Training, processes: ProcessContext) -> dict:
         if len(saved["rng"]) != processes.world_size:
             raise UserError(f"the run was saved by {len(saved['rng'])} processes; resume it with the same number")
         set_rng_state(saved["rng"][processes.rank])
+        _check_something_left(t, state)
         _logger.info("resuming %s at epoch %d, batch %d", t.name, state.epoch + 1, state.step_in_epoch)
     model = t.model
     if processes.distributed and t.sync_batchnorm and processes.device.type == "cuda":
@@ -231,6 +239,11 @@ def train(t: Training, processes: ProcessContext) -> dict:
                 is_best = metrics[t.score] > state.best_score
                 if is_best:
                     state.best_score, state.best_epoch = metrics[t.score], state.epoch
+                    state.best_metrics = {  # plain numbers, None where undefined (NaN would not compare)
+                        k: None if isinstance(v, float) and math.isnan(v) else v
+                        for k, v in metrics.items()
+                        if isinstance(v, (int, float))
+                    }
                 saved = checkpoint(metrics)
                 if processes.is_main:
                     write_file(last_path, saved)
@@ -243,36 +256,70 @@ def train(t: Training, processes: ProcessContext) -> dict:
                         epoch=state.epoch,
                         train_loss=round(epoch.loss, 5),
                         lr=t.optimizer.param_groups[0]["lr"],
-                        images_per_s=round(epoch.images_per_s, 1),
+                        images_per_s=round(epoch.images_per_s, 3),
                         skipped_images=epoch.skipped,
                         **{f"val_{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)},
                     )
                     log.epoch(row)
-                    shown = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
                     _logger.info(
-                        "%s epoch %d/%d: train loss %.4f  val %s  %.0f img/s%s",
+                        "%s epoch %d/%d: train loss %.4f  val %s  %s img/s%s",
                         t.name,
                         state.epoch,
                         t.epochs,
                         epoch.loss,
-                        shown,
-                        epoch.images_per_s,
+                        format_metrics(metrics),
+                        format_rate(epoch.images_per_s),
                         f"  ({epoch.skipped} unreadable images skipped)" if epoch.skipped else "",
                     )
     except UserError as error:
         raise type(error)(f"{message_of(error)}; {_what_is_saved(last_path)}") from error
     finally:
-        curves = log.plot(t.curves) if t.curves else None
+        curves = log.plot(t.curves, t.curves_note) if t.curves else None
         log.close()
-    return dict(
+    result = dict(
         status=status,
+        model=t.name,
+        score=t.score,
         best_score=state.best_score,
         best_epoch=state.best_epoch,
+        best_metrics=state.best_metrics,
         epochs_done=state.epoch,
+        epochs=t.epochs,
         run_dir=t.run_dir,
         best_checkpoint=best_path,
+        last_checkpoint=last_path,
         curves=curves,
-        network=t.model,
+    )
+    if status == "finished" and processes.is_main:
+        result.update(_keep(t.keep, best_path, last_path))
+        write_json(os.path.join(t.run_dir, RESULT_FILE), result)
+    return dict(result, network=t.model)
+
+
+RESULT_FILE = "result.json"
+
+
+def _keep(keep: str, best_path: str, last_path: str) -> dict:
+    """Remove what a finished run does not keep. -> the checkpoints' paths, None for a removed one."""
+    removed = {"best": last_path, "last": best_path}.get(keep)
+    if removed is not None and os.path.isfile(removed):
+        os.remove(removed)
+        _logger.info("--keep %s: removed %s", keep, removed)
+    return dict(
+        best_checkpoint=best_path if keep != "last" else None,
+        last_checkpoint=last_path if keep != "best" else None,
+    )
+
+
+def _check_something_left(t: Training, state: TrainState) -> None:
+    """A resumed run whose epochs are all done (or that stopped inside an epoch beyond the new end) has
+    nothing to do: an error, not a silent success."""
+    if state.epoch < t.epochs:
+        return
+    inside = f" and {state.step_in_epoch} batches of epoch {state.epoch + 1}" if state.step_in_epoch else ""
+    raise UserError(
+        f"--resume: {t.name} in {t.run_dir} has done {state.epoch} epochs{inside}; a run of {t.epochs} epochs has "
+        f"nothing left to do: raise {t.length_option} to extend it"
     )
 
 
@@ -353,12 +400,10 @@ def _train_epoch(
         images_seen += images * processes.world_size
         skipped += skipped_now
         speed = images_seen / (time.perf_counter() - start)
-        progress.set_postfix(
-            loss=f"{loss_sum / steps:.4f}",
-            lr=f"{t.optimizer.param_groups[0]['lr']:.2e}",
-            img_s=f"{speed:.0f}",
+        progress.set_postfix_str(
+            f"loss {loss_sum / steps:.4f}, lr {t.optimizer.param_groups[0]['lr']:.2e}, {format_rate(speed)} img/s",
             refresh=False,
-        )  # drawn at tqdm's own interval
+        )  # drawn at the bar's own interval
         if stop:
             progress.close()
             state.epoch_loss_sum = all_sum([loss_sum], processes)[0] / processes.world_size

@@ -39,7 +39,8 @@ from ..errors import UserError, unknown_name
 from ..models._base import BASELINE_AGGREGATION, run_downsample
 from ..models.table import BASELINE, PAPER
 from ..ops import TokenLayout
-from ..tasks.options import check_device, check_input_size, check_output_file
+from ..spec import Choice, Values, Whole
+from ..tasks.options import Device, add_json_option, add_setting, image_side
 from .flops import count_macs
 
 DEFAULT_MODELS = [
@@ -83,35 +84,35 @@ def add_arguments(parser):
         metavar="HAFA_MODEL",
         help="HAFA models, each measured beside its baseline (default: the tiny / b0 / b1 / b2 / Swin-T sizes)",
     )
-    parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
-    parser.add_argument(
+    add_setting(parser, "--img-size", setting=image_side(224), help="square input size")
+    add_setting(
+        parser,
         "--batch-sizes",
-        type=int,
-        nargs=2,
-        default=(1, 32),
+        setting=Values([1, 32], item=Whole(low=1), length=2),
         metavar=("LATENCY", "THROUGHPUT"),
-        help="batch for latency, and for throughput and the training step (default 1 32)",
+        help="batch for latency, and for throughput and the training step",
     )
-    parser.add_argument("--reps", type=int, default=5, help="timed repetitions of each measurement (default 5)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed runs before them (default 2)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: cuda when present)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
+    add_setting(parser, "--reps", setting=Whole(5, low=1), help="timed repetitions of each measurement")
+    add_setting(parser, "--warmup", setting=Whole(2, low=0), help="untimed runs before them")
+    add_setting(parser, "--device", setting=Device("auto", auto=True), help="auto: cuda when present")
+    add_setting(parser, "--threads", setting=Whole(None, low=1, optional=True), help="torch CPU threads")
+    add_setting(
+        parser,
         "--clock",
-        choices=("wall", "cpu"),
-        default="wall",
+        setting=Choice("wall", choices=tuple(CLOCKS)),
         help="wall time, or the process's CPU time: with --threads 1 it barely feels other processes "
-        "on a shared machine (CPU only; default wall)",
+        "on a shared machine (CPU only)",
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--amp",
-        choices=tuple(AMP_DTYPES),
-        default="none",
-        help="run forward passes under autocast in bf16 or fp16 (fp16: with loss scaling; default none)",
+        setting=Choice("none", choices=tuple(AMP_DTYPES)),
+        help="run forward passes under autocast in bf16 or fp16 (fp16: with loss scaling)",
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--compile",
-        choices=COMPILE_MODES,
+        setting=Choice(None, choices=COMPILE_MODES, optional=True),
         help="time inference of torch.compile(model, fullgraph=True), for both models: cudagraphs (CUDA "
         "graphs over the eager kernels: no launch cost, same arithmetic), or an inductor mode (default, "
         "reduce-overhead, max-autotune). The training step and the operator count stay eager",
@@ -124,15 +125,14 @@ def add_arguments(parser):
         action="store_true",
         help="time LAA and SIA against the plain downsampling, and SIA's share of the backbone at 800x1333",
     )
-    parser.add_argument(
+    add_setting(
+        parser,
         "--detection-size",
-        type=int,
-        nargs=2,
-        default=DETECTION_SIZE,
+        setting=Values(list(DETECTION_SIZE), item=image_side(), length=2),
         metavar=("H", "W"),
-        help="--modules: the detection input, batch 2 (default 800 1333: 4200 stage-3 tokens)",
+        help="--modules: the detection input, batch 2 (800 1333: 4200 stage-3 tokens)",
     )
-    parser.add_argument("--json", metavar="PATH", help="also write everything measured as JSON")
+    add_json_option(parser, "everything measured")
 
 
 # --- measuring -------------------------------------------------------------------------------------
@@ -179,8 +179,7 @@ def resolve_device(name: str) -> torch.device:
     """--device: auto (cuda when present), or what every command takes (cpu, cuda, cuda:N)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(name)
-    return torch.device(name)
+    return torch.device(Device().check(name, "--device"))
 
 
 def _synchronize(device: torch.device) -> None:
@@ -698,9 +697,6 @@ def run(args) -> int:
     for name in args.models:
         if name not in BASELINE:
             raise unknown_name("HAFA model", name, sorted(BASELINE))
-    if args.reps < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
-        raise UserError("--reps must be >= 1, --warmup >= 0 and batch sizes >= 1")
-    check_input_size(args.img_size, "--img-size")
     reps, warmup, batch_sizes = args.reps, args.warmup, tuple(args.batch_sizes)
     if args.quick:
         reps, warmup, batch_sizes = 2, 1, (batch_sizes[0], min(batch_sizes[1], 8))
@@ -734,8 +730,6 @@ def run(args) -> int:
         memory=not (args.no_memory or args.compile),
         detection_size=tuple(args.detection_size),
     )
-    if args.json:
-        check_output_file(args.json, "--json")
     result = dict(settings=settings(config))
     print(
         f"device {result['settings']['device']} ({result['settings']['device_name']}), "

@@ -28,17 +28,13 @@ from pathlib import Path
 import timm
 import torch
 
-from ..checkpoint import (
-    Checkpoint,
-    build_classifier_from_state_dict,
-    check_model_options,
-    check_task,
-    read_checkpoint_or_state_dict,
-)
-from ..checkpoint import build_model as build_model_of
+from ..checkpoint import Checkpoint, check_model_options, check_task, read_checkpoint_or_state_dict
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
-from ..tasks.options import check_input_size, check_output_file
+from ..spec import Values, Whole
+from ..tasks.networks import build_classifier_from_state_dict
+from ..tasks.networks import build_model as build_model_of
+from ..tasks.options import OutputFile, add_setting, image_side
 
 OPSET = 18
 DEFAULT_MODEL = "hafa_pvt_v2_b0"
@@ -51,17 +47,24 @@ def add_arguments(parser):
     parser.add_argument(
         "--checkpoint", help="best.pth / last.pth of hafa train, or a plain state dict with --model and --num-classes"
     )
-    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict's classifier")
-    parser.add_argument("--img-size", type=int, default=224, help="square input size (default 224)")
-    parser.add_argument("--batch", type=int, default=2, help="batch of the example input that is traced (default 2)")
-    parser.add_argument(
-        "--check-batches",
-        type=int,
-        nargs="+",
-        default=[1, 3],
-        help="batches run by onnxruntime besides the traced one (default 1 3)",
+    add_setting(
+        parser, "--num-classes", setting=Whole(None, low=1, optional=True), help="classes of a plain state dict"
     )
-    parser.add_argument("--output", "-o", help="ONNX file to write (default MODEL.onnx)")
+    add_setting(parser, "--img-size", setting=image_side(224), help="square input size")
+    add_setting(
+        parser,
+        "--batch",
+        setting=Whole(2, low=1),
+        help="batch of the example input that is traced (2 or more for an ONNX file with a dynamic batch)",
+    )
+    add_setting(
+        parser,
+        "--check-batches",
+        setting=Values([1, 3], item=Whole(low=1), min_length=1),
+        nargs="+",
+        help="batches run by onnxruntime besides the traced one",
+    )
+    add_setting(parser, "--output", "-o", setting=OutputFile(), help="ONNX file to write (default MODEL.onnx)")
     parser.add_argument(
         "--compile", action="store_true", help="also compare torch.compile(model) with eager mode (outputs and time)"
     )
@@ -164,17 +167,14 @@ def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dic
 
 
 def run(args) -> int:
-    if args.batch < 1 or min(args.check_batches) < 1:
-        raise UserError("--batch and --check-batches must be at least 1")
     if args.batch == 1 and not args.no_onnx:
         # torch.export specialises a traced dimension of size 1: the file would take batch 1 only, and
         # the check of other batches would fail on it.
         raise UserError("--batch 1 cannot be traced as a dynamic batch axis: use --batch 2 or more")
-    check_input_size(args.img_size, "--img-size")
     if args.no_onnx and not args.compile:
         raise UserError("--no-onnx leaves nothing to do without --compile")
     if not args.no_onnx:
-        check_output_file(args.output or f"{args.model or DEFAULT_MODEL}.onnx", "--output")
+        OutputFile().check(args.output or f"{args.model or DEFAULT_MODEL}.onnx", "--output")
     model = build_model(args.model, args.checkpoint, args.num_classes)
     name = model.pretrained_cfg["architecture"]
     size = (3, args.img_size, args.img_size)

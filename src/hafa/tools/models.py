@@ -1,13 +1,15 @@
 """`hafa models`: every HAFA model beside its baseline: parameters (ours, the official code's where it
 exists, the paper's), GMACs, and the paper's top-1."""
 
-import json
+import sys
 
 import timm
 import torch
 
 from ..errors import unknown_name
 from ..models.table import BASELINE, OFFICIAL, PAPER
+from ..progress import progress
+from ..tasks.options import add_json_option, add_setting, image_side, write_json
 from .flops import count_macs
 
 DEFAULT_MODELS = sorted(BASELINE)
@@ -15,10 +17,10 @@ DEFAULT_MODELS = sorted(BASELINE)
 
 def add_arguments(parser):
     parser.add_argument(
-        "--models", nargs="+", default=DEFAULT_MODELS, help="HAFA models (each shown with its baseline)"
+        "--models", nargs="+", default=DEFAULT_MODELS, help="HAFA models (each shown with its baseline; default all)"
     )
-    parser.add_argument("--img-size", type=int, default=224, help="input size for the MACs (default 224)")
-    parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    add_setting(parser, "--img-size", setting=image_side(224), help="input size for the MACs")
+    add_json_option(parser, "the rows")
 
 
 def model_row(name: str, img_size: int) -> dict:
@@ -62,9 +64,14 @@ def run(args) -> int:
         "sampling, merging and CPU attention by formula); the paper's 'GFLOPs' are MACs too. The paper cuts "
         "parameter counts to one decimal; the official code exists for PVT v1 only."
     )
-    rows = [model_row(n, args.img_size) for name in args.models for n in (BASELINE[name], name)]
+    names = [n for name in args.models for n in (BASELINE[name], name)]
+    if len(names) > 4:
+        print(
+            f"building and counting {len(names)} models (a few seconds each; --models NAME ... for fewer)",
+            file=sys.stderr,
+        )
+    rows = [model_row(n, args.img_size) for n in progress(names, desc="models", unit="model")]
     print(markdown(rows, args.img_size))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+        write_json(args.json, rows)
     return 0

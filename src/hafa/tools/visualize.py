@@ -18,25 +18,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..checkpoint import (
-    Checkpoint,
-    build_classifier_from_state_dict,
-    check_model_options,
-    check_task,
-    read_checkpoint_or_state_dict,
-)
-from ..checkpoint import build_model as build_model_of
+from ..checkpoint import Checkpoint, check_model_options, check_task, read_checkpoint_or_state_dict
 from ..errors import UserError, unknown_name
 from ..layers import LAA, SIA, SIAOutput
 from ..layers.laa import sampling_positions
-from ..models._base import SMALLEST_INPUT
+from ..models._base import HAFA_OPTIONS, SMALLEST_INPUT
 from ..models.swin import LAAPatchMerging
 from ..models.table import BASELINE
-from ..tasks.options import check_input_size, check_output_file
+from ..spec import Values, Whole
+from ..tasks.networks import build_classifier_from_state_dict
+from ..tasks.networks import build_model as build_model_of
+from ..tasks.options import OutputFile, add_setting, image_side
 
 DEFAULT_MODEL = "hafa_pvt_v2_b1"
 SHORT_SIDE, LONG_SIDE = 224, 1024  # default model input of an image
 TITLE_BAND_PX = 64
+MAX_PICTURE_PIXELS = 64 * 10**6  # an RGBA picture of 256 MB while it is drawn
 POINTS_PER_SIDE = 6  # output positions of each LAA shown per image side
 SAMPLE_IMAGE = "grace_hopper.jpg"  # matplotlib's bundled sample
 LAA_COLOURS = {"yellow": "#ffd400", "cyan": "#00e5ff", "magenta": "#ff4fd8"}  # transitions 1->2, 2->3, 3->4
@@ -50,22 +47,28 @@ def add_arguments(parser):
     parser.add_argument(
         "--checkpoint", help="best.pth / last.pth of hafa train, or a plain state dict with --model and --num-classes"
     )
-    parser.add_argument("--num-classes", type=int, help="classes of a plain state dict's classifier")
-    parser.add_argument(
-        "--cluster-ratio", type=float, help="SIA's clusters per token (default: the checkpoint's, else 0.25)"
+    add_setting(
+        parser, "--num-classes", setting=Whole(None, low=1, optional=True), help="classes of a plain state dict"
     )
-    parser.add_argument(
+    add_setting(
+        parser,
+        "--cluster-ratio",
+        setting=HAFA_OPTIONS["cluster_ratio"],
+        default=None,
+        help="SIA's clusters per token (default: the model's or the checkpoint's; it has no weights, so a "
+        "checkpoint can be drawn at another ratio)",
+    )
+    add_setting(
+        parser,
         "--img-size",
-        type=int,
+        setting=Values(None, item=image_side(largest=LONG_SIDE), min_length=1, optional=True),
         nargs="+",
         metavar="N",
         help="model input: N (square) or H W (default: the image's aspect, shorter side 224)",
     )
-    parser.add_argument("--scale", type=int, default=2, help="PNG pixels per input pixel (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the cluster colours")
-    parser.add_argument(
-        "--output", "-o", default="hafa_visualize.png", help="PNG to write (default hafa_visualize.png)"
-    )
+    add_setting(parser, "--scale", setting=Whole(2, low=1, high=16), help="PNG pixels per input pixel")
+    add_setting(parser, "--seed", setting=Whole(0, low=0), help="seed of the random weights and of the cluster colours")
+    add_setting(parser, "--output", "-o", setting=OutputFile("hafa_visualize.png"), help="PNG to write")
 
 
 def figure_size(input_size: tuple[int, int], scale: int) -> tuple[int, int]:
@@ -79,8 +82,7 @@ def input_size_for(image: Image.Image, img_size: list[int] | None) -> tuple[int,
     most 1024, neither under the smallest input the models take)."""
     if img_size:
         if len(img_size) > 2:
-            raise UserError("--img-size takes N or H W")
-        check_input_size(img_size, "--img-size")
+            raise UserError(f"--img-size takes N or H W, not {len(img_size)} numbers")
         return (img_size[0], img_size[-1])
     width, height = image.size
     scale = min(SHORT_SIDE / min(width, height), LONG_SIDE / max(width, height))
@@ -239,20 +241,24 @@ def build_model(args) -> tuple[torch.nn.Module, str]:
     source = read_checkpoint_or_state_dict(args.checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa visualize")
-        check_model_options(source, model_name=args.model, num_classes=args.num_classes, hafa_options=options)
-        return build_model_of(source), Path(args.checkpoint).name
+        check_model_options(source, model_name=args.model, num_classes=args.num_classes)
+        trained = source.model_args.get("cluster_ratio")
+        if args.cluster_ratio is None or trained is None or args.cluster_ratio == trained:
+            return build_model_of(source), Path(args.checkpoint).name
+        return build_model_of(source, options), f"{Path(args.checkpoint).name}, trained at cluster ratio {trained:g}"
     model = build_classifier_from_state_dict(source, args.checkpoint, args.model, args.num_classes, options)
     return model, Path(args.checkpoint).name
 
 
 def run(args) -> int:
-    if args.cluster_ratio is not None and not 0 < args.cluster_ratio <= 1:
-        raise UserError("--cluster-ratio must be in (0, 1]")
-    if args.scale < 1:
-        raise UserError("--scale must be at least 1")
-    check_output_file(args.output, "--output")
     image = load_image(args.image)
     size = input_size_for(image, args.img_size)
+    width, height = figure_size(size, args.scale)
+    if width * height > MAX_PICTURE_PIXELS:
+        raise UserError(
+            f"--scale {args.scale} with an input of {size[0]}x{size[1]} makes a {width}x{height} picture; at most "
+            f"{MAX_PICTURE_PIXELS // 10**6} million pixels are drawn: lower --scale or --img-size"
+        )
     model, weights = build_model(args)
     name = model.pretrained_cfg["architecture"]
     sia = [module for module in model.modules() if isinstance(module, SIA)]

@@ -1,11 +1,24 @@
-"""A picture of a segmentation: the image with each class tinted in its colour, and a legend of the
-classes present (with their share of the pixels) on the right."""
+"""Drawing what the tasks predict: images bounded for drawing, a segmentation as the image with each
+class tinted and a legend, and the colours of detections."""
 
 import colorsys
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+# Pictures are drawn (and dense predictions made) at most this many pixels on their longer side, so
+# that a huge image costs seconds and bounded memory.
+DRAW_LONG_SIDE = 2048
+
+
+def shrink_to_draw(image: Image.Image) -> tuple[Image.Image, float]:
+    """The image with its longer side at most DRAW_LONG_SIDE, and the factor it was scaled by."""
+    scale = min(1.0, DRAW_LONG_SIDE / max(image.size))
+    if scale == 1.0:
+        return image, scale
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.BILINEAR), scale
 
 
 def class_colours(num_classes: int) -> np.ndarray:
@@ -44,3 +57,18 @@ def draw_segmentation(
         )
         draw.text((image.width + 12 + font_size, top - 1), text, fill=(0, 0, 0), font=font)
     return canvas
+
+
+# Colours of the detected classes (class id - 1, modulo the length).
+PALETTE = [
+    (230, 25, 75),
+    (60, 180, 75),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+]
