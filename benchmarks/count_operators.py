@@ -1,45 +1,31 @@
-"""Kernel-launching operators in one forward, HAFA beside its baseline, on the fixed-shape path that a GPU
-takes (every token scanned for DPC-KNN's relative distance), counted on CPU: at small batches a GPU's
-eager latency follows this count more than the arithmetic. HAFA's own parts are listed apart.
+"""Kernel-launching operators in one forward, HAFA beside its baseline, as `hafa bench` counts them (`ops b1`:
+operators as dispatched, a composite one counted once), on real CPU tensors on the fixed-shape path that a
+GPU takes (every token scanned for DPC-KNN's relative distance), by part (the cost model's parts: where in
+the source each operator is called from). `hafa bench --cost` counts the GPU's own path with fake CUDA
+tensors, composite operators decomposed, for a training step too.
 
     python benchmarks/count_operators.py [--models hafa_pvt_tiny ...] [--img-size 224] [--batch 1]
 """
 
 import argparse
-from functools import partial
 
 import timm
 import torch
 
 import hafa  # noqa: F401  (registers the models)
-from hafa.layers import LAA, SIA
-from hafa.models.swin import LAAPatchMerging
 from hafa.models.table import BASELINE
 from hafa.ops import clustering
-from hafa.tools.bench import TARGET_PAIRS, count_operators
+from hafa.tools.bench import TARGET_PAIRS
+from hafa.tools.bench.cost import PARTS, CostCounter, SourceParts
 
 
-def layer_calls(model: torch.nn.Module, x: torch.Tensor, kinds: tuple[type, ...]) -> list:
-    """(layer, args, kwargs) of every call of a layer of these kinds in one forward."""
-    calls = []
-
-    def record(layer, args, kwargs):
-        calls.append((layer, args, kwargs))
-
-    hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for m in model.modules() if isinstance(m, kinds)]
-    model(x)
-    for hook in hooks:
-        hook.remove()
-    return calls
-
-
-def operators_by_part(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
-    """Operators of the whole forward and of its LAA and SIA layers (SIA's including its clustering)."""
-    counts = {"forward": count_operators(partial(model, x))}
-    for part, kinds in (("LAA", (LAA, LAAPatchMerging)), ("SIA", (SIA,))):
-        calls = layer_calls(model, x, kinds)
-        counts[part] = sum(count_operators(partial(layer, *args, **kwargs)) for layer, args, kwargs in calls)
-    return counts
+def operators_by_part(model: torch.nn.Module, x: torch.Tensor, parts: SourceParts) -> dict[str, int]:
+    """Operators of one warm forward (what is kept between forwards already built), in all and by part."""
+    with torch.inference_mode():
+        model(x)
+        with CostCounter(parts, decompose=False) as counter:
+            model(x)
+    return {"forward": counter.cost.total.launches, **{p: c.launches for p, c in counter.cost.parts.items()}}
 
 
 def main() -> None:
@@ -50,21 +36,21 @@ def main() -> None:
     args = parser.parse_args()
     clustering._scans_every_token = lambda x: True  # the GPU's path, on CPU
     x = torch.randn(args.batch, 3, args.img_size, args.img_size)
+    parts = SourceParts()
+    hafa_parts = [p for p in PARTS if p != "rest"]
     print(f"batch {args.batch}, {args.img_size} x {args.img_size}, torch {torch.__version__}\n")
-    print("| model | operators | baseline | HAFA / baseline | of which LAA | of which SIA |")
-    print("|---|---:|---:|---:|---:|---:|")
-    with torch.inference_mode():
-        for name in args.models:
-            counts = {}
-            for model_name in (name, BASELINE[name]):
-                model = timm.create_model(model_name).eval()
-                model(x)  # builds what is kept between forwards
-                counts[model_name] = operators_by_part(model, x)
-            ours, baseline = counts[name], counts[BASELINE[name]]["forward"]
-            print(
-                f"| {name} | {ours['forward']} | {baseline} | {ours['forward'] / baseline:.2f} "
-                f"| {ours['LAA']} | {ours['SIA']} |"
-            )
+    print(
+        "| model | operators | baseline | HAFA / baseline | " + " | ".join(f"of which {p}" for p in hafa_parts) + " |"
+    )
+    print("|---|---:|---:|---:|" + "---:|" * len(hafa_parts))
+    for name in args.models:
+        ours = operators_by_part(timm.create_model(name).eval(), x, parts)
+        baseline = operators_by_part(timm.create_model(BASELINE[name]).eval(), x, parts)["forward"]
+        print(
+            f"| {name} | {ours['forward']} | {baseline} | {ours['forward'] / baseline:.2f} | "
+            + " | ".join(str(ours[p]) for p in hafa_parts)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_dpc_knn_no_gradient_and_any_dtype():
 def test_dpc_knn_rejects_bad_shapes():
     with pytest.raises(ValueError, match="B x N x C"):
         cluster_dpc_knn(torch.randn(10, 4), 3)
-    with pytest.raises(ValueError, match="at least one token"):
+    with pytest.raises(ValueError, match="at least one image, token and channel"):
         cluster_dpc_knn(torch.randn(1, 0, 4), 3)
 
 

@@ -15,7 +15,7 @@ import torch
 import hafa
 from hafa.cli import COMMANDS, CommandParser, _load, main
 from hafa.models._base import HAFA_OPTIONS, MODEL_ARGUMENTS
-from hafa.ops import TokenLayout, map2token, merge_tokens, token2map
+from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, token2map
 from hafa.spec import Choice, Flag, Number, RecipeSpec, Relation, SettingError, Text, Values, Whole
 from hafa.tasks.options import CheckedOption
 from hafa.tasks.recipes import override_recipe
@@ -109,12 +109,13 @@ def test_settings_built_in_python_are_checked_like_the_command_line(settings_cla
         settings_class(recipe={}, hafa_options={"knn_k": 0}, **base).check()
 
 
-def bad_texts(setting, rng: random.Random, count: int = 3) -> list[str]:
-    """Up to `count` candidate texts the setting refuses, chosen by a seeded generator."""
+def bad_texts(setting, rng: random.Random, count: int = 3, words: int = 1) -> list[str]:
+    """Up to `count` candidate texts the setting refuses (typed `words` times, as an option of that many
+    values takes them), chosen by a seeded generator."""
     refused = []
     for text in CANDIDATES:
         try:
-            setting.parse(text, "x")
+            setting.parse(text, "x") if words == 1 else setting.parse_items([text] * words, "x")
         except SettingError:
             refused.append(text)
     return rng.sample(refused, min(count, len(refused)))
@@ -168,7 +169,7 @@ def test_fuzz_every_checked_option_of_every_command(command, tmp_path, capsys):
     for action in options:
         name = action.option_strings[0]
         count = action.nargs if isinstance(action.nargs, int) else 1
-        for text in bad_texts(action.setting, rng):
+        for text in bad_texts(action.setting, rng, words=count):
             if count > 1 and (text.startswith(("[", "-"))):
                 continue  # a list is typed as separate words; a word starting with '-' would read as an option
             words = [f"{name}={text}"] if count == 1 else [name, *[text] * count]
@@ -274,3 +275,25 @@ def test_lower_layers_never_import_higher_ones():
             if _layer(imported) > _layer(module):
                 problems.append(f"{module} imports {imported}")
     assert not problems
+
+
+def test_clustering_and_laa_check_their_arguments():
+    x = torch.randn(2, 10, 4)
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="cluster_dpc_knn: num_clusters must be a whole number >= 1"):
+            cluster_dpc_knn(x, bad)
+        with pytest.raises(ValueError, match="cluster_dpc_knn: k must be a whole number >= 1"):
+            cluster_dpc_knn(x, 3, k=bad)
+    with pytest.raises(ValueError, match="at least one image, token and channel"):
+        cluster_dpc_knn(torch.randn(0, 10, 4), 3)
+    with pytest.raises(ValueError, match="mask must be bool"):
+        cluster_dpc_knn(x, 3, mask=torch.full((2, 10), 0.5))
+    with pytest.raises(ValueError, match="mask must be bool"):
+        cluster_dpc_knn(x, 3, mask=torch.zeros(3, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="x must be floating-point tokens"):
+        cluster_dpc_knn(torch.ones(2, 10, 4, dtype=torch.long), 3)
+    assert cluster_dpc_knn(x, 30, k=50)[1].shape == (2, 10)  # capped at N, as documented
+    laa = timm.create_model("hafa_pvt_v2_b0").stages[1].downsample
+    for shape in ((0, 32, 8, 8), (1, 16, 8, 8), (32, 8, 8)):
+        with pytest.raises(ValueError, match="LAA takes maps B x 32 x H x W"):
+            laa(torch.randn(shape))

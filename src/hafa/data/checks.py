@@ -23,6 +23,7 @@ from typing import NamedTuple, TypeVar
 
 import numpy as np
 from PIL import Image
+
 from ..errors import UserError
 from ..progress import progress as show_progress
 from .coco import annotation_path, find_missing_images, first_items, is_whole_number, parse_instances, size_problem

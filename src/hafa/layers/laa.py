@@ -3,6 +3,8 @@
 The sampling points P_E = P_I + O_f (Eq. 1) are read bilinearly with one F.grid_sample call and
 aggregated by the layer's weights with one matmul. That equals torchvision's deform_conv2d (the
 tests compare them) and is faster on CPU, autocasts, and exports to ONNX (GridSample, opset 16).
+With use_kernels("triton") the samples come from the Triton op hafa::laa_columns instead, written
+straight into the matmul's rows (docs/kernels.md).
 """
 
 from collections.abc import Callable
@@ -13,6 +15,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 from ..ops.constants import shape_constant
+from ..ops.kernels import laa_columns, use_triton
 
 IntPair = int | tuple[int, int]
 
@@ -93,6 +96,13 @@ def deformable_samples(x: Tensor, offsets: Tensor, kernel_size: IntPair, stride:
     grid = grid.view(B, K, 2, Ho * Wo).transpose(2, 3)  # a K x Ho*Wo grid of (x, y), as grid_sample takes it
     samples = F.grid_sample(x, grid.to(x.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
     return samples.view(B, C, K, Ho, Wo)
+
+
+def check_map(x: Tensor, channels: int, layer: str) -> None:
+    """A batch of feature maps a layer takes: B x channels x H x W with B, H, W >= 1 (shapes only)."""
+    # each size on its own: min() over a symbolic batch and the static sizes would guard on the batch
+    if x.dim() != 4 or x.shape[1] != channels or x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
+        raise ValueError(f"{layer} takes maps B x {channels} x H x W with B, H, W >= 1, got {tuple(x.shape)}")
 
 
 def zero_offsets_(offset_predictor: nn.Conv2d) -> None:
@@ -181,14 +191,20 @@ class LAA(nn.Module):
 
     def forward(self, x: Tensor, return_offsets: bool = False):
         proj = self.proj
+        check_map(x, proj.in_channels, "LAA")
         offsets = self.offset(x)
-        samples = deformable_samples(x, offsets, proj.kernel_size, proj.stride, proj.padding)
-        B, _, _, Ho, Wo = samples.shape
-        # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout): the output comes channels last and the bias is added
-        # in the same call, with no transposed copy of the samples or of the output.
-        columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
-        weight = proj.weight.flatten(1).t().expand(B, -1, -1)
-        out = torch.bmm(columns, weight) if proj.bias is None else torch.baddbmm(proj.bias, columns, weight)
+        B, Ho, Wo = x.shape[0], offsets.shape[2], offsets.shape[3]
+        if use_triton("laa", x, x.numel()):
+            # The kernel writes the samples as B x Ho*Wo x K x Cin rows; the weight is read in that order.
+            columns = laa_columns(x, offsets, proj.kernel_size, proj.stride, proj.padding)
+            out = F.linear(columns.flatten(2), proj.weight.permute(0, 2, 3, 1).flatten(1), proj.bias)
+        else:
+            samples = deformable_samples(x, offsets, proj.kernel_size, proj.stride, proj.padding)
+            # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout): the output comes channels last and the bias is added
+            # in the same call, with no transposed copy of the samples or of the output.
+            columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
+            weight = proj.weight.flatten(1).t().expand(B, -1, -1)
+            out = torch.bmm(columns, weight) if proj.bias is None else torch.baddbmm(proj.bias, columns, weight)
         out = out.view(B, Ho, Wo, -1)
         out = self.norm(out) if self.act is None else batch_norm_act(out, self.norm, self.act)
         return (out, offsets) if return_offsets else out

@@ -28,9 +28,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import SIA, Block, batch_norm_act, check_laa_norm, deformable_samples
-from ..layers.laa import zero_offsets_
+from ..layers.laa import check_map, zero_offsets_
 from ..ops import TokenLayout
 from ..ops.constants import shape_constant
+from ..ops.kernels import laa_columns, use_triton
 from ._base import HAFA_AGGREGATION, HafaBackbone, create_backbone, hafa_cfgs, run_blocks, run_downsample
 
 __all__ = ["HafaSwin"]
@@ -83,13 +84,17 @@ class LAAPatchMerging(nn.Module):
         zero_offsets_(self.offset)
 
     def forward(self, x: Tensor, return_offsets: bool = False):
+        check_map(x, self.offset.in_channels, "LAAPatchMerging")
         if x.shape[-2] % 2 or x.shape[-1] % 2:
             x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
         offsets = self.offset(x)
-        samples = deformable_samples(x, offsets, kernel_size=2, stride=2, padding=0)  # B, C, (ky, kx), Ho, Wo
-        B, C, _, Ho, Wo = samples.shape
+        B, C, Ho, Wo = x.shape[0], x.shape[1], offsets.shape[2], offsets.shape[3]
         # timm concatenates the 2x2 block as (kx, ky, C)
-        merged = samples.view(B, C, 2, 2, Ho, Wo).permute(0, 4, 5, 3, 2, 1).reshape(B, Ho, Wo, 4 * C)
+        if use_triton("laa", x, x.numel()):
+            merged = laa_columns(x, offsets, (2, 2), (2, 2), (0, 0), kx_major=True).view(B, Ho, Wo, 4 * C)
+        else:
+            samples = deformable_samples(x, offsets, kernel_size=2, stride=2, padding=0)  # B, C, (ky, kx), Ho, Wo
+            merged = samples.view(B, C, 2, 2, Ho, Wo).permute(0, 4, 5, 3, 2, 1).reshape(B, Ho, Wo, 4 * C)
         out = self.reduction(self.norm(merged))
         if self.laa_norm == "batch":
             out = batch_norm_act(out, self.out_norm, self.act)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .constants import batch_offsets, graph_capture, token_indices
+from .kernels import dpc_knn, use_triton
 
 # Row chunks keep one B x rows x N block of distances under this many elements (256 MB in fp32).
 _MAX_BLOCK_ELEMENTS = 64 * 1024 * 1024
@@ -241,7 +242,9 @@ def cluster_dpc_knn(
     which makes it the first centre. The M tokens with the highest rho * delta (ties: lower index) are
     the centres; every other token joins its nearest centre (ties: lower cluster id).
 
-    Runs in float32 (float64 inputs in float64), whatever autocast is active.
+    Runs in float32 (float64 inputs in float64), whatever autocast is active. With use_kernels("triton")
+    (or "auto" where measured faster) float32 tokens go through the fused Triton op hafa::dpc_knn, which
+    gives the same clusters.
 
     Args:
         x: tokens, B x N x C.
@@ -254,16 +257,30 @@ def cluster_dpc_knn(
         cluster_ids: B x N long in [0, M), cluster c being the c-th centre in token order.
         centres: B x M long, the token index of each cluster's centre, ascending.
     """
-    if x.dim() != 3:
-        raise ValueError(f"cluster_dpc_knn expects tokens of shape B x N x C, got {tuple(x.shape)}")
+    if x.dim() != 3 or not x.is_floating_point():
+        raise ValueError(f"cluster_dpc_knn: x must be floating-point tokens B x N x C, got {x.dtype} {tuple(x.shape)}")
     B, N, C = x.shape
-    if N == 0:
-        raise ValueError("cluster_dpc_knn needs at least one token")
-    num_clusters = max(1, min(int(num_clusters), N))
-    k = max(1, min(int(k), N))
+    if B == 0 or N == 0 or C == 0:
+        raise ValueError(f"cluster_dpc_knn: x must hold at least one image, token and channel, got {tuple(x.shape)}")
+    for name, value in (("num_clusters", num_clusters), ("k", k)):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 1:
+            raise ValueError(f"cluster_dpc_knn: {name} must be a whole number >= 1, got {value!r}")
+    num_clusters, k = min(num_clusters, N), min(k, N)
+    if mask is not None and (
+        mask.dtype != torch.bool
+        or mask.shape[-1:] != (N,)
+        or mask.dim() > 2
+        or (mask.dim() == 2 and mask.shape[0] != B and mask.shape[0] != 1)
+    ):
+        raise ValueError(
+            f"cluster_dpc_knn: mask must be bool B x N = {B} x {N} (or N, for every image), True for padding; got "
+            f"{mask.dtype} {tuple(mask.shape)}"
+        )
     x = x.detach().to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     if mask is not None:
-        mask = mask.to(device=x.device, dtype=torch.bool).expand(B, N)
+        mask = mask.to(device=x.device).expand(B, N)
+    if use_triton("dpc_knn", x, N):
+        return dpc_knn(x, num_clusters, k, mask)
     with torch.autocast(device_type=x.device.type, enabled=False):
         distances = _PairDistances(x)
         knn_d2, knn_idx = _nearest_neighbours(distances, k, mask)
