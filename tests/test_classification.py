@@ -429,3 +429,34 @@ def test_two_processes_with_gloo_match_one_process(tmp_path):
         torch.testing.assert_close(rank0[name], single[name], rtol=1e-4, atol=5e-5, msg=name)
     assert (tmp_path / "two" / "log.csv").exists()
     assert not (tmp_path / "two" / "rank1").exists()
+
+
+def _train_losses(data, out, extra):
+    argv = ["train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--output", str(out), *QUICK, "--epochs", "1"]
+    assert main([*argv, *extra]) == 0
+    return [float(row["train_loss"]) for row in read_log(out / "hafa_pvt_v2_b0")]
+
+
+def test_compiled_training_gives_eager_losses_and_plain_checkpoints(tmp_path, caplog, capsys):
+    data = write_dataset(tmp_path / "data")
+    eager = _train_losses(data, tmp_path / "eager", [])
+    compiled = _train_losses(data, tmp_path / "compiled", ["--compile", "aot_eager"])
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    assert "torch.compile (aot_eager) and the first step took" in caplog.text
+    best = tmp_path / "compiled" / "hafa_pvt_v2_b0" / "best.pth"
+    assert not [k for k in torch.load(best, weights_only=True)["state_dict"] if "_orig_mod" in k]
+    metrics = tmp_path / "m.json"
+    assert (
+        main(["eval", "--checkpoint", str(best), "--workers", "0", "--compile", "aot_eager", "--json", str(metrics)])
+        == 0
+    )
+    assert json.loads(metrics.read_text())["top1"] == pytest.approx(
+        torch.load(best, weights_only=True)["metrics"]["top1"]
+    )
+
+
+@pytest.mark.slow
+def test_inductor_compiled_training_gives_eager_losses(tmp_path):
+    data = write_dataset(tmp_path / "data")
+    eager = _train_losses(data, tmp_path / "eager", [])
+    assert _train_losses(data, tmp_path / "compiled", ["--compile"]) == pytest.approx(eager, rel=1e-3)

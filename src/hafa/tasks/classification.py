@@ -54,7 +54,7 @@ from .recipes import build_optimizer
 from .run_log import progress_bar
 from .sampling import EpochSampler, evaluation_loader
 from .settings import CLASSIFICATION_RECIPE, ClassificationSettings
-from .training import Training, autocast_context, train
+from .training import Training, autocast_context, compile_network, train
 
 RECIPE = CLASSIFICATION_RECIPE
 
@@ -188,6 +188,7 @@ def train_one_model(settings: ClassificationSettings, processes: ProcessContext)
     if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(processes.device)
+    compile_network(model, settings.compile, fullgraph=True)
 
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
@@ -234,6 +235,7 @@ def train_one_model(settings: ClassificationSettings, processes: ProcessContext)
         curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]},
         curves_note=_curves_note(recipe),
         keep=settings.keep,
+        compiled=settings.compile,
     )
     return dict(train(training, processes), model=settings.model)
 
@@ -310,6 +312,7 @@ def _train(args, processes: ProcessContext) -> int:
             grad_checkpointing=args.grad_checkpointing,
             amp=args.amp,
             keep=args.keep,
+            compile=args.compile,
             workers=args.workers,
             device=args.device,
         )
@@ -374,6 +377,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
         )
         name = args.model
     model.to(processes.device)
+    compile_network(model, args.compile, fullgraph=True)
     metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=name, data=data, checkpoint=args.checkpoint)
 

@@ -22,7 +22,7 @@ from .settings import RUN_OPTIONS, RunSettings
 # the embedded-data demos of every task: the smallest HAFA model and its baseline
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
 # recipe settings that may change on --resume without breaking exactness
-RESUME_FREE = ("workers", "device", "keep", "epochs", "iterations")
+RESUME_FREE = ("workers", "device", "keep", "compile", "epochs", "iterations")
 # run settings that must not
 RESUME_FIXED = ("model", "data", "hafa_options", "amp", "num_classes")
 
@@ -95,6 +95,16 @@ def add_run_options(parser) -> None:
     add_setting(parser, "--device", setting=Device(), help="default: cuda when available")
     add_setting(
         parser, "--amp", setting=RUN_OPTIONS["amp"], help="autocast: bf16 (CPU or GPU) or fp16 (GPU, loss scaling)"
+    )
+    add_setting(
+        parser,
+        "--compile",
+        setting=RUN_OPTIONS["compile"],
+        nargs="?",
+        const="default",
+        metavar="MODE",
+        help="torch.compile the network (one graph where the network allows; --compile alone: inductor's default; "
+        "checkpoints hold the uncompiled weights' names)",
     )
 
 

@@ -55,7 +55,7 @@ from .recipes import build_optimizer
 from .run_log import format_metric
 from .sampling import EpochSampler
 from .settings import DETECTION_RECIPE, DetectionSettings
-from .training import Training, train
+from .training import Training, compile_network, train
 
 _logger = logging.getLogger("hafa")
 
@@ -138,6 +138,7 @@ def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> d
     if settings.init_from:
         load_pretrained(backbone_of("detection", model), settings.init_from, verbose=processes.is_main)
     model.to(processes.device)
+    compile_network(model.backbone, settings.compile, fullgraph=True)
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
 
@@ -187,6 +188,7 @@ def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> d
         curves_note="train loss: the sum of Mask R-CNN's losses (proposals, classes, boxes, masks) on the "
         "training images; validation: COCO box and mask AP",
         keep=settings.keep,
+        compiled=settings.compile,
     )
     return dict(train(training, processes), model=settings.model)
 
@@ -259,6 +261,7 @@ def _train(args, processes: ProcessContext) -> int:
             hafa_options=hafa_options_of(args),
             amp=args.amp,
             keep=args.keep,
+            compile=args.compile,
             workers=args.workers,
             device=args.device,
             sync_bn=args.sync_bn,
@@ -347,6 +350,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     categories = list(zip(settings.category_ids, saved.classes))
     dataset = CocoInstances(data, split, train=False, categories=categories)
     model.to(processes.device)
+    compile_network(model.backbone, args.compile, fullgraph=True)
     batch_size = args.batch_size or settings.recipe["eval_batch_size"]
     metrics = evaluate_detection(model, dataset, batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=saved.model_name, data=data, split=split, checkpoint=args.checkpoint)

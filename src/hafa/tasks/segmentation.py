@@ -63,7 +63,7 @@ from .recipes import build_optimizer
 from .sampling import EpochSampler
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 from .settings import SEGMENTATION_RECIPE, SegmentationSettings
-from .training import Training, train
+from .training import Training, compile_network, train
 
 ADE20K_CLASSES = 150
 
@@ -137,6 +137,7 @@ def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -
     if settings.backbone_checkpoint:
         load_pretrained(backbone_of("segmentation", model), settings.backbone_checkpoint, verbose=processes.is_main)
     model.to(processes.device)
+    compile_network(model, settings.compile, fullgraph=True)
 
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     epochs = max(1, round(recipe["iterations"] / sampler.batches_per_epoch()))
@@ -182,6 +183,7 @@ def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -
         curves_note="train loss: cross-entropy on random crops of the training images; validation: mIoU, mean "
         "class accuracy and pixel accuracy on the validation images",
         keep=settings.keep,
+        compiled=settings.compile,
         length_option="--iterations",
     )
     if processes.is_main and not settings.resume:
@@ -344,6 +346,7 @@ def _train(args, processes: ProcessContext) -> int:
             hafa_options=hafa_options_of(args),
             amp=args.amp,
             keep=args.keep,
+            compile=args.compile,
             workers=args.workers,
             device=args.device,
             sync_bn=args.sync_bn,
@@ -402,6 +405,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     dataset = SegmentationDataset(data_pairs(data, "val"), EvalTransform(settings.recipe), labels)
     recipe = dict(settings.recipe, eval_mode=args.eval_mode or settings.recipe["eval_mode"])
     model.to(processes.device)
+    compile_network(model, args.compile, fullgraph=True)
     metrics = evaluate_with_recipe(model, dataset, settings.class_names, recipe, processes, args.workers, args.amp)
     return dict(metrics, model=settings.model, data=data, checkpoint=args.checkpoint, eval_mode=recipe["eval_mode"])
 

@@ -176,6 +176,12 @@ RUN_OPTIONS = dict(
     workers=Whole(2, low=0, note="0: load in the main process"),
     amp=Choice("none", choices=("none", "bf16", "fp16"), note="fp16 on a GPU only"),
     keep=Choice("both", choices=("both", "best", "last"), note="what a finished run keeps"),
+    compile=Choice(
+        None,
+        choices=("default", "reduce-overhead", "max-autotune", "aot_eager"),
+        optional=True,
+        note="inductor's modes; aot_eager: traced, no code generated",
+    ),
 )
 
 
@@ -195,6 +201,7 @@ class RunSettings:
     workers: int = 2
     device: str | None = None
     keep: str = "both"
+    compile: str | None = None  # torch.compile mode of the network (None: eager)
 
     @classmethod
     def from_dict(cls: type[Settings], values: dict) -> Settings:

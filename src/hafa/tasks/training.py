@@ -104,6 +104,18 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
+def compile_network(module: nn.Module, mode: str | None, *, fullgraph: bool, dynamic: bool | None = None) -> None:
+    """torch.compile `module` in place (nn.Module.compile: its state dict keeps its names, so checkpoints
+    are those of the eager module). mode: one of inductor's modes ("default", "reduce-overhead",
+    "max-autotune"), "aot_eager" (traced and run without generating code), or None (eager)."""
+    if mode is None:
+        return
+    if mode == "aot_eager":
+        module.compile(backend="aot_eager", fullgraph=fullgraph, dynamic=dynamic)
+    else:
+        module.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic)
+
+
 def autocast_context(amp: str, device: torch.device):
     """'none', 'bf16' (CPU or GPU) or 'fp16' (GPU, with a GradScaler)."""
     if amp == "none":
@@ -147,6 +159,7 @@ class Training:
     curves_note: str = ""  # what the curves measure, under the picture
     keep: str = "both"  # what a finished run keeps: "both", "best" (best.pth) or "last" (last.pth)
     length_option: str = "--epochs"  # the option that sets the run's length (seg-train: --iterations)
+    compiled: str | None = None  # the network's torch.compile mode: the first step's time (compiling) is logged
 
 
 @dataclass
@@ -220,11 +233,12 @@ def train(t: Training, processes: ProcessContext) -> dict:
         )
 
     log = RunLog(t.run_dir, processes, t.resume)
+    first_step = state.global_step
     status = "finished"
     try:
         with StopOnSignal() as stopper:
             while state.epoch < t.epochs:
-                epoch = _train_epoch(t, model, scaler, state, processes, stopper)
+                epoch = _train_epoch(t, model, scaler, state, processes, stopper, first_step)
                 if epoch.stopped:
                     saved = checkpoint({})
                     if processes.is_main:
@@ -347,9 +361,16 @@ def _what_is_saved(last_path: str) -> str:
 
 
 def _train_epoch(
-    t: Training, model: nn.Module, scaler, state: TrainState, processes: ProcessContext, stopper: StopOnSignal
+    t: Training,
+    model: nn.Module,
+    scaler,
+    state: TrainState,
+    processes: ProcessContext,
+    stopper: StopOnSignal,
+    first_step: int,
 ) -> _Epoch:
-    """One epoch (or its rest after a resume), or less when a stop is requested."""
+    """One epoch (or its rest after a resume), or less when a stop is requested; first_step: the global
+    step this process started at (its time, compilation included, is logged for a compiled network)."""
     model.train()
     if t.frozen_norms is not None:
         freeze_batch_norm_statistics(t.frozen_norms)
@@ -392,6 +413,10 @@ def _train_epoch(
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
         scaler.step(t.optimizer)
         scaler.update()
+        if t.compiled and state.global_step == first_step and processes.is_main:
+            _logger.info(
+                "%s: torch.compile (%s) and the first step took %.1f s", t.name, t.compiled, time.perf_counter() - start
+            )
         state.global_step += 1
         state.step_in_epoch += 1
         t.scheduler.step_update(num_updates=state.global_step)
