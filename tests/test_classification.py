@@ -431,6 +431,31 @@ def test_two_processes_with_gloo_match_one_process(tmp_path):
     assert not (tmp_path / "two" / "rank1").exists()
 
 
+def test_one_torchrun_process_joins_a_process_group(tmp_path):
+    data = write_dataset(tmp_path / "data", per_class=(8, 2))
+
+    def argv(output):  # LAA's BatchNorm would leave its conv bias a gradient of rounding noise, which Adam magnifies
+        base = ["train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--output", str(output), *QUICK]
+        return [*base, "--epochs", "1", "--laa-norm", "baseline"]
+
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "-m", "hafa"]
+        + argv(tmp_path / "torchrun"),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main(argv(tmp_path / "plain")) == 0
+    # DistributedDataParallel over one process takes the same steps as no process group
+    weights = {
+        how: torch.load(tmp_path / how / "hafa_pvt_v2_b0" / "last.pth", weights_only=True)["state_dict"]
+        for how in ("torchrun", "plain")
+    }
+    for name, tensor in weights["plain"].items():
+        torch.testing.assert_close(weights["torchrun"][name], tensor, rtol=1e-4, atol=5e-5, msg=name)
+
+
 def _train_losses(data, out, extra):
     argv = ["train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--output", str(out), *QUICK, "--epochs", "1"]
     assert main([*argv, *extra]) == 0

@@ -32,6 +32,7 @@ from ..pretrained import load_pretrained
 from ..spec import Whole
 from .commands import (
     DEMO_MODELS,
+    add_batchnorm_options,
     add_model_options,
     add_recipe_option,
     add_recipe_overrides,
@@ -236,6 +237,7 @@ def train_one_model(settings: ClassificationSettings, processes: ProcessContext)
         curves_note=_curves_note(recipe),
         keep=settings.keep,
         compiled=settings.compile,
+        sync_batchnorm=settings.sync_bn,
     )
     return dict(train(training, processes), model=settings.model)
 
@@ -277,6 +279,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         add_recipe_option(recipe, RECIPE, key)
     add_model_options(parser)
     add_run_options(parser)
+    add_batchnorm_options(parser, dense=False)
 
 
 def run_train(args) -> int:
@@ -310,6 +313,7 @@ def _train(args, processes: ProcessContext) -> int:
             num_classes=args.num_classes,
             hafa_options=hafa_options_of(args),
             grad_checkpointing=args.grad_checkpointing,
+            sync_bn=args.sync_bn,
             amp=args.amp,
             keep=args.keep,
             compile=args.compile,

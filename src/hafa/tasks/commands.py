@@ -108,20 +108,23 @@ def add_run_options(parser) -> None:
     )
 
 
-def add_batchnorm_options(parser) -> None:
-    """Dense tasks train with few images per GPU, where BatchNorm (LAA's) statistics are noisy."""
+def add_batchnorm_options(parser, dense: bool = True) -> None:
+    """LAA's BatchNorm under several processes; dense tasks (few images per GPU, noisy statistics)
+    synchronise it by default and can keep a loaded backbone's statistics (--norm-eval)."""
     group = parser.add_argument_group("BatchNorm (no effect on models without it)")
     group.add_argument(
         "--sync-bn",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="under torchrun on GPUs, BatchNorm statistics over all processes (SyncBatchNorm; default on)",
+        default=dense,
+        help="under torchrun on GPUs, BatchNorm statistics over all processes (SyncBatchNorm; default "
+        + ("on)" if dense else "off, as timm's ImageNet training)"),
     )
-    group.add_argument(
-        "--norm-eval",
-        action=argparse.BooleanOptionalAction,
-        help="keep the backbone's BatchNorm statistics as loaded (default: on when it starts from a checkpoint)",
-    )
+    if dense:
+        group.add_argument(
+            "--norm-eval",
+            action=argparse.BooleanOptionalAction,
+            help="keep the backbone's BatchNorm statistics as loaded (default: on when it starts from a checkpoint)",
+        )
 
 
 def norm_eval(args, backbone_checkpoint: str | None) -> bool:

@@ -20,19 +20,22 @@ class ProcessContext:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    distributed: bool = False  # in a process group (torchrun), also when it is the only process
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
+
+def launched_by_torchrun() -> bool:
+    """Whether torchrun (or another env:// launcher) started this process: it sets these variables."""
+    return all(name in os.environ for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"))
 
 
 def init_processes(device: str | None = None) -> ProcessContext:
-    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU). device: cpu, cuda or
-    cuda:N (one process; under torchrun each process takes cuda:LOCAL_RANK), default cuda when available."""
+    """Join the process group when launched by torchrun (NCCL on GPUs, gloo on CPU), even as its only
+    process (then DistributedDataParallel and SyncBatchNorm run as they would on more). device: cpu, cuda
+    or cuda:N (one process; under torchrun each process takes cuda:LOCAL_RANK), default cuda when available."""
     Device().check(device, "--device")
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -43,10 +46,10 @@ def init_processes(device: str | None = None) -> ProcessContext:
         target = torch.device("cuda", index)
     else:
         target = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if launched_by_torchrun() and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return ProcessContext(rank, world_size, local_rank, target)
+    return ProcessContext(rank, world_size, local_rank, target, distributed=dist.is_initialized())
 
 
 def close_processes() -> None:

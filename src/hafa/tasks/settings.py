@@ -235,6 +235,7 @@ class ClassificationSettings(RunSettings):
     init_from: str | None = None
     num_classes: int | None = None  # checked against the data's class count when given
     grad_checkpointing: bool = False
+    sync_bn: bool = False
 
 
 @dataclass(kw_only=True)
