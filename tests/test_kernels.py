@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 pytest.importorskip("triton")
 
 from hafa.layers import LAA, deformable_samples  # noqa: E402
-from hafa.models.swin import LAAPatchMerging  # noqa: E402
+from hafa.layers import LAAPatchMerging  # noqa: E402
 from hafa.ops import cluster_dpc_knn, kernel_mode, use_kernels  # noqa: E402
 from hafa.ops.kernels import FASTER_WITH_TRITON, MeasuredFaster, laa_columns, selection, use_triton  # noqa: E402
 
@@ -178,7 +178,7 @@ def test_swin_laa_patch_merging_is_the_same_on_both_paths(device, size):
     nn.init.normal_(merging.offset.weight, std=0.5)
     nn.init.normal_(merging.offset.bias, std=1.0)
     nn.init.normal_(merging.norm.weight)  # LayerNorm over the (kx, ky, C) concatenation: its order shows
-    x = torch.randn(2, 6, *size, device=device)
+    x = torch.randn(2, *size, 6, device=device)  # NHWC, as timm's patch merging takes it
     expected, got = _on_both_paths(lambda: _gradients(merging, x))
     assert got[0].shape == (2, -(-size[0] // 2), -(-size[1] // 2), 10)
     for a, b in zip(got, expected):

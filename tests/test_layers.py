@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
-from hafa.layers import LAA, SIA, Attention, Block, ConvDownsample
+from hafa.layers import LAA, SIA, ConvDownsample, pvt_block, spatial_reduction_attention
 from hafa.ops import TokenLayout
 
 
@@ -172,7 +172,7 @@ def test_sia_rejects_bad_settings():
 
 
 def test_attention_over_separate_keys_values_with_spatial_reduction():
-    attn = Attention(32, num_heads=4, sr_ratio=2)
+    attn = spatial_reduction_attention(32, num_heads=4, sr_ratio=2)
     q = torch.randn(2, 10, 32)
     kv = torch.randn(2, 6 * 8, 32)
     out = attn(q, TokenLayout((5, 2)), (kv, TokenLayout((6, 8))))
@@ -187,9 +187,9 @@ def test_attention_over_separate_keys_values_with_spatial_reduction():
 def test_block_works_on_merged_tokens_through_the_dictionary():
     sia = SIA(16, 32)
     out = sia(torch.randn(2, 81, 16), TokenLayout((9, 9)))
-    block = Block(32, num_heads=2, sr_ratio=2, dwconv_mlp=True)
+    block = pvt_block(32, num_heads=2, sr_ratio=2, dwconv_mlp=True)
     y = block(out.queries, out.layout, out.kv)
     y = block(y, out.layout)
     assert y.shape == out.queries.shape
-    linear = Block(32, num_heads=2, linear=True)
+    linear = pvt_block(32, num_heads=2, linear=True)
     assert linear(out.queries, out.layout).shape == out.queries.shape

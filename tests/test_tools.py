@@ -111,9 +111,9 @@ def test_bench_modules_times_laa_and_sia_and_profiles_the_backbone(tmp_path):
     layers = [(r["input"], r["transition"], r["layer"], r["baseline_layer"]) for r in result["layers"]]
     assert len(layers) == 9
     assert layers[:3] == [
-        ("64x64", "1->2", "LAA", "ConvDownsample"),
-        ("64x64", "2->3", "LAA", "ConvDownsample"),
-        ("64x64", "3->4", "SIA", "ConvDownsample"),
+        ("64x64", "1->2", "LAA", "OverlapPatchEmbed"),
+        ("64x64", "2->3", "LAA", "OverlapPatchEmbed"),
+        ("64x64", "3->4", "SIA", "OverlapPatchEmbed"),
     ]
     assert layers[-1][0] == "96x128"
     (backbone,) = result["backbones"]

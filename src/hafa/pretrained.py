@@ -121,10 +121,9 @@ def _official_pvt_to_staged(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _swin_to_hafa(state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
-    """timm Swin names -> ours: drop buffers, move original downsample indices, split fused qkv
-    where our block has separate q and kv (the blocks after SIA)."""
-    if "layers.0.downsample.reduction.weight" in state_dict:  # original Swin: downsample ends a stage
+def _original_swin_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The original Swin layout (a downsampling ends a stage, the classifier is `head`) -> timm's."""
+    if "layers.0.downsample.reduction.weight" in state_dict:
         state_dict = {
             re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
             for k, v in state_dict.items()
@@ -133,11 +132,14 @@ def _swin_to_hafa(state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> 
             ("head.fc." + k[5:] if k.startswith("head.") and not k.startswith("head.fc.") else k): v
             for k, v in state_dict.items()
         }
+    return {k: v for k, v in state_dict.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+
+
+def _split_fused_qkv(state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A fused `X.qkv` projection as `X.q` and `X.kv` where the model has those (the blocks after SIA)."""
     out = {}
     for k, v in state_dict.items():
-        if k.endswith(("relative_position_index", "attn_mask")):
-            continue
-        if k.endswith(("attn.qkv.weight", "attn.qkv.bias")) and k not in targets:
+        if k.endswith((".qkv.weight", ".qkv.bias")) and k not in targets:
             prefix, kind = k.rsplit(".qkv.", 1)
             if f"{prefix}.q.{kind}" in targets:
                 dim = v.shape[0] // 3
@@ -179,10 +181,16 @@ def _same_up_to_unit_dims(a: torch.Size, b: torch.Size) -> bool:
 
 
 def _normalise_names(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> dict[str, Tensor]:
+    """A checkpoint's names as the model has them: official PVT and Swin layouts as timm's, the names a
+    HAFA model's family gives its converted layers (Family.checkpoint_names), fused qkv split, and a
+    baseline's downsampling into SIA's projection."""
     state_dict = _official_pvt_to_staged(state_dict)
     if any(k.startswith("layers.") for k in state_dict):
-        state_dict = _swin_to_hafa(state_dict, targets)
-    return _into_sia_projection(state_dict, model, targets)
+        state_dict = _original_swin_to_timm(state_dict)
+    family = getattr(model, "family", None)  # a HAFA model (hafa.models.convert.HafaModel)
+    if family is not None:
+        state_dict = family.checkpoint_names(state_dict, targets)
+    return _into_sia_projection(_split_fused_qkv(state_dict, targets), model, targets)
 
 
 def _backbone_prefix(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> str:

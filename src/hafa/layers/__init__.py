@@ -1,12 +1,25 @@
 """HAFA's layers: LAA and SIA downsampling, and attention over separate queries and keys/values."""
 
-from .attention import Attention, Block, DepthwiseConvMlp
-from .laa import LAA, LAA_NORMS, ConvDownsample, batch_norm_act, check_laa_norm, deformable_samples, sampling_positions
+from .attention import Attention, Block, DepthwiseConvMlp, pvt_block, spatial_reduction_attention
+from .laa import (
+    LAA,
+    LAA_NORMS,
+    ConvDownsample,
+    DeformableConv2d,
+    LAAPatchMerging,
+    batch_norm_act,
+    check_laa_norm,
+    deformable_conv,
+    deformable_samples,
+    sampling_positions,
+)
 from .sia import SIA, SIAOutput
 
 __all__ = [
     "LAA",
     "LAA_NORMS",
+    "DeformableConv2d",
+    "LAAPatchMerging",
     "batch_norm_act",
     "check_laa_norm",
     "ConvDownsample",
@@ -15,6 +28,9 @@ __all__ = [
     "Attention",
     "Block",
     "DepthwiseConvMlp",
+    "pvt_block",
+    "spatial_reduction_attention",
+    "deformable_conv",
     "deformable_samples",
     "sampling_positions",
 ]

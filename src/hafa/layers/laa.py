@@ -153,6 +153,41 @@ class ConvDownsample(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def deformable_conv(x: Tensor, offsets: Tensor, conv: nn.Conv2d) -> Tensor:
+    """conv's weights applied to bilinear samples of x at its kernel points moved by offsets:
+    x B x Cin x H x W, offsets B x 2K x Ho x Wo -> B x Ho x Wo x Cout (channels last)."""
+    B, Ho, Wo = x.shape[0], offsets.shape[2], offsets.shape[3]
+    if use_triton("laa", x, x.numel()):
+        # The kernel writes the samples as B x Ho*Wo x K x Cin rows; the weight is read in that order.
+        columns = laa_columns(x, offsets, conv.kernel_size, conv.stride, conv.padding)
+        out = F.linear(columns.flatten(2), conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)
+    else:
+        samples = deformable_samples(x, offsets, conv.kernel_size, conv.stride, conv.padding)
+        # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout): the output comes channels last and the bias is added
+        # in the same call, with no transposed copy of the samples or of the output.
+        columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
+        weight = conv.weight.flatten(1).t().expand(B, -1, -1)
+        out = torch.bmm(columns, weight) if conv.bias is None else torch.baddbmm(conv.bias, columns, weight)
+    return out.view(B, Ho, Wo, -1)
+
+
+def offset_predictor(conv: nn.Conv2d) -> nn.Conv2d:
+    """A conv of conv's kernel, stride and padding predicting (dy, dx) for each kernel point, at zero."""
+    kh, kw = conv.kernel_size
+    predictor = nn.Conv2d(conv.in_channels, 2 * kh * kw, conv.kernel_size, stride=conv.stride, padding=conv.padding)
+    zero_offsets_(predictor)
+    return predictor.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def check_deformable(conv: nn.Conv2d) -> None:
+    """LAA samples for plain strided convs: no groups, dilation or padding other than zeros."""
+    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise ValueError(
+            f"LAA takes a plain strided conv (no groups, dilation or '{conv.padding}' padding), not {conv}; "
+            "keep this transition 'conv'"
+        )
+
+
 class LAA(nn.Module):
     """Deformable form of a downsampling conv (same kernel, stride, padding and width), then a norm.
 
@@ -160,6 +195,7 @@ class LAA(nn.Module):
     output position; it starts at exactly zero, so an untrained LAA samples where the conv samples and
     a baseline checkpoint's `proj` loads unchanged. laa_norm="batch" (the paper's): BatchNorm2d and
     GELU; laa_norm="baseline": the baseline's norm_layer, so that it computes the baseline layer exactly.
+    `from_downsample` makes the LAA form of a conv + norm downsampling, keeping its layers.
 
     B x Cin x H x W -> B x Ho x Wo x Cout, and the offsets (B x 2K x Ho x Wo) with return_offsets.
     """
@@ -176,35 +212,157 @@ class LAA(nn.Module):
     ):
         super().__init__()
         self.laa_norm = check_laa_norm(laa_norm)
-        kh, kw = _pair(kernel_size)
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
-        self.offset = nn.Conv2d(in_channels, 2 * kh * kw, kernel_size=kernel_size, stride=stride, padding=padding)
+        self.offset = offset_predictor(self.proj)
         if laa_norm == "batch":
             self.norm, self.act = nn.BatchNorm2d(out_channels), nn.GELU()
         else:
             self.norm = norm_layer(out_channels) if norm_layer is not None else nn.Identity()
             self.act = None
-        self.reset_offsets()
+
+    @classmethod
+    def from_downsample(cls, proj: nn.Conv2d, norm: nn.Module, laa_norm: str) -> "LAA":
+        """The LAA form of a downsampling that is proj (a strided conv) then norm (channels last): proj's
+        weights become LAA's, and norm stays with laa_norm="baseline" (BatchNorm and GELU with "batch")."""
+        check_deformable(proj)
+        kernel = dict(kernel_size=proj.kernel_size, stride=proj.stride, padding=proj.padding)
+        with torch.device("meta"):
+            laa = cls(proj.in_channels, proj.out_channels, **kernel, norm_layer=None, laa_norm=laa_norm)
+        laa.proj = proj
+        laa.offset = offset_predictor(proj)
+        if laa_norm == "batch":
+            laa.norm = nn.BatchNorm2d(proj.out_channels).to(device=proj.weight.device)
+        else:
+            laa.norm = norm
+        return laa
 
     def reset_offsets(self) -> None:
         zero_offsets_(self.offset)
 
+    def sampling_geometry(self) -> tuple[tuple, tuple, tuple]:
+        """(kernel, stride, padding) of the points the offsets move."""
+        return self.proj.kernel_size, self.proj.stride, self.proj.padding
+
     def forward(self, x: Tensor, return_offsets: bool = False):
-        proj = self.proj
-        check_map(x, proj.in_channels, "LAA")
+        check_map(x, self.proj.in_channels, "LAA")
         offsets = self.offset(x)
-        B, Ho, Wo = x.shape[0], offsets.shape[2], offsets.shape[3]
-        if use_triton("laa", x, x.numel()):
-            # The kernel writes the samples as B x Ho*Wo x K x Cin rows; the weight is read in that order.
-            columns = laa_columns(x, offsets, proj.kernel_size, proj.stride, proj.padding)
-            out = F.linear(columns.flatten(2), proj.weight.permute(0, 2, 3, 1).flatten(1), proj.bias)
-        else:
-            samples = deformable_samples(x, offsets, proj.kernel_size, proj.stride, proj.padding)
-            # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout): the output comes channels last and the bias is added
-            # in the same call, with no transposed copy of the samples or of the output.
-            columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
-            weight = proj.weight.flatten(1).t().expand(B, -1, -1)
-            out = torch.bmm(columns, weight) if proj.bias is None else torch.baddbmm(proj.bias, columns, weight)
-        out = out.view(B, Ho, Wo, -1)
+        out = deformable_conv(x, offsets, self.proj)
         out = self.norm(out) if self.act is None else batch_norm_act(out, self.norm, self.act)
+        return (out, offsets) if return_offsets else out
+
+
+class DeformableConv2d(nn.Conv2d):
+    """A strided conv read at learned offsets (zero at start): the LAA form of a transition whose norm
+    comes before its conv (ConvNeXt, MetaFormer), which stays where it is. Its weight and bias keep the
+    conv's names; laa_norm="batch" adds BatchNorm and GELU after it. B x Cin x H x W -> B x Cout x Ho x Wo."""
+
+    def __init__(self, *args, laa_norm: str = "baseline", **kwargs):
+        super().__init__(*args, **kwargs)
+        check_deformable(self)
+        self.laa_norm = check_laa_norm(laa_norm)
+        self.offset = offset_predictor(self)
+        if laa_norm == "batch":
+            self.out_norm, self.act = nn.BatchNorm2d(self.out_channels), nn.GELU()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, laa_norm: str) -> "DeformableConv2d":
+        """conv's deformable form, holding conv's own weight and bias tensors."""
+        check_deformable(conv)
+        geometry = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding)
+        with torch.device("meta"):
+            deformable = cls(
+                conv.in_channels, conv.out_channels, bias=conv.bias is not None, **geometry, laa_norm=laa_norm
+            )
+        deformable.weight, deformable.bias = conv.weight, conv.bias
+        deformable.offset = offset_predictor(conv)
+        if laa_norm == "batch":
+            deformable.out_norm = nn.BatchNorm2d(conv.out_channels).to(device=conv.weight.device)
+            deformable.act = nn.GELU()
+        return deformable
+
+    def reset_offsets(self) -> None:
+        zero_offsets_(self.offset)
+
+    def sampling_geometry(self) -> tuple[tuple, tuple, tuple]:
+        return self.kernel_size, self.stride, self.padding
+
+    def forward(self, x: Tensor, return_offsets: bool = False):
+        check_map(x, self.in_channels, "DeformableConv2d")
+        offsets = self.offset(x)
+        out = deformable_conv(x, offsets, self).permute(0, 3, 1, 2)
+        if self.laa_norm == "batch":
+            out = self.act(self.out_norm(out))
+        return (out, offsets) if return_offsets else out
+
+
+class LAAPatchMerging(nn.Module):
+    """Swin's patch merging (each 2x2 block concatenated, then a linear) whose four points move by learned
+    offsets (zero at start). norm_first (Swin v1): LayerNorm over the 4C concatenation before the linear,
+    which stays in both LAA modes; else (Swin v2) LayerNorm after the linear, the transition's own norm,
+    replaced by BatchNorm with laa_norm="batch". laa_norm="batch" adds BatchNorm and GELU after it.
+
+    B x H x W x C -> B x ceil(H/2) x ceil(W/2) x out_dim (NHWC, as timm's patch merging). Parameters:
+    offset (new), norm and reduction (timm's), and with laa_norm="batch" out_norm (new).
+    """
+
+    def __init__(
+        self, dim: int, out_dim: int, norm_layer=nn.LayerNorm, laa_norm: str = "batch", norm_first: bool = True
+    ):
+        super().__init__()
+        self.laa_norm = check_laa_norm(laa_norm)
+        self.norm_first = norm_first
+        self.offset = nn.Conv2d(dim, 8, kernel_size=2, stride=2)
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=False)
+        if norm_first:
+            self.norm = norm_layer(4 * dim)
+        elif laa_norm == "baseline":
+            self.norm = norm_layer(out_dim)
+        if laa_norm == "batch":
+            self.out_norm, self.act = nn.BatchNorm2d(out_dim), nn.GELU()
+        self.reset_offsets()
+
+    @classmethod
+    def from_patch_merging(cls, merging: nn.Module, laa_norm: str, norm_first: bool = True) -> "LAAPatchMerging":
+        """The LAA form of timm's patch merging (its norm and reduction kept)."""
+        reduction = merging.reduction
+        dim = reduction.in_features // 4
+        with torch.device("meta"):
+            laa = cls(dim, reduction.out_features, laa_norm=laa_norm, norm_first=norm_first)
+        laa.reduction = reduction
+        device = reduction.weight.device
+        laa.offset = nn.Conv2d(dim, 8, kernel_size=2, stride=2).to(device)
+        laa.reset_offsets()
+        if norm_first or laa_norm == "baseline":
+            laa.norm = merging.norm
+        if laa_norm == "batch":
+            laa.out_norm, laa.act = nn.BatchNorm2d(reduction.out_features).to(device), nn.GELU()
+        return laa
+
+    def reset_offsets(self) -> None:
+        zero_offsets_(self.offset)
+
+    def sampling_geometry(self) -> tuple[tuple, tuple, tuple]:
+        return (2, 2), (2, 2), (0, 0)
+
+    def forward(self, x: Tensor, return_offsets: bool = False):
+        x = x.permute(0, 3, 1, 2)  # a view: the offsets' conv and the sampling read NCHW
+        check_map(x, self.offset.in_channels, "LAAPatchMerging")
+        if x.shape[-2] % 2 or x.shape[-1] % 2:
+            x = F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2))
+        offsets = self.offset(x)
+        B, C, Ho, Wo = x.shape[0], x.shape[1], offsets.shape[2], offsets.shape[3]
+        # timm concatenates the 2x2 block as (kx, ky, C)
+        if use_triton("laa", x, x.numel()):
+            merged = laa_columns(x, offsets, (2, 2), (2, 2), (0, 0), kx_major=True).view(B, Ho, Wo, 4 * C)
+        else:
+            samples = deformable_samples(x, offsets, kernel_size=2, stride=2, padding=0)  # B, C, (ky, kx), Ho, Wo
+            merged = samples.view(B, C, 2, 2, Ho, Wo).permute(0, 4, 5, 3, 2, 1).reshape(B, Ho, Wo, 4 * C)
+        if self.norm_first:
+            out = self.reduction(self.norm(merged))
+        else:
+            out = self.reduction(merged)
+            if self.laa_norm == "baseline":
+                out = self.norm(out)
+        if self.laa_norm == "batch":
+            out = batch_norm_act(out, self.out_norm, self.act)
         return (out, offsets) if return_offsets else out

@@ -4,6 +4,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ..ops import TokenLayout, cluster_dpc_knn, merge_tokens
@@ -12,6 +13,18 @@ from .attention import KeyValues
 
 CLUSTER_RATIO = Number(0.25, low=0, low_open=True, high=1, note="clusters per token")
 KNN_K = Whole(5, low=1, note="neighbours for the density")
+
+
+def init_layer(layer: nn.Module) -> None:
+    """PVT's initialisation, for the layers SIA makes itself: linear layers truncated normal (std 0.02),
+    convs normal with the fan-out's std, zero biases."""
+    if isinstance(layer, nn.Linear):
+        trunc_normal_(layer.weight, std=0.02)
+    else:
+        fan_out = layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels // layer.groups
+        nn.init.normal_(layer.weight, 0, math.sqrt(2.0 / fan_out))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
 
 
 @dataclass
@@ -31,7 +44,7 @@ class SIA(nn.Module):
     """Downsampling by clustering: stage-3 tokens (a grid or merged tokens) -> stage-4 queries.
 
     1. Project to the new width, as TCFormer's token conv: the map downsampled by `proj` (default a
-       3x3/s2 conv, PVT v2's own downsampling; Swin passes its patch merging) and brought back to
+       3x3/s2 conv; a converted model passes its family's own downsampling) and brought back to
        the tokens, plus a token-wise linear without bias (`skip`); normalise.
     2. Score each token's importance with a linear layer.
     3. DPC-KNN into M = ceil(cluster_ratio * N) clusters (no gradient).
@@ -52,7 +65,10 @@ class SIA(nn.Module):
         knn_k: int = 5,
         cluster_qkv: bool = False,
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+        norm: nn.Module | None = None,
     ):
+        """proj: the map's downsampling (B x in_dim x H x W -> B x out_dim x H/2 x W/2), default a
+        3x3/s2 conv; norm: the tokens' norm after it, default norm_layer(out_dim)."""
         super().__init__()
         self.cluster_ratio = CLUSTER_RATIO.check(cluster_ratio, "cluster_ratio")
         self.knn_k = KNN_K.check(knn_k, "knn_k")
@@ -60,7 +76,7 @@ class SIA(nn.Module):
         # B x Cin x H x W -> B x Cout x ceil(H/2) x ceil(W/2)
         self.proj = proj if proj is not None else nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.skip = nn.Linear(in_dim, out_dim, bias=False)
-        self.norm = norm_layer(out_dim)
+        self.norm = norm if norm is not None else norm_layer(out_dim)
         # No bias: the softmax inside each cluster ignores a constant shift, so a bias would get only
         # rounding noise as gradient (which Adam would then amplify).
         self.score = nn.Linear(out_dim, 1, bias=False)
@@ -69,6 +85,13 @@ class SIA(nn.Module):
             self.kv_dwconv = nn.Conv2d(out_dim, out_dim, kernel_size=5, stride=2, padding=2, groups=out_dim)
             self.kv_pwconv = nn.Conv2d(out_dim, out_dim, kernel_size=1)
             self.kv_norm = norm_layer(out_dim)
+        own_layers = [self.skip, self.score]
+        if proj is None:
+            own_layers.append(self.proj)
+        if not cluster_qkv:
+            own_layers += [self.kv_proj, self.kv_dwconv, self.kv_pwconv]
+        for layer in own_layers:
+            init_layer(layer)
 
     def num_clusters(self, num_tokens: int) -> int:
         return max(1, math.ceil(self.cluster_ratio * num_tokens))

@@ -1,8 +1,18 @@
-"""HAFA backbones, registered with timm on import."""
+"""HAFA models: `hafa.convert` (a hierarchical timm model, or our PVT v1, in its HAFA form) and
+every model of the supported families registered with timm as hafa_<name> on import."""
 
+from . import pvt, registry
 from ._base import freeze_batch_norm_statistics
-from .pvt import HafaPvt
-from .pvt_v2 import HafaPvtV2
-from .swin import HafaSwin
+from .convert import FAMILIES, Family, HafaModel, convert
+from .pvt import PyramidVisionTransformer
 
-__all__ = ["HafaPvt", "HafaPvtV2", "HafaSwin", "freeze_batch_norm_statistics"]
+__all__ = [
+    "convert",
+    "HafaModel",
+    "Family",
+    "FAMILIES",
+    "PyramidVisionTransformer",
+    "freeze_batch_norm_statistics",
+    "pvt",
+    "registry",
+]

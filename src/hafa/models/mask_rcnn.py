@@ -18,7 +18,7 @@ from torchvision.models.detection import MaskRCNN
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..errors import UserError, unknown_name
-from ._base import HafaBackbone
+from .convert import HafaModel
 
 STRIDES = [4, 8, 16, 32]
 
@@ -48,7 +48,7 @@ class FeaturePyramidBackbone(nn.Module):
         self.indices = list(range(len(STRIDES)))
         body.prune_intermediate_layers(self.indices, prune_norm=False, prune_head=True)
         self.body = body
-        self.knows_padding = isinstance(body, HafaBackbone)
+        self.knows_padding = isinstance(body, HafaModel)
         self.fpn = FeaturePyramidNetwork(
             [info["num_chs"] for info in body.feature_info], out_channels, extra_blocks=LastLevelMaxPool()
         )

@@ -1,6 +1,10 @@
 """Model sizes: ours (exact, checked by the tests so that a change in size is a visible decision), the
 authors' official code's (where it exists) and the paper's (Tables 1 and 6), with the baseline each
-HAFA model is compared against."""
+HAFA model is compared against (BASELINE, from the registry: hafa_<name> against <name>)."""
+
+from .registry import BASELINE
+
+__all__ = ["PARAMS", "BASELINE", "OFFICIAL", "PAPER"]
 
 # Parameters at num_classes=1000, default arguments.
 PARAMS = {
@@ -22,13 +26,6 @@ PARAMS = {
     "hafa_swin_tiny_patch4_window7_224": 29494850,
     "hafa_swin_small_patch4_window7_224": 50812754,
     "hafa_swin_base_patch4_window7_224": 89901168,
-}
-
-# The timm (or our PVT v1) baseline of each HAFA model.
-BASELINE = {
-    **{f"hafa_pvt_{size}": f"pvt_{size}" for size in ("tiny", "small", "medium", "large")},
-    **{f"hafa_pvt_v2_{b}": f"pvt_v2_{b}" for b in ("b0", "b1", "b2", "b3", "b4", "b5", "b2_li")},
-    **{f"hafa_swin_{size}_patch4_window7_224": f"swin_{size}_patch4_window7_224" for size in ("tiny", "small", "base")},
 }
 
 # The authors' public code (PVT v1 classification only): its parameters that the forward pass uses

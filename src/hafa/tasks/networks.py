@@ -35,20 +35,19 @@ def _on_meta_device(name: str, **kwargs) -> nn.Module:
 
 def backbone_arguments(name: str, hafa_options: dict, **common) -> dict:
     """Complete timm keywords for `name`: the `common` ones its constructor takes (img_size,
-    strict_img_size ... are left out where it does not) and, for a HAFA model, every HAFA option it
-    takes, as chosen or else the model's own value. HAFA options are ignored for baselines."""
-    parameters = inspect.signature(type(_on_meta_device(name)).__init__).parameters
+    strict_img_size ... are left out where it does not; a HAFA model passes them to the model it
+    converts) and, for a HAFA model, every HAFA option, as chosen or else the model's own value.
+    HAFA options are ignored for baselines."""
+    model = _on_meta_device(name)
+    constructor = getattr(model, "base_class", type(model)).__init__
+    parameters = inspect.signature(constructor).parameters
     args = {key: value for key, value in common.items() if key in parameters}
     if name not in BASELINE:
         return args
-    not_taken = sorted(set(hafa_options) - set(parameters))
-    if not_taken:
-        raise UserError(f"{name} does not take {', '.join(not_taken)}")
     resolved = _on_meta_device(name, **hafa_options)
     for option in HAFA_OPTIONS:
-        if option in parameters:
-            value = hafa_options.get(option, getattr(resolved, option, parameters[option].default))
-            args[option] = list(value) if isinstance(value, tuple) else value
+        value = hafa_options.get(option, getattr(resolved, option))
+        args[option] = list(value) if isinstance(value, tuple) else value
     return args
 
 

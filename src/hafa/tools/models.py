@@ -7,17 +7,22 @@ import timm
 import torch
 
 from ..errors import unknown_name
-from ..models.table import BASELINE, OFFICIAL, PAPER
+from ..models.table import BASELINE, OFFICIAL, PAPER, PARAMS
 from ..progress import progress
 from ..tasks.options import add_json_option, add_setting, image_side, write_json
 from .flops import count_macs
 
-DEFAULT_MODELS = sorted(BASELINE)
+# The paper's families (PVT v1, PVT v2, Swin); every other hafa_<name> with --models.
+DEFAULT_MODELS = sorted(name for name in PARAMS if name in BASELINE)
 
 
 def add_arguments(parser):
     parser.add_argument(
-        "--models", nargs="+", default=DEFAULT_MODELS, help="HAFA models (each shown with its baseline; default all)"
+        "--models",
+        nargs="+",
+        default=DEFAULT_MODELS,
+        help="HAFA models, each shown with its baseline (default: the paper's PVT v1, PVT v2 and Swin models; any "
+        "hafa_<timm name> of the families hafa.convert takes)",
     )
     add_setting(parser, "--img-size", setting=image_side(224), help="input size for the MACs")
     add_json_option(parser, "the rows")
@@ -58,7 +63,7 @@ def markdown(rows, img_size: int) -> str:
 def run(args) -> int:
     for name in args.models:
         if name not in BASELINE:
-            raise unknown_name("HAFA model", name, DEFAULT_MODELS)
+            raise unknown_name("HAFA model", name, sorted(BASELINE))
     print(
         f"MACs counted by torch.utils.flop_counter at {args.img_size}x{args.img_size} (clustering, bilinear "
         "sampling, merging and CPU attention by formula); the paper's 'GFLOPs' are MACs too. The paper cuts "

@@ -20,10 +20,9 @@ from PIL import Image
 
 from ..checkpoint import Checkpoint, check_model_options, check_task, read_checkpoint_or_state_dict
 from ..errors import UserError, unknown_name
-from ..layers import LAA, SIA, SIAOutput
+from ..layers import LAA, SIA, DeformableConv2d, LAAPatchMerging, SIAOutput
 from ..layers.laa import sampling_positions
 from ..models._base import HAFA_OPTIONS, SMALLEST_INPUT
-from ..models.swin import LAAPatchMerging
 from ..models.table import BASELINE
 from ..spec import Values, Whole
 from ..tasks.networks import build_classifier_from_state_dict
@@ -36,6 +35,7 @@ TITLE_BAND_PX = 64
 MAX_PICTURE_PIXELS = 64 * 10**6  # an RGBA picture of 256 MB while it is drawn
 POINTS_PER_SIDE = 6  # output positions of each LAA shown per image side
 SAMPLE_IMAGE = "grace_hopper.jpg"  # matplotlib's bundled sample
+LAA_FORMS = (LAA, LAAPatchMerging, DeformableConv2d)  # each has an `offset` predictor and sampling_geometry()
 LAA_COLOURS = {"yellow": "#ffd400", "cyan": "#00e5ff", "magenta": "#ff4fd8"}  # transitions 1->2, 2->3, 3->4
 
 
@@ -102,13 +102,6 @@ def load_image(path: str | None) -> Image.Image:
         raise UserError(f"cannot read {path} as an image: {error}") from None
 
 
-def _laa_geometry(module) -> tuple[tuple, tuple, tuple]:
-    """(kernel, stride, padding) of an LAA-like layer's sampling grid."""
-    if isinstance(module, LAA):
-        return module.proj.kernel_size, module.proj.stride, module.proj.padding
-    return (2, 2), (2, 2), (0, 0)  # LAAPatchMerging: Swin's 2x2 patch merging
-
-
 class Recorder:
     """Forward hooks that keep SIA outputs and, for every LAA, its input size and predicted offsets."""
 
@@ -119,14 +112,14 @@ class Recorder:
         for module in model.modules():
             if isinstance(module, SIA):
                 self.handles.append(module.register_forward_hook(lambda m, args, out: self.sia.append(out)))
-            elif isinstance(module, (LAA, LAAPatchMerging)):
+            elif isinstance(module, LAA_FORMS):
                 self.handles.append(
                     module.offset.register_forward_hook(
                         lambda m, args, out, layer=module: self.laa.append(
                             dict(
                                 offsets=out.detach(),
                                 input_size=tuple(args[0].shape[-2:]),
-                                geometry=_laa_geometry(layer),
+                                geometry=layer.sampling_geometry(),
                             )
                         )
                     )

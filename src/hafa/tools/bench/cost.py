@@ -55,7 +55,7 @@ aten = torch.ops.aten
 # methods) or functions, by dotted name. Resolved when counting starts: a name that no longer exists
 # (code moved) is an error, not a silently empty part.
 PART_SOURCES = {
-    "laa": ("hafa.layers.laa.LAA", "hafa.models.swin.LAAPatchMerging"),
+    "laa": ("hafa.layers.laa.LAA", "hafa.layers.laa.LAAPatchMerging", "hafa.layers.laa.DeformableConv2d"),
     "clustering": ("hafa.ops.clustering",),
     "merging": ("hafa.ops.merge",),
     "dictionary": ("hafa.ops.token_map",),

@@ -15,17 +15,21 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ...layers import LAA, SIA
-from ...models._base import BASELINE_AGGREGATION, run_downsample
-from ...models.swin import LAAPatchMerging
+from ...layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
+from ...models._base import BASELINE_AGGREGATION
+from ...models.convert import run_sia
 from ...ops import TokenLayout, cluster_dpc_knn, clustering, map2token, merge, merge_tokens, token2map, token_map
 from .report import ratio
 from .timing import DETECTION_BATCH, BenchConfig, interleaved_timings, synchronize
 
 
-def transition(stage: nn.Module) -> nn.Module:
-    """The downsampling layer that opens a stage (PVT v1: patch_embed; PVT v2 and Swin: downsample)."""
-    return stage.patch_embed if hasattr(stage, "patch_embed") else stage.downsample
+def transition_call(model: nn.Module, index: int, tokens: torch.Tensor, layout: TokenLayout) -> Callable:
+    """A call of the layer that opens stage `index` of a HAFA model on the previous stage's tokens."""
+    family = model.family
+    module = family.transition(model, index)
+    if isinstance(module, SIA):
+        return partial(run_sia, module, tokens, layout, None)
+    return partial(module, family.transition_input(model, index, layout.to_map(tokens)))
 
 
 def stage_shapes(name: str, size: tuple[int, int]) -> list[tuple[int, int, int]]:
@@ -53,10 +57,10 @@ def measure_transitions(name: str, config: BenchConfig, bar) -> list[dict]:
             channels, height, width = shapes[i - 1]
             tokens = torch.randn(batch, height * width, channels, device=device)
             layout = TokenLayout((height, width))
-            modules = {"hafa": transition(hafa.stage_list[i]), "baseline": transition(baseline.stage_list[i])}
+            models = {"hafa": hafa, "baseline": baseline}
             with torch.inference_mode(), config.autocast():
                 timings = interleaved_timings(
-                    {k: partial(run_downsample, m, tokens, layout) for k, m in modules.items()},
+                    {k: transition_call(m, i, tokens, layout) for k, m in models.items()},
                     device,
                     config.warmup,
                     config.reps,
@@ -69,8 +73,8 @@ def measure_transitions(name: str, config: BenchConfig, bar) -> list[dict]:
                     input=label,
                     batch=batch,
                     transition=f"{i}->{i + 1}",
-                    layer=type(modules["hafa"]).__name__,
-                    baseline_layer=type(modules["baseline"]).__name__,
+                    layer=type(hafa.family.transition(hafa, i)).__name__,
+                    baseline_layer=type(baseline.family.transition(baseline, i)).__name__,
                     tokens=f"{height}x{width}x{channels}",
                     hafa=asdict(timings["hafa"]),
                     baseline=asdict(timings["baseline"]),
@@ -113,7 +117,7 @@ def forward_breakdown(name: str, size: tuple[int, int], batch: int) -> dict:
         "clustering": [clustering.cluster_dpc_knn],
         "merging": [merge.merge_tokens],
         "dictionary": [token_map._paint_plan, token_map._paint, token_map._read_plan, token_map._read],
-        "laa": [LAA.forward, LAAPatchMerging.forward],
+        "laa": [LAA.forward, LAAPatchMerging.forward, DeformableConv2d.forward],
     }
     labels = {part: tuple(_code_label(f) for f in functions) for part, functions in parts.items()}
     with torch.inference_mode():

@@ -1,0 +1,398 @@
+"""`hafa.convert`: a hierarchical timm model (or our PVT v1) in its HAFA form, as a new module.
+
+The HAFA model adopts the model's own layers under their own names (a timm checkpoint's keys stay
+valid), replaces the chosen transitions by their LAA form (the transition's own strided conv, read at
+learned offsets that start at zero) or by SIA (projecting with the family's own downsampling), and
+rebuilds the blocks of each stage that starts with SIA to run on merged tokens. What a family looks
+like is said by its adapter, a `Family` (hafa.models.families): where its transitions are, the
+format its stages take, and how its blocks run on clustered tokens. Grid stages run the model's own
+stage code, so a conversion with laa_norm="baseline" and no SIA computes the model exactly.
+"""
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from timm.models._features import feature_take_indices
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from ..layers import SIA
+from ..layers.attention import KeyValues
+from ..ops import TokenLayout
+from ..pretrained import LoadReport
+from ._base import HAFA_AGGREGATION, HAFA_OPTIONS, check_images, padding_tokens
+
+# The families a model can be converted from, registered by hafa.models.families.
+FAMILIES: list["Family"] = []
+
+
+class Family:
+    """How HAFA runs one family of hierarchical models. Grid stages keep the family's own format
+    ("native": whatever its stages pass on, e.g. NCHW or NHWC maps); a stage that starts with SIA works
+    on tokens B x N x C with their TokenLayout. The defaults fit models whose stages are modules in
+    `model.<stages_name>`, taking and giving NCHW maps."""
+
+    name = ""
+    model_classes: tuple[type, ...] = ()
+    stages_name = "stages"
+    transition_name = "downsample"  # the name of the layer that opens a stage
+
+    def matches(self, model: nn.Module) -> bool:
+        return isinstance(model, self.model_classes)
+
+    def take_any_size(self, model: nn.Module) -> None:
+        """Make a model of the family take any input size, where it is not so already (registered models)."""
+
+    def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
+        """Changes of the whole model that a conversion needs before its transitions are converted."""
+
+    # -- the model as the family runs it
+    def stem(self, model: nn.Module, images: Tensor) -> Any:
+        raise NotImplementedError
+
+    def stages(self, model: nn.Module) -> nn.Module:
+        return getattr(model, self.stages_name)
+
+    def transition(self, model: nn.Module, index: int) -> nn.Module:
+        """The layer that opens stage `index` (1-3): the model's downsampling, its LAA form, or SIA."""
+        return getattr(self.stages(model)[index], self.transition_name)
+
+    def transition_input(self, model: nn.Module, index: int, feature_map: Tensor) -> Any:
+        """A B x C x H x W map as transition `index`'s input (as the stage hands it on)."""
+        return self.from_nchw(model, index, feature_map)
+
+    def run_stage(self, model: nn.Module, index: int, x: Any) -> Any:
+        """Grid stage `index` (its transition included) on its native input."""
+        return self.stages(model)[index](x)
+
+    def to_nchw(self, model: nn.Module, index: int, x: Any) -> Tensor:
+        """Stage `index`'s native output as a B x C x H x W map."""
+        return x
+
+    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Any:
+        """A B x C x H x W map as the native input of stage `index` (a grid stage after a clustered one)."""
+        return feature_map
+
+    def tokens_of(self, model: nn.Module, index: int, x: Any) -> tuple[Tensor, TokenLayout]:
+        """Stage `index - 1`'s native output as tokens on their grid, the input of SIA at stage `index`."""
+        feature_map = self.to_nchw(model, index - 1, x)
+        return feature_map.flatten(2).transpose(1, 2), TokenLayout(feature_map.shape[-2:])
+
+    def grid_features(self, model: nn.Module, x: Any) -> Any:
+        """What forward_features returns after the last stage, a grid (the family's final norm)."""
+        return x
+
+    def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        """forward_features after a last stage that started with SIA: the final tokens, normalised."""
+        return tokens
+
+    def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
+        """The classifier on final merged tokens B x N x C: their mean, then the family's head."""
+        raise NotImplementedError
+
+    # -- conversion
+    def attention_stages(self, model: nn.Module) -> set[int]:
+        """The stages (0-3) whose blocks attend: SIA can start only those."""
+        raise NotImplementedError
+
+    def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
+        """Replace transition `index` (1-3) by its LAA form, with the transition's contract."""
+        raise NotImplementedError
+
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+        """Replace stage `index` (1-3) by one that starts with SIA (projecting with the family's own
+        downsampling) and whose blocks run on merged tokens."""
+        raise NotImplementedError
+
+    def run_clustered_stage(
+        self, model: nn.Module, index: int, x: Tensor, layout: TokenLayout, padding_mask: Tensor | None
+    ) -> tuple[Tensor, TokenLayout]:
+        return self.stages(model)[index](x, layout, padding_mask)
+
+    def checkpoint_names(self, state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        """A baseline checkpoint's names as the HAFA model has them, where its conversion renamed layers
+        (hafa.load_pretrained; a fused qkv split into q and kv and a downsampling moved into SIA's
+        projection are handled for every family)."""
+        return state_dict
+
+    def prune(self, model: nn.Module, max_index: int) -> None:
+        """Keep stages 0..max_index only."""
+        setattr(model, self.stages_name, self.stages(model)[: max_index + 1])
+
+
+def family_of(model: nn.Module) -> "Family":
+    for family in FAMILIES:
+        if family.matches(model):
+            return family
+    names = ", ".join(f.name for f in FAMILIES)
+    raise ValueError(f"hafa.convert takes models of these families: {names}; {type(model).__name__} is none of them")
+
+
+def run_blocks(
+    blocks: nn.ModuleList, x: Tensor, layout: TokenLayout, kv: KeyValues | None, use_checkpoint: bool
+) -> Tensor:
+    """Blocks over tokens; the first one attends to kv when given (SIA's keys/values)."""
+    for block in blocks:
+        if use_checkpoint and torch.is_grad_enabled():
+            x = checkpoint(block, x, layout, kv, use_reentrant=False)
+        else:
+            x = block(x, layout, kv)
+        kv = None
+    return x
+
+
+def run_sia(sia: SIA, x: Tensor, layout: TokenLayout, padding_mask: Tensor | None) -> tuple:
+    """SIA on tokens with their layout: -> (merged tokens, their layout, keys/values for the first block).
+    padding_mask (B x H x W over the input images, True for padding): no padding token becomes a centre."""
+    out = sia(x, layout, None if padding_mask is None else padding_tokens(layout, padding_mask))
+    return out.queries, out.layout, out.kv
+
+
+class ClusteredStage(nn.Module):
+    """A stage that starts with SIA: its blocks run on the merged tokens (the first attending to SIA's
+    keys/values), then the stage's own norm, if it has one. `transition_name` is the name the family
+    gives its transition (downsample, patch_embed ...), so that the stage's keys stay the family's."""
+
+    def __init__(self, *, sia: SIA, blocks: nn.ModuleList, norm: nn.Module | None = None, transition_name="downsample"):
+        super().__init__()
+        self.transition_name = transition_name
+        self.add_module(transition_name, sia)
+        self.blocks = blocks
+        self.norm = norm if norm is not None else nn.Identity()
+        self.grad_checkpointing = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def forward(self, x: Tensor, layout: TokenLayout, padding_mask: Tensor | None = None):
+        x, layout, kv = run_sia(getattr(self, self.transition_name), x, layout, padding_mask)
+        return self.norm(run_blocks(self.blocks, x, layout, kv, self.grad_checkpointing)), layout
+
+
+def check_stage_aggregation(family: Family, model: nn.Module, stage_aggregation: Sequence[str]) -> tuple:
+    choice = tuple(HAFA_OPTIONS["stage_aggregation"].check(stage_aggregation, "stage_aggregation"))
+    attending = family.attention_stages(model)
+    for index, kind in enumerate(choice, start=1):
+        if kind == "sia" and index not in attending:
+            raise ValueError(
+                f"stage_aggregation {list(choice)}: SIA merges tokens for the attention of the stage after it, and "
+                f"{family.name}'s stage {index + 1} has no attention (its stages with attention: "
+                f"{', '.join(str(i + 1) for i in sorted(attending)) or 'none'}); use 'laa' or 'conv' there"
+            )
+    return choice
+
+
+class HafaModel(nn.Module):
+    """A model of one family whose stage transitions are 'conv' (the model's own), 'laa' or 'sia'.
+
+    It keeps the timm interface of the model it was made from: forward_features / forward_head,
+    forward_intermediates (NCHW maps at strides 4 to 32; after SIA painted through the dictionary),
+    prune_intermediate_layers, reset_classifier, set_grad_checkpointing, features_only (timm's getter
+    wrapper). forward_features returns what the model's returns when its last stage is a grid, else the
+    final merged tokens B x N x C (normalised), which forward_head mean-pools.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: nn.Module,
+        stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
+        cluster_ratio: float = 0.25,
+        knn_k: int = 5,
+        cluster_qkv: bool = False,
+        laa_norm: str = "batch",
+    ):
+        """model: the model to convert (its layers are taken over, not copied: see `convert`)."""
+        super().__init__()
+        family = family_of(model)
+        self.stage_aggregation = check_stage_aggregation(family, model, stage_aggregation)
+        self.laa_norm = HAFA_OPTIONS["laa_norm"].check(laa_norm, "laa_norm")
+        self.sia_args = dict(
+            cluster_ratio=HAFA_OPTIONS["cluster_ratio"].check(cluster_ratio, "cluster_ratio"),
+            knn_k=HAFA_OPTIONS["knn_k"].check(knn_k, "knn_k"),
+            cluster_qkv=HAFA_OPTIONS["cluster_qkv"].check(cluster_qkv, "cluster_qkv"),
+        )
+        self.family = family
+        self.base_class = type(model)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, parameter in model.named_parameters(recurse=False):
+            self.register_parameter(name, parameter)
+        for name, buffer in model.named_buffers(recurse=False):
+            self.register_buffer(name, buffer, persistent=name not in model._non_persistent_buffers_set)
+        for name, value in vars(model).items():  # num_classes, global_pool, feature_info, ...
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.in_chans = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
+        self.output_fmt = "NCHW"  # forward_intermediates' maps, whatever format the family's stages use
+        family.prepare(self, self.stage_aggregation)
+        for index, kind in enumerate(self.stage_aggregation, start=1):
+            if kind == "laa":
+                family.convert_laa(self, index, self.laa_norm)
+            elif kind == "sia":
+                family.convert_sia(self, index, self.sia_args, self.laa_norm)
+        self.train(model.training)
+
+    @property
+    def cluster_ratio(self) -> float:
+        return self.sia_args["cluster_ratio"]
+
+    @property
+    def knn_k(self) -> int:
+        return self.sia_args["knn_k"]
+
+    @property
+    def cluster_qkv(self) -> bool:
+        return self.sia_args["cluster_qkv"]
+
+    def _clustered(self, index: int) -> bool:
+        """Whether stage `index` starts with SIA."""
+        return index > 0 and self.stage_aggregation[index - 1] == "sia"
+
+    def _num_stages(self) -> int:
+        return len(self.feature_info)
+
+    def _stages(self, images: Tensor, last: int, padding_mask: Tensor | None, take: Sequence[int], norm: bool):
+        """Stages 0..last: -> (the last stage's output, its layout (None for a grid), the maps of `take`)."""
+        family = self.family
+        x, layout, maps = family.stem(self, images), None, []
+        for index in range(last + 1):
+            if self._clustered(index):
+                if layout is None:
+                    x, layout = family.tokens_of(self, index, x)
+                x, layout = family.run_clustered_stage(self, index, x, layout, padding_mask)
+            else:
+                if layout is not None:
+                    x, layout = family.from_nchw(self, index, layout.to_map(x)), None
+                x = family.run_stage(self, index, x)
+            if index in take:
+                final = norm and index == self._num_stages() - 1
+                if layout is not None:
+                    maps.append(layout.to_map(family.token_features(self, x) if final else x))
+                else:
+                    maps.append(family.to_nchw(self, index, family.grid_features(self, x) if final else x))
+        return x, layout, maps
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        check_images(x, self.in_chans)
+        x, layout, _ = self._stages(x, self._num_stages() - 1, None, (), False)
+        return self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        if self._clustered(self._num_stages() - 1):
+            return self.family.token_head(self, x, pre_logits)
+        return self.base_class.forward_head(self, x, pre_logits=pre_logits)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | list[int] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        padding_mask: Tensor | None = None,
+    ) -> list[Tensor] | tuple[Tensor, list[Tensor]]:
+        """Stage feature maps (strides 4, 8, 16, 32), B x C x H x W each; after SIA painted through the
+        dictionary. Returns the maps, or (the final features, as forward_features, and the maps).
+
+        padding_mask: B x H x W bool, True where x is padding (detection batches pad images to a common
+        size): tokens wholly in the padding never become SIA's cluster centres."""
+        if output_fmt != "NCHW":
+            raise ValueError("HAFA models return NCHW feature maps")
+        check_images(x, self.in_chans)
+        num_stages = self._num_stages()
+        take, max_index = feature_take_indices(num_stages, indices)
+        last = max_index if stop_early or intermediates_only else num_stages - 1
+        x, layout, maps = self._stages(x, last, padding_mask, take, norm)
+        if intermediates_only:
+            return maps
+        if last == num_stages - 1:
+            x = self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+        return x, maps
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        take, max_index = feature_take_indices(self._num_stages(), indices)
+        self.family.prune(self, max_index)
+        self.feature_info = self.feature_info[: max_index + 1]
+        if prune_head:
+            self.reset_classifier(0, "")
+        return take
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.base_class.set_grad_checkpointing(self, enable)
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.base_class.get_classifier(self)
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.base_class.reset_classifier(self, num_classes, global_pool)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        method = getattr(self.base_class, "no_weight_decay", None)
+        return method(self) if method is not None else set()
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return self.base_class.group_matcher(self, coarse)
+
+
+def _storage(tensor: Tensor) -> int:
+    return tensor.untyped_storage().data_ptr()
+
+
+def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadReport:
+    """What a conversion kept (tensors of the model, possibly under new names, e.g. a fused qkv as q and
+    kv), made new (LAA's offsets and BatchNorm, SIA's own layers) and left out (e.g. Swin's relative
+    position biases after SIA), from the model's state dict `before` and the converted model."""
+    kept = {_storage(t) for t in before.values()}
+    after = converted.state_dict()
+    used = {_storage(t) for t in after.values()}
+    laa_norm = converted.laa_norm if "laa" in converted.stage_aggregation else None
+    return LoadReport(
+        copied=[name for name, t in after.items() if _storage(t) in kept],
+        newly_initialised=[name for name, t in after.items() if _storage(t) not in kept],
+        unused=[name for name, t in before.items() if _storage(t) not in used],
+        laa_norm=laa_norm,
+        laa_batch_norms_new=laa_norm == "batch",
+    )
+
+
+def convert(
+    model: nn.Module,
+    *,
+    stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
+    cluster_ratio: float = 0.25,
+    knn_k: int = 5,
+    cluster_qkv: bool = False,
+    laa_norm: str = "batch",
+) -> HafaModel:
+    """The HAFA form of `model` (timm's pvt_v2, swin, swinv2, twins, caformer / convformer /
+    poolformerv2, convnext, or our PVT v1), a new module that keeps every weight `model` has: LAA takes
+    each chosen transition's own strided conv (its offsets start at zero; laa_norm="baseline" keeps the
+    transition's own norm, so that with no SIA the model computes `model` exactly before training),
+    SIA projects with the family's own downsampling. `model` itself is left as it was (the new module
+    holds copies of its layers). What was kept, made new and left out is the result's
+    `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns)."""
+    copied = copy.deepcopy(model)
+    before = copied.state_dict()
+    converted = HafaModel(
+        model=copied,
+        stage_aggregation=stage_aggregation,
+        cluster_ratio=cluster_ratio,
+        knn_k=knn_k,
+        cluster_qkv=cluster_qkv,
+        laa_norm=laa_norm,
+    )
+    converted.conversion_report = conversion_report(before, converted)
+    return converted

@@ -1,0 +1,86 @@
+"""PVT v1 (ours, hafa.models.pvt) as a HAFA family.
+
+Transitions `stages.{1,2,3}.patch_embed`: a 2x2/s2 conv `proj` then a LayerNorm `norm`; its LAA form
+keeps both names (hafa.layers.LAA). SIA is the authors' (their CTM): its own 3x3/s2 conv and norm, so
+the stage's 2x2 embedding is left out. A model with SIA has no class token (it mean-pools the
+normalised merged tokens, as the authors' code) and no position embedding after SIA (paper Sec. 3.1):
+SIA's keys/values carry position through their convs. Stages pass tokens with their layout; PVT v1's
+blocks already run on tokens with any layout.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from ...layers import LAA, SIA
+from ...ops import TokenLayout
+from ..convert import ClusteredStage, Family
+from ..pvt import PyramidVisionTransformer
+
+Native = tuple[Tensor, TokenLayout]  # a stage's tokens (the class token first, in the last stage) and layout
+
+
+class Pvt(Family):
+    name = "pvt"
+    model_classes = (PyramidVisionTransformer,)
+    transition_name = "patch_embed"
+
+    def transition_input(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
+        return feature_map
+
+    def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
+        if "sia" not in stage_aggregation:
+            return
+        last = model.stages[-1]
+        if last.cls_token is not None:  # no class token with SIA: the model mean-pools (the authors' code)
+            last.pos_embed = nn.Parameter(last.pos_embed.detach()[:, 1:])
+            last.cls_token = None
+            model.global_pool = "avg"
+
+    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+        return images  # the first stage embeds the images itself
+
+    def run_stage(self, model: nn.Module, index: int, x) -> Native:
+        if index > 0:
+            x = self.to_nchw(model, index - 1, x)
+        return model.stages[index](x)
+
+    def to_nchw(self, model: nn.Module, index: int, x: Native) -> Tensor:
+        tokens, layout = x
+        prefix = getattr(model.stages[index], "num_prefix_tokens", 0)  # a class token (grid stages only)
+        return layout.to_map(tokens[:, prefix:])
+
+    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Native:
+        return feature_map.flatten(2).transpose(1, 2), TokenLayout(feature_map.shape[-2:])
+
+    def tokens_of(self, model: nn.Module, index: int, x: Native) -> Native:
+        return x
+
+    def grid_features(self, model: nn.Module, x: Native) -> Tensor:
+        return model.norm(x[0])
+
+    def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        return model.norm(tokens)
+
+    def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
+        if model.global_pool:
+            tokens = tokens.mean(1)
+        tokens = model.head_drop(tokens)
+        return tokens if pre_logits else model.head(tokens)
+
+    def attention_stages(self, model: nn.Module) -> set[int]:
+        return {0, 1, 2, 3}
+
+    def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
+        stage = model.stages[index]
+        stage.patch_embed = LAA.from_downsample(stage.patch_embed.proj, stage.patch_embed.norm, laa_norm)
+
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+        stage = model.stages[index]
+        proj = stage.patch_embed.proj
+        with torch.device(proj.weight.device):
+            sia = SIA(proj.in_channels, proj.out_channels, **sia_args)
+        model.stages[index] = ClusteredStage(sia=sia, blocks=stage.blocks, transition_name=self.transition_name)
+
+
+FAMILY = Pvt()
+TIMM_MODULES: dict[str, str] = {}  # ours, registered by hafa.models.pvt

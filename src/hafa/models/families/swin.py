@@ -1,0 +1,201 @@
+"""Swin Transformer (timm's SwinTransformer) as a HAFA family.
+
+Transitions `layers.{1,2,3}.downsample`: patch merging (each 2x2 block concatenated, a LayerNorm over
+the 4C values, a linear; NHWC in and out); its LAA form moves the four points (hafa.layers.
+LAAPatchMerging, keeping norm and reduction). SIA projects with that patch merging, map to map.
+Stages take and give NHWC maps; windows are padded by timm for any size. After SIA the blocks attend
+globally over the merged tokens (windows are squares of a grid, which merged tokens do not have; at
+224 x 224 the last stage is one 7 x 7 window, so global attention is what Swin computes there anyway):
+their fused qkv becomes separate q and kv (views of the same weights), the relative position bias
+(a bias of grid offsets) has no meaning there and is left out.
+"""
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
+from torch import Tensor, nn
+
+from ...layers import SIA, Attention, Block, LAAPatchMerging
+from ...ops import TokenLayout
+from ...ops.constants import shape_constant
+from ..convert import ClusteredStage, Family
+
+
+class PatchMergingMap(PatchMerging):
+    """timm's patch merging from map to map, B x C x H x W -> B x out_dim x ceil(H/2) x ceil(W/2): SIA's projection."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class CachedMaskSwinBlock(SwinTransformerBlock):
+    """timm's Swin block for any input size (dynamic_mask) whose shifted-window mask is kept per size,
+    as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
+
+    def get_attn_mask(self, x: Tensor | None = None, *args, **kwargs) -> Tensor | None:
+        if x is None or not any(self.shift_size):
+            return super().get_attn_mask(x, *args, **kwargs)
+        key = ("swin_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
+        return shape_constant(key, x.device, partial(SwinTransformerBlock.get_attn_mask, self, x))
+
+
+def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """new (built on the meta device, of old's structure) holding old's own tensors, the buffers that
+    state dicts leave out (relative position indices, masks) included."""
+    new.load_state_dict(old.state_dict(), assign=True)
+    for name, buffer in old.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        new.get_submodule(owner)._buffers[leaf] = buffer
+    return new.train(old.training)
+
+
+def cached_mask_block(block: SwinTransformerBlock) -> SwinTransformerBlock:
+    """A block that rebuilds its mask in every forward (dynamic_mask) as a CachedMaskSwinBlock with its weights."""
+    attn = block.attn
+    config = dict(
+        dim=block.dim,
+        input_resolution=block.input_resolution,
+        num_heads=attn.num_heads,
+        head_dim=attn.qkv.out_features // 3 // attn.num_heads,
+        window_size=block.window_size,
+        shift_size=block.target_shift_size,
+        always_partition=block.always_partition,
+        dynamic_mask=True,
+        mlp_ratio=block.mlp_ratio,
+        qkv_bias=attn.qkv.bias is not None,
+        proj_drop=attn.proj_drop.p,
+        attn_drop=attn.attn_drop.p,
+        drop_path=getattr(block.drop_path1, "drop_prob", 0.0),
+        act_layer=type(block.mlp.act),
+        norm_layer=partial(type(block.norm1), eps=block.norm1.eps),
+    )
+    with torch.device("meta"):
+        cached = CachedMaskSwinBlock(**config)
+    return _adopt(cached, block)
+
+
+def _split_qkv(qkv: nn.Linear) -> tuple[nn.Linear, nn.Linear]:
+    """A fused qkv projection as q and kv projections over views of its weight and bias."""
+    dim = qkv.out_features // 3
+    with torch.device("meta"):
+        q, kv = (
+            nn.Linear(qkv.in_features, dim, bias=qkv.bias is not None),
+            nn.Linear(qkv.in_features, 2 * dim, bias=qkv.bias is not None),
+        )
+    q.weight, kv.weight = nn.Parameter(qkv.weight.detach()[:dim]), nn.Parameter(qkv.weight.detach()[dim:])
+    if qkv.bias is not None:
+        q.bias, kv.bias = nn.Parameter(qkv.bias.detach()[:dim]), nn.Parameter(qkv.bias.detach()[dim:])
+    return q, kv
+
+
+def global_attention(attention: nn.Module) -> Attention:
+    """A windowed attention with a fused qkv as global attention over tokens, with its weights."""
+    q, kv = _split_qkv(attention.qkv)
+    return Attention(
+        num_heads=attention.num_heads,
+        q=q,
+        kv=kv,
+        proj=attention.proj,
+        attn_drop=attention.attn_drop.p,
+        proj_drop=attention.proj_drop.p,
+        scale=attention.scale,
+    )
+
+
+def clustered_block(block: SwinTransformerBlock) -> Block:
+    """A Swin block attending globally over merged tokens, with the block's own layers."""
+    return Block(
+        norm1=block.norm1,
+        attn=global_attention(block.attn),
+        norm2=block.norm2,
+        mlp=block.mlp,
+        drop_path1=block.drop_path1,
+        drop_path2=block.drop_path2,
+    )
+
+
+def patch_merging_map(merging: PatchMerging) -> PatchMergingMap:
+    with torch.device("meta"):
+        as_map = PatchMergingMap(merging.dim, out_dim=merging.out_dim)
+    return _adopt(as_map, merging)
+
+
+def any_size_stem(model: SwinTransformer) -> None:
+    """The patch embedding padded to a multiple of the patch size, so that any input size works (timm's
+    Swin takes sizes divisible by it), with its own layers."""
+    stem = model.patch_embed
+    with torch.device("meta"):
+        padded = PatchEmbed(
+            img_size=stem.img_size,
+            patch_size=stem.patch_size,
+            in_chans=stem.proj.in_channels,
+            embed_dim=stem.proj.out_channels,
+            norm_layer=None,
+            strict_img_size=False,
+            dynamic_img_pad=True,
+            output_fmt="NHWC",
+        )
+    padded.proj, padded.norm = stem.proj, stem.norm
+    model.patch_embed = padded
+
+
+class Swin(Family):
+    name = "swin"
+    model_classes = (SwinTransformer,)
+    stages_name = "layers"
+
+    def take_any_size(self, model: nn.Module) -> None:
+        any_size_stem(model)
+
+    def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
+        for stage in model.layers:
+            for i, block in enumerate(stage.blocks):
+                if block.dynamic_mask and not isinstance(block, CachedMaskSwinBlock):
+                    stage.blocks[i] = cached_mask_block(block)
+
+    def stem(self, model: nn.Module, images: Tensor) -> Tensor:
+        return model.patch_embed(images)
+
+    def to_nchw(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
+    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
+        return feature_map.permute(0, 2, 3, 1)
+
+    def tokens_of(self, model: nn.Module, index: int, x: Tensor) -> tuple[Tensor, TokenLayout]:
+        return x.flatten(1, 2), TokenLayout(x.shape[1:3])
+
+    def grid_features(self, model: nn.Module, x: Tensor) -> Tensor:
+        return model.norm(x)
+
+    def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
+        return model.norm(tokens)
+
+    def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
+        head = model.head
+        if head.global_pool.pool_type:
+            tokens = tokens.mean(1)
+        tokens = head.drop(tokens)
+        return tokens if pre_logits else head.fc(tokens)
+
+    def attention_stages(self, model: nn.Module) -> set[int]:
+        return {0, 1, 2, 3}
+
+    def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
+        stage = model.layers[index]
+        stage.downsample = LAAPatchMerging.from_patch_merging(stage.downsample, laa_norm, norm_first=True)
+
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+        stage = model.layers[index]
+        merging = stage.downsample
+        device = merging.reduction.weight.device
+        with torch.device(device):
+            sia = SIA(merging.dim, merging.out_dim, proj=patch_merging_map(merging), **sia_args)
+        blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
+        model.layers[index] = ClusteredStage(sia=sia, blocks=blocks)
+
+
+FAMILY = Swin()
+TIMM_MODULES = {"swin": "swin_transformer"}

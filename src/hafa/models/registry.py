@@ -1,0 +1,112 @@
+"""Every model of the supported families as `hafa_<name>`, registered with timm: the HAFA conversion of
+timm's `<name>` (or of our PVT v1), so that `timm.create_model("hafa_convnext_tiny")` and every hafa
+command take it, and `--baseline` pairs it with `<name>`. A family whose last stage has attention gets
+LAA, LAA, SIA by default (the paper's network), a family of convolutions only LAA, LAA, LAA."""
+
+import sys
+from functools import partial
+
+import timm
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
+from timm.models._builder import resolve_pretrained_cfg
+
+from ..pretrained import checkpoint_filter_fn
+from ._base import FROM_BASELINE_TAG, HAFA_AGGREGATION, HAFA_OPTIONS, MODEL_ARGUMENTS, hafa_cfgs
+from .convert import HafaModel, family_of
+from .families import FAMILIES, TIMM_MODULES
+
+# The families' models as timm (or hafa.models.pvt) names them.
+BASE_NAMES = {
+    **{family: timm.list_models(module=module) for family, module in TIMM_MODULES.items()},
+    "pvt": ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"],
+}
+# Each HAFA model's baseline.
+BASELINE = {f"hafa_{name}": name for names in BASE_NAMES.values() for name in names}
+# What the registered models pass to their base so that it takes any input size.
+ANY_SIZE = {"swin": dict(strict_img_size=False)}
+
+# The baseline ImageNet-1k weights the `in1k_from_baseline` tag loads (adapted, LAA in baseline mode).
+_OFFICIAL_PVT_URL = "https://github.com/whai362/PVT/releases/download/v2/pvt_{size}.pth"
+FROM_BASELINE_WEIGHTS = {
+    **{
+        f"hafa_pvt_{size}": dict(url=_OFFICIAL_PVT_URL.format(size=size))
+        for size in ("tiny", "small", "medium", "large")
+    },
+    **{
+        f"hafa_pvt_v2_{b}": dict(hf_hub_id=f"timm/pvt_v2_{b}.in1k")
+        for b in ("b0", "b1", "b2", "b3", "b4", "b5", "b2_li")
+    },
+    **{
+        f"hafa_swin_{size}_patch4_window7_224": dict(hf_hub_id=f"timm/swin_{size}_patch4_window7_224.ms_in1k")
+        for size in ("tiny", "small", "base")
+    },
+}
+
+
+def _cfgs(name: str) -> dict:
+    """The pretrained configs of hafa_<name>: its base's input conventions, no weights (but the
+    in1k_from_baseline tag where FROM_BASELINE_WEIGHTS has them)."""
+    base = get_pretrained_cfg(name)
+    conventions = {}
+    if base is not None:
+        conventions = {
+            key: getattr(base, key)
+            for key in ("input_size", "mean", "std", "crop_pct", "interpolation", "first_conv", "classifier")
+            if getattr(base, key, None) is not None
+        }
+    return hafa_cfgs(f"hafa_{name}", FROM_BASELINE_WEIGHTS.get(f"hafa_{name}"), **conventions)
+
+
+default_cfgs = generate_default_cfgs(
+    {tagged: cfg for names in BASE_NAMES.values() for name in names for tagged, cfg in _cfgs(name).items()}
+)
+
+
+def _converted(base_name: str, hafa_options: dict, **kwargs) -> HafaModel:
+    """hafa_<base_name>: the base (any input size) converted with the HAFA options."""
+    family = next(f for f, names in BASE_NAMES.items() if base_name in names)
+    base = timm.create_model(base_name, **{**ANY_SIZE.get(family, {}), **kwargs})
+    adapter = family_of(base)
+    adapter.take_any_size(base)
+    default = HAFA_AGGREGATION if 3 in adapter.attention_stages(base) else ("laa", "laa", "laa")
+    return HafaModel(model=base, **{"stage_aggregation": default, **hafa_options})
+
+
+def create_hafa_model(variant: str, pretrained: bool = False, **kwargs) -> HafaModel:
+    """timm's entry point of every hafa_<name>: build_model_with_cfg over the conversion, with timm's
+    features_only wrapper over forward_intermediates. The in1k_from_baseline tag loads the baseline's
+    weights through hafa.pretrained and puts LAA in baseline mode (unless laa_norm is given), so that
+    the model starts as the baseline whose weights it loads."""
+    hafa_options = {key: kwargs.pop(key) for key in list(kwargs) if key in HAFA_OPTIONS}
+    for key in MODEL_ARGUMENTS.keys() & kwargs.keys():  # timm's models take these unchecked
+        MODEL_ARGUMENTS[key].check(kwargs[key], key)
+    tag = kwargs.get("pretrained_cfg")
+    if pretrained and not isinstance(tag, dict):
+        tag = resolve_pretrained_cfg(variant, pretrained_cfg=tag).tag
+    if tag == FROM_BASELINE_TAG:
+        hafa_options.setdefault("laa_norm", "baseline")
+    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
+    return build_model_with_cfg(
+        partial(_converted, variant.removeprefix("hafa_"), hafa_options),
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(feature_cls="getter", out_indices=out_indices),
+        **kwargs,
+    )
+
+
+def _entry_point(name: str):
+    def create(pretrained: bool = False, **kwargs) -> HafaModel:
+        return create_hafa_model(name, pretrained, **kwargs)
+
+    create.__name__ = create.__qualname__ = name
+    create.__module__ = __name__
+    create.__doc__ = f"The HAFA form of {BASELINE[name]} (hafa.convert)."
+    return create
+
+
+for _name in BASELINE:
+    setattr(sys.modules[__name__], _name, register_model(_entry_point(_name)))
+
+__all__ = ["BASELINE", "BASE_NAMES", "FAMILIES", "create_hafa_model"]

@@ -1,0 +1,126 @@
+"""hafa.convert on the families the hand-written models used to cover (PVT v2, Swin, our PVT v1), and
+what every conversion shares: exactness without SIA, training, the four strides, timm checkpoints,
+the registered hafa_<name> models, the report, refusals."""
+
+import pytest
+import timm
+import torch
+
+import hafa
+from hafa.layers import LAA, SIA, LAAPatchMerging
+from hafa.models import HafaModel
+from hafa.models.registry import BASE_NAMES, BASELINE
+from hafa.models.table import PARAMS
+
+# (timm name, its constructor arguments, an input size it takes)
+FAMILIES = {
+    "pvt_v2": ("pvt_v2_b0", {}, (70, 90)),
+    "swin": ("swin_tiny_patch4_window7_224", dict(strict_img_size=False, embed_dim=48), (72, 88)),
+    "pvt": ("pvt_tiny", {}, (70, 90)),
+}
+
+
+def base_model(family: str, seed: int = 0) -> torch.nn.Module:
+    name, kwargs, _ = FAMILIES[family]
+    torch.manual_seed(seed)
+    return timm.create_model(name, num_classes=4, **kwargs).eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_without_sia_the_conversion_computes_the_model(family):
+    model = base_model(family)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        conv = hafa.convert(model, stage_aggregation=("conv", "conv", "conv"), laa_norm="baseline").eval()
+        assert torch.equal(conv(x), expected)
+        laa = hafa.convert(model, stage_aggregation=("laa", "laa", "conv"), laa_norm="baseline").eval()
+        # LAA's matmul sums in another order than the conv: equal up to float rounding
+        torch.testing.assert_close(laa(x), expected, atol=1e-5, rtol=1e-5)
+    assert sum(isinstance(m, (LAA, LAAPatchMerging)) for m in laa.modules()) == 2
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_default_conversion_trains_and_gives_four_strides(family):
+    model = base_model(family)
+    converted = hafa.convert(model).train()
+    assert sum(isinstance(m, SIA) for m in converted.modules()) == 1
+    _, _, size = FAMILIES[family]
+    maps = converted.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
+    for feature_map, stride in zip(maps, (4, 8, 16, 32), strict=True):  # sizes rounded up or down
+        assert all(abs(n - s / stride) < 1 for n, s in zip(feature_map.shape[-2:], size)), (stride, feature_map.shape)
+    torch.manual_seed(1)
+    images, labels = torch.randn(8, 3, 64, 64), torch.arange(8) % 4
+    optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(converted(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_saved_timm_state_dict_loads_as_the_conversion_keeps_it(family, tmp_path):
+    model = base_model(family, seed=3)
+    path = tmp_path / "baseline.pth"
+    torch.save(model.state_dict(), path)
+    converted = hafa.convert(model)
+    fresh = hafa.convert(base_model(family, seed=4))
+    report = hafa.load_pretrained(fresh, str(path), verbose=False)
+    kept = set(converted.conversion_report.copied)
+    assert kept <= set(report.copied)
+    expected, got = converted.state_dict(), fresh.state_dict()
+    for name in kept:
+        assert torch.equal(got[name], expected[name]), name
+    assert set(report.unused) <= set(converted.conversion_report.unused)
+
+
+def test_the_model_given_is_left_as_it_was():
+    model = base_model("swin")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    converted = hafa.convert(model)
+    assert not any(isinstance(m, (SIA, LAAPatchMerging)) for m in model.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    converted.layers[1].downsample.reduction.weight.data.zero_()
+    assert torch.equal(
+        model.state_dict()["layers.1.downsample.reduction.weight"], before["layers.1.downsample.reduction.weight"]
+    )
+
+
+def test_the_report_names_the_new_and_the_unused_layers():
+    report = hafa.convert(base_model("swin")).conversion_report
+    assert "layers.1.downsample.offset.weight" in report.newly_initialised
+    assert "layers.3.downsample.score.weight" in report.newly_initialised
+    assert "layers.3.blocks.0.attn.q.weight" in report.copied  # a view of the fused qkv
+    assert "layers.3.blocks.0.attn.relative_position_bias_table" in report.unused  # no grid after SIA
+    assert "layers.3.downsample.proj.reduction.weight" in report.copied  # SIA projects with the patch merging
+    assert report.laa_norm == "batch"
+    assert "new layers" in report.summary()
+
+
+def test_converting_timm_pvt_v2_b1_gives_hafa_pvt_v2_b1():
+    with torch.device("meta"):
+        converted = hafa.convert(timm.create_model("pvt_v2_b1"))
+        registered = timm.create_model("hafa_pvt_v2_b1")
+    assert isinstance(registered, HafaModel)
+    assert sum(p.numel() for p in converted.parameters()) == PARAMS["hafa_pvt_v2_b1"] == 14645324
+    assert converted.state_dict().keys() == registered.state_dict().keys()
+
+
+def test_every_model_of_a_family_is_registered_with_its_baseline():
+    for names in BASE_NAMES.values():
+        for name in names:
+            assert f"hafa_{name}" in timm.list_models()
+            assert BASELINE[f"hafa_{name}"] == name
+    features = timm.create_model("hafa_swin_tiny_patch4_window7_224", features_only=True)
+    maps = features(torch.randn(1, 3, 70, 90))
+    assert [m.shape[1] for m in maps] == [96, 192, 384, 768]
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+
+
+def test_a_model_of_another_family_is_refused_naming_the_families():
+    with pytest.raises(ValueError, match="hafa.convert takes models of these families: pvt_v2, swin"):
+        hafa.convert(timm.create_model("resnet18"))
