@@ -3,6 +3,7 @@
 import argparse
 import difflib
 import importlib
+import inspect
 import sys
 from collections.abc import Callable
 
@@ -38,6 +39,10 @@ COMMANDS = {
     "models": ("hafa.tools.models", "list the models: parameters, GMACs, the paper's numbers"),
     "bench": ("hafa.tools.bench", "time, size and memory of HAFA models beside their baselines; --modules: LAA / SIA"),
     "visualize": ("hafa.tools.visualize", "one PNG: an image, SIA's clusters and LAA's sampling points"),
+    "ablate": (
+        "hafa.tools.ablate",
+        "the paper's ablations (Tables 4 and 5, cluster ratio, k) as training runs with seeds -> table, CSV, PNG",
+    ),
     "export": (
         "hafa.tools.export",
         "ONNX export with a dynamic batch, checked by onnxruntime; --compile: torch.compile check",
@@ -94,7 +99,10 @@ def main(argv=None) -> int:
     add_arguments, run = _load(COMMANDS[name][0])
     command = commands.choices[name]
     try:
-        add_arguments(command)
+        if len(inspect.signature(add_arguments).parameters) == 2:  # options that depend on what is typed
+            add_arguments(command, argv[1:])
+        else:
+            add_arguments(command)
         args = command.parse_args(argv[1:])  # this command's own usage on an error
         args.command = name
         check_defaults(command, args)

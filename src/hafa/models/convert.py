@@ -38,6 +38,7 @@ class Family:
     model_classes: tuple[type, ...] = ()
     stages_name = "stages"
     transition_name = "downsample"  # the name of the layer that opens a stage
+    final_norm_name: str | None = None  # the model's norm after the last stage, if it has one
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)
@@ -320,9 +321,14 @@ class HafaModel(nn.Module):
         self, indices: int | list[int] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
         take, max_index = feature_take_indices(self._num_stages(), indices)
+        prune_end = max_index < self._num_stages() - 1
         self.family.prune(self, max_index)
+        if (prune_norm or prune_end) and self.family.final_norm_name is not None:
+            setattr(self, self.family.final_norm_name, nn.Identity())  # it fits the last stage only
         self.feature_info = self.feature_info[: max_index + 1]
-        if prune_head:
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take
 

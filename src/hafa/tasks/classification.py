@@ -283,14 +283,14 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    return run_in_processes(_train, args)
+    return run_in_processes(train_job, args)
 
 
 RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed")
 NUM_CLASSES = Whole(None, low=1, optional=True)
 
 
-def _train(args, processes: ProcessContext) -> int:
+def train_job(args, processes: ProcessContext) -> int:
     default_recipe = "mnist_demo" if args.data is None else "imagenet_hafa"
     recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)

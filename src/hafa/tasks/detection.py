@@ -230,10 +230,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    return run_in_processes(_train, args)
+    return run_in_processes(train_job, args)
 
 
-def _train(args, processes: ProcessContext) -> int:
+def train_job(args, processes: ProcessContext) -> int:
     default_recipe = "scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"
     recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)

@@ -318,10 +318,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args) -> int:
-    return run_in_processes(_train, args)
+    return run_in_processes(train_job, args)
 
 
-def _train(args, processes: ProcessContext) -> int:
+def train_job(args, processes: ProcessContext) -> int:
     data = _data_from_args(args)
     own_data = not _is_scenes(data["data"])
     models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data)

@@ -104,6 +104,10 @@ class NonFiniteLoss(UserError):
     """The loss became NaN or infinite."""
 
 
+class NothingLeftToDo(UserError):
+    """A resumed run has done every epoch it is asked for."""
+
+
 def compile_network(module: nn.Module, mode: str | None, *, fullgraph: bool, dynamic: bool | None = None) -> None:
     """torch.compile `module` in place (nn.Module.compile: its state dict keeps its names, so checkpoints
     are those of the eager module). mode: one of inductor's modes ("default", "reduce-overhead",
@@ -331,7 +335,7 @@ def _check_something_left(t: Training, state: TrainState) -> None:
     if state.epoch < t.epochs:
         return
     inside = f" and {state.step_in_epoch} batches of epoch {state.epoch + 1}" if state.step_in_epoch else ""
-    raise UserError(
+    raise NothingLeftToDo(
         f"--resume: {t.name} in {t.run_dir} has done {state.epoch} epochs{inside}; a run of {t.epochs} epochs has "
         f"nothing left to do: raise {t.length_option} to extend it"
     )

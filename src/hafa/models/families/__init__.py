@@ -11,6 +11,8 @@ FAMILY_MODULES = (
     "pvt_v2",
     "swin",
     "pvt",
+    "metaformer",
+    "convnext",
 )
 
 TIMM_MODULES: dict[str, str] = {}

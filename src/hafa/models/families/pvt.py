@@ -21,6 +21,7 @@ Native = tuple[Tensor, TokenLayout]  # a stage's tokens (the class token first, 
 
 class Pvt(Family):
     name = "pvt"
+    final_norm_name = "norm"
     model_classes = (PyramidVisionTransformer,)
     transition_name = "patch_embed"
 

@@ -143,6 +143,7 @@ def any_size_stem(model: SwinTransformer) -> None:
 
 class Swin(Family):
     name = "swin"
+    final_norm_name = "norm"
     model_classes = (SwinTransformer,)
     stages_name = "layers"
 
