@@ -17,8 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 pytest.importorskip("triton")
 
-from hafa.layers import LAA, deformable_samples  # noqa: E402
-from hafa.layers import LAAPatchMerging  # noqa: E402
+from hafa.layers import LAA, LAAPatchMerging, deformable_samples  # noqa: E402
 from hafa.ops import cluster_dpc_knn, kernel_mode, use_kernels  # noqa: E402
 from hafa.ops.kernels import FASTER_WITH_TRITON, MeasuredFaster, laa_columns, selection, use_triton  # noqa: E402
 
