@@ -18,7 +18,7 @@ from timm.models._features import feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import SIA
+from ..layers import SIA, Attention
 from ..layers.attention import KeyValues
 from ..ops import TokenLayout
 from ..pretrained import LoadReport
@@ -129,6 +129,44 @@ def family_of(model: nn.Module) -> "Family":
             return family
     names = ", ".join(f.name for f in FAMILIES)
     raise ValueError(f"hafa.convert takes models of these families: {names}; {type(model).__name__} is none of them")
+
+
+def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
+    """new (built on the meta device, of old's structure) holding old's own tensors, the buffers that
+    state dicts leave out (relative position indices, masks) included."""
+    new.load_state_dict(old.state_dict(), assign=True)
+    for name, buffer in old.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        new.get_submodule(owner)._buffers[leaf] = buffer
+    return new.train(old.training)
+
+
+def split_qkv(qkv: nn.Linear) -> tuple[nn.Linear, nn.Linear]:
+    """A fused qkv projection as q and kv projections over views of its weight and bias."""
+    dim = qkv.out_features // 3
+    with torch.device("meta"):
+        q, kv = (
+            nn.Linear(qkv.in_features, dim, bias=qkv.bias is not None),
+            nn.Linear(qkv.in_features, 2 * dim, bias=qkv.bias is not None),
+        )
+    q.weight, kv.weight = nn.Parameter(qkv.weight.detach()[:dim]), nn.Parameter(qkv.weight.detach()[dim:])
+    if qkv.bias is not None:
+        q.bias, kv.bias = nn.Parameter(qkv.bias.detach()[:dim]), nn.Parameter(qkv.bias.detach()[dim:])
+    return q, kv
+
+
+def fused_qkv_attention(attention: nn.Module) -> Attention:
+    """An attention with a fused qkv (windowed or not) as global attention over tokens, with its weights."""
+    q, kv = split_qkv(attention.qkv)
+    return Attention(
+        num_heads=attention.num_heads,
+        q=q,
+        kv=kv,
+        proj=attention.proj,
+        attn_drop=attention.attn_drop.p,
+        proj_drop=attention.proj_drop.p,
+        scale=attention.scale,
+    )
 
 
 def run_blocks(

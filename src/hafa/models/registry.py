@@ -23,7 +23,7 @@ BASE_NAMES = {
 # Each HAFA model's baseline.
 BASELINE = {f"hafa_{name}": name for names in BASE_NAMES.values() for name in names}
 # What the registered models pass to their base so that it takes any input size.
-ANY_SIZE = {"swin": dict(strict_img_size=False)}
+ANY_SIZE = {"swin": dict(strict_img_size=False), "swinv2": dict(strict_img_size=False)}
 
 # The baseline ImageNet-1k weights the `in1k_from_baseline` tag loads (adapted, LAA in baseline mode).
 _OFFICIAL_PVT_URL = "https://github.com/whai362/PVT/releases/download/v2/pvt_{size}.pth"

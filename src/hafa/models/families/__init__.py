@@ -10,6 +10,8 @@ from ..convert import FAMILIES
 FAMILY_MODULES = (
     "pvt_v2",
     "swin",
+    "swinv2",
+    "twins",
     "pvt",
     "metaformer",
     "convnext",

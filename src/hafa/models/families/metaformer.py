@@ -16,30 +16,15 @@ import torch
 from timm.models import metaformer
 from torch import Tensor, nn
 
-from ...layers import SIA, Attention, Block, DeformableConv2d
-from ..convert import ClusteredStage, Family
-from .swin import _split_qkv
-
-
-def _attention(attention: metaformer.Attention) -> Attention:
-    """MetaFormer's attention (fused qkv, no positional terms) over tokens, with its weights."""
-    q, kv = _split_qkv(attention.qkv)
-    return Attention(
-        num_heads=attention.num_heads,
-        q=q,
-        kv=kv,
-        proj=attention.proj,
-        attn_drop=attention.attn_drop.p,
-        proj_drop=attention.proj_drop.p,
-        scale=attention.scale,
-    )
+from ...layers import SIA, Block, DeformableConv2d
+from ..convert import ClusteredStage, Family, fused_qkv_attention
 
 
 def clustered_block(block: metaformer.MetaFormerBlock) -> Block:
     """A MetaFormer attention block running on merged tokens, with the block's own layers."""
     return Block(
         norm1=block.norm1,
-        attn=_attention(block.token_mixer),
+        attn=fused_qkv_attention(block.token_mixer),
         norm2=block.norm2,
         mlp=block.mlp,
         drop_path1=block.drop_path1,

@@ -17,10 +17,10 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 from torch import Tensor, nn
 
-from ...layers import SIA, Attention, Block, LAAPatchMerging
+from ...layers import SIA, Block, LAAPatchMerging
 from ...ops import TokenLayout
 from ...ops.constants import shape_constant
-from ..convert import ClusteredStage, Family
+from ..convert import ClusteredStage, Family, adopt, fused_qkv_attention
 
 
 class PatchMergingMap(PatchMerging):
@@ -39,16 +39,6 @@ class CachedMaskSwinBlock(SwinTransformerBlock):
             return super().get_attn_mask(x, *args, **kwargs)
         key = ("swin_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
         return shape_constant(key, x.device, partial(SwinTransformerBlock.get_attn_mask, self, x))
-
-
-def _adopt(new: nn.Module, old: nn.Module) -> nn.Module:
-    """new (built on the meta device, of old's structure) holding old's own tensors, the buffers that
-    state dicts leave out (relative position indices, masks) included."""
-    new.load_state_dict(old.state_dict(), assign=True)
-    for name, buffer in old.named_buffers():
-        owner, _, leaf = name.rpartition(".")
-        new.get_submodule(owner)._buffers[leaf] = buffer
-    return new.train(old.training)
 
 
 def cached_mask_block(block: SwinTransformerBlock) -> SwinTransformerBlock:
@@ -73,42 +63,14 @@ def cached_mask_block(block: SwinTransformerBlock) -> SwinTransformerBlock:
     )
     with torch.device("meta"):
         cached = CachedMaskSwinBlock(**config)
-    return _adopt(cached, block)
-
-
-def _split_qkv(qkv: nn.Linear) -> tuple[nn.Linear, nn.Linear]:
-    """A fused qkv projection as q and kv projections over views of its weight and bias."""
-    dim = qkv.out_features // 3
-    with torch.device("meta"):
-        q, kv = (
-            nn.Linear(qkv.in_features, dim, bias=qkv.bias is not None),
-            nn.Linear(qkv.in_features, 2 * dim, bias=qkv.bias is not None),
-        )
-    q.weight, kv.weight = nn.Parameter(qkv.weight.detach()[:dim]), nn.Parameter(qkv.weight.detach()[dim:])
-    if qkv.bias is not None:
-        q.bias, kv.bias = nn.Parameter(qkv.bias.detach()[:dim]), nn.Parameter(qkv.bias.detach()[dim:])
-    return q, kv
-
-
-def global_attention(attention: nn.Module) -> Attention:
-    """A windowed attention with a fused qkv as global attention over tokens, with its weights."""
-    q, kv = _split_qkv(attention.qkv)
-    return Attention(
-        num_heads=attention.num_heads,
-        q=q,
-        kv=kv,
-        proj=attention.proj,
-        attn_drop=attention.attn_drop.p,
-        proj_drop=attention.proj_drop.p,
-        scale=attention.scale,
-    )
+    return adopt(cached, block)
 
 
 def clustered_block(block: SwinTransformerBlock) -> Block:
     """A Swin block attending globally over merged tokens, with the block's own layers."""
     return Block(
         norm1=block.norm1,
-        attn=global_attention(block.attn),
+        attn=fused_qkv_attention(block.attn),
         norm2=block.norm2,
         mlp=block.mlp,
         drop_path1=block.drop_path1,
@@ -119,7 +81,7 @@ def clustered_block(block: SwinTransformerBlock) -> Block:
 def patch_merging_map(merging: PatchMerging) -> PatchMergingMap:
     with torch.device("meta"):
         as_map = PatchMergingMap(merging.dim, out_dim=merging.out_dim)
-    return _adopt(as_map, merging)
+    return adopt(as_map, merging)
 
 
 def any_size_stem(model: SwinTransformer) -> None:
