@@ -157,7 +157,7 @@ REQUIRED = {
 
 def checked_options(command: str):
     parser = CommandParser(prog=f"hafa {command}")
-    _load(COMMANDS[command][0])[0](parser)
+    _load(COMMANDS[command][0])[0](parser, [])
     return [action for action in parser._actions if isinstance(action, CheckedOption)]
 
 

@@ -6,6 +6,7 @@ import importlib
 import inspect
 import sys
 from collections.abc import Callable
+from functools import partial
 
 from .errors import UserError, message_of
 from .tasks.options import check_defaults
@@ -51,11 +52,19 @@ COMMANDS = {
 
 
 def _load(target: str) -> tuple[Callable, Callable]:
-    """'module' or 'module:name' -> the command's (add_arguments(parser), run(args))."""
+    """'module' or 'module:name' -> the command's (add_arguments(parser, argv), run(args)); a command whose
+    options depend on what is typed (hafa ablate's on --task) reads argv, the others ignore it."""
     module_name, _, name = target.partition(":")
     module = importlib.import_module(module_name)
     prefix = f"{name}_" if name else ""
-    return getattr(module, f"add_{prefix}arguments"), getattr(module, f"run_{name}" if name else "run")
+    add_arguments = getattr(module, f"add_{prefix}arguments")
+    if len(inspect.signature(add_arguments).parameters) == 1:
+        add_arguments = partial(_without_argv, add_arguments)
+    return add_arguments, getattr(module, f"run_{name}" if name else "run")
+
+
+def _without_argv(add_arguments: Callable, parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    add_arguments(parser)
 
 
 # Options a newcomer may bring from another command: what this command takes instead.
@@ -99,10 +108,7 @@ def main(argv=None) -> int:
     add_arguments, run = _load(COMMANDS[name][0])
     command = commands.choices[name]
     try:
-        if len(inspect.signature(add_arguments).parameters) == 2:  # options that depend on what is typed
-            add_arguments(command, argv[1:])
-        else:
-            add_arguments(command)
+        add_arguments(command, argv[1:])
         args = command.parse_args(argv[1:])  # this command's own usage on an error
         args.command = name
         check_defaults(command, args)

@@ -118,6 +118,15 @@ def add_arguments(parser, argv: list[str]) -> None:
     module = importlib.import_module(TASKS[task][0])
     module.add_train_arguments(parser)
     parser.description = __doc__
+    for action in parser._actions:
+        if action.dest in ("baseline", "resume", "seed", "keep"):
+            action.help = argparse.SUPPRESS  # the study decides them for each run (refused when given)
+    helps = {
+        "model": "the HAFA model whose options the rows change (default the task's demo model)",
+        "output": "the study's folder: OUTPUT/<row>/seed<N>/<model> for each run (default runs/ablate/<study>-<task>)",
+    }
+    for action in parser._actions:
+        action.help = helps.get(action.dest, action.help)
     parser.add_argument("study", choices=STUDIES, help="the ablation: " + ", ".join(STUDIES))
     parser.add_argument("--task", choices=tuple(TASKS), default="classification", help="default classification")
     parser.add_argument(
