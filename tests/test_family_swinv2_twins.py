@@ -19,12 +19,14 @@ from timm.data import create_transform
 from timm.models.twins import GlobalSubSampleAttn, LocallyGroupedAttn
 
 import hafa
+from hafa.cli import main
 from hafa.data.folder import ImageFolderDataset
 from hafa.data.mnist import prepare_mnist5k
 from hafa.layers import LAA, SIA, LAAPatchMerging
 from hafa.models import HafaModel
 from hafa.models.families import swinv2, twins
 from hafa.ops import TokenLayout
+from hafa.tasks.networks import sized_model
 
 NUM_CLASSES = 8
 # family -> (timm name, constructor arguments, an input size with odd stage maps that hafa.convert of it takes)
@@ -213,6 +215,18 @@ def test_registered_models_take_any_size_and_give_features(name):
     assert [m.shape[-1] for m in maps] in ([23, 12, 6, 3], [22, 11, 5, 3])  # swin rounds up, twins down
     first_three = timm.create_model(f"hafa_{name}", features_only=True, out_indices=(0, 1, 2), **small)
     assert [m.shape[1] for m in first_three(torch.randn(1, 3, 64, 64))] == first_three.feature_info.channels()
+
+
+def test_measurements_build_both_models_for_the_input_size(capsys):
+    # timm's Swin v2 takes only the size it was built for (256 for this name): hafa models and bench
+    # build the baseline, and the HAFA model beside it, for the measured size.
+    assert main(["models", "--models", "hafa_swinv2_tiny_window8_256", "--img-size", "160"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if "swinv2_tiny_window8_256 |" in line]
+    assert len(rows) == 2
+    with torch.device("meta"):
+        baseline = sized_model("swinv2_tiny_window8_256", 160)
+        converted = sized_model("hafa_swinv2_tiny_window8_256", 160)
+    assert baseline.patch_embed.img_size == converted.patch_embed.img_size == (160, 160)
 
 
 def test_cosine_attention_on_one_window_is_timms_window_attention():

@@ -51,6 +51,13 @@ def backbone_arguments(name: str, hafa_options: dict, **common) -> dict:
     return args
 
 
+def sized_model(name: str, img_size: int, hafa_options: dict | None = None, **kwargs) -> nn.Module:
+    """timm's `name` built for img_size x img_size inputs where its constructor takes a size (Swin's
+    windows are laid out for it: a baseline Swin refuses another size), with kwargs; what the
+    measurements (bench, models, ablate) compare a HAFA model and its baseline on."""
+    return timm.create_model(name, **backbone_arguments(name, hafa_options or {}, img_size=img_size, **kwargs))
+
+
 def classifier_arguments(
     name: str, *, num_classes: int, hafa_options: dict, img_size: int, drop_path_rate: float = 0.0, drop_rate=0.0
 ) -> dict:

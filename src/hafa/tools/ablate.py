@@ -26,12 +26,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-import timm
 import torch
 
 from ..errors import UserError
 from ..spec import Number, Values, Whole
 from ..tasks.commands import run_in_processes
+from ..tasks.networks import sized_model
 from ..tasks.options import OutputDir
 from ..tasks.processes import ProcessContext
 from ..tasks.run_log import format_metric
@@ -227,9 +227,11 @@ def row_costs(model: str, rows: list[Row], img_size: int, device: torch.device, 
     """Parameters (M) and batch-1 latency relative to the conv-conv-conv model of each row's backbone,
     timed interleaved in this process (median of `reps`)."""
     torch.manual_seed(0)
-    models = {row.name: timm.create_model(model, num_classes=0, **row.options).to(device).eval() for row in rows}
-    if BASELINE_ROW not in models:
-        models[BASELINE_ROW] = timm.create_model(model, num_classes=0, stage_aggregation=["conv"] * 3).to(device).eval()
+    options = {row.name: row.options for row in rows}
+    options.setdefault(BASELINE_ROW, dict(stage_aggregation=["conv"] * 3))
+    models = {
+        name: sized_model(model, img_size, chosen, num_classes=0).to(device).eval() for name, chosen in options.items()
+    }
     images = torch.randn(1, 3, img_size, img_size, device=device)
 
     def call(network):

@@ -3,12 +3,12 @@ exists, the paper's), GMACs, and the paper's top-1."""
 
 import sys
 
-import timm
 import torch
 
 from ..errors import unknown_name
 from ..models.table import BASELINE, OFFICIAL, PAPER, PARAMS
 from ..progress import progress
+from ..tasks.networks import sized_model
 from ..tasks.options import add_json_option, add_setting, image_side, write_json
 from .flops import count_macs
 
@@ -30,8 +30,8 @@ def add_arguments(parser):
 
 def model_row(name: str, img_size: int) -> dict:
     with torch.device("meta"):
-        params = sum(p.numel() for p in timm.create_model(name).parameters())
-    macs = count_macs(timm.create_model(name), (1, 3, img_size, img_size))
+        params = sum(p.numel() for p in sized_model(name, img_size).parameters())
+    macs = count_macs(sized_model(name, img_size), (1, 3, img_size, img_size))
     paper = PAPER.get(name, (None, None, None))
     return dict(
         model=name,

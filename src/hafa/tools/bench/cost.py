@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, field
 from functools import partial
 from types import CodeType, FrameType
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -45,6 +44,7 @@ from torch.utils.flop_counter import flop_registry, shape_wrapper
 
 from ...models.table import BASELINE
 from ...ops import use_kernels
+from ...tasks.networks import sized_model
 from ..flops import CUSTOM_FLOPS
 from .report import ratio
 from .timing import OperatorCounter
@@ -463,7 +463,7 @@ def cost_rows(
     for name in models:
         counted = {}
         for model_name in (name, BASELINE[name]):
-            counted[model_name] = count_model(partial(timm.create_model, model_name), batches, img_size, kernels)
+            counted[model_name] = count_model(partial(sized_model, model_name, img_size), batches, img_size, kernels)
             if bar is not None:
                 bar.update()
         for pass_name, batch in batches.items():

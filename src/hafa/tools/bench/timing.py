@@ -18,7 +18,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ...progress import progress
+from ...tasks.networks import sized_model
 from ..flops import count_macs
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -213,7 +213,7 @@ class Subject:
         torch.manual_seed(seed)
         self.name = name
         self.config = config
-        self.model = timm.create_model(name).to(config.device)
+        self.model = sized_model(name, config.img_size).to(config.device)
         self.inference_model = compiled(self.model, config.compile)
         size = config.img_size
         self.images = {b: torch.randn(b, 3, size, size, device=config.device) for b in set(config.batch_sizes)}
