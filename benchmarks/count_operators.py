@@ -9,12 +9,12 @@ tensors, composite operators decomposed, for a training step too.
 
 import argparse
 
-import timm
 import torch
 
 import hafa  # noqa: F401  (registers the models)
 from hafa.models.table import BASELINE
 from hafa.ops import clustering
+from hafa.tasks.networks import sized_model
 from hafa.tools.bench import TARGET_PAIRS
 from hafa.tools.bench.cost import PARTS, CostCounter, SourceParts
 
@@ -44,8 +44,8 @@ def main() -> None:
     )
     print("|---|---:|---:|---:|" + "---:|" * len(hafa_parts))
     for name in args.models:
-        ours = operators_by_part(timm.create_model(name).eval(), x, parts)
-        baseline = operators_by_part(timm.create_model(BASELINE[name]).eval(), x, parts)["forward"]
+        ours = operators_by_part(sized_model(name, args.img_size).eval(), x, parts)
+        baseline = operators_by_part(sized_model(BASELINE[name], args.img_size).eval(), x, parts)["forward"]
         print(
             f"| {name} | {ours['forward']} | {baseline} | {ours['forward'] / baseline:.2f} | "
             + " | ".join(str(ours[p]) for p in hafa_parts)

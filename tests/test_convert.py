@@ -78,6 +78,15 @@ def test_a_saved_timm_state_dict_loads_as_the_conversion_keeps_it(family, tmp_pa
     assert set(report.unused) <= set(converted.conversion_report.unused)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_bfloat16_model_converts_to_a_bfloat16_model(family):
+    model = base_model(family).to(torch.bfloat16)
+    converted = hafa.convert(model)  # its offsets, BatchNorms and SIA's layers are new
+    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert converted(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
 def test_the_model_given_is_left_as_it_was():
     model = base_model("swin")
     before = {k: v.clone() for k, v in model.state_dict().items()}

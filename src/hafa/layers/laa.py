@@ -181,10 +181,16 @@ def offset_predictor(conv: nn.Conv2d) -> nn.Conv2d:
 
 def check_deformable(conv: nn.Conv2d) -> None:
     """LAA samples for plain strided convs: no groups, dilation or padding other than zeros."""
-    if conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+    problems = [
+        f"groups={conv.groups}" if conv.groups != 1 else "",
+        f"dilation={conv.dilation}" if conv.dilation != (1, 1) else "",
+        f"padding_mode='{conv.padding_mode}'" if conv.padding_mode != "zeros" else "",
+        f"padding='{conv.padding}'" if isinstance(conv.padding, str) else "",
+    ]
+    if any(problems):
         raise ValueError(
-            f"LAA takes a plain strided conv (no groups, dilation or '{conv.padding}' padding), not {conv}; "
-            "keep this transition 'conv'"
+            f"LAA takes a plain strided conv (groups 1, no dilation, zero padding given as numbers), not {conv} "
+            f"({', '.join(p for p in problems if p)}); keep this transition 'conv'"
         )
 
 

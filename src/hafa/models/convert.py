@@ -266,12 +266,15 @@ class HafaModel(nn.Module):
                 setattr(self, name, value)
         self.in_chans = next(m.in_channels for m in model.modules() if isinstance(m, nn.Conv2d))
         self.output_fmt = "NCHW"  # forward_intermediates' maps, whatever format the family's stages use
+        dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
         family.prepare(self, self.stage_aggregation)
         for index, kind in enumerate(self.stage_aggregation, start=1):
             if kind == "laa":
                 family.convert_laa(self, index, self.laa_norm)
             elif kind == "sia":
                 family.convert_sia(self, index, self.sia_args, self.laa_norm)
+        if len(dtypes) == 1:  # the new layers (offsets, BatchNorms, SIA's) in the model's precision
+            self.to(dtype=dtypes.pop())
         self.train(model.training)
 
     @property

@@ -28,12 +28,14 @@ from functools import partial
 
 import torch
 
+from ..checkpoint import read_checkpoint
 from ..errors import UserError
+from ..models._base import BASELINE_AGGREGATION
 from ..spec import Number, Values, Whole
 from ..tasks.commands import run_in_processes
 from ..tasks.networks import sized_model
 from ..tasks.options import OutputDir
-from ..tasks.processes import ProcessContext
+from ..tasks.processes import ProcessContext, barrier
 from ..tasks.run_log import format_metric
 from ..tasks.training import RESULT_FILE, NonFiniteLoss, NothingLeftToDo
 from .bench.timing import interleaved_timings
@@ -57,7 +59,7 @@ class Row:
 
 
 def _stages(kinds: str) -> Row:
-    return Row(kinds, dict(stage_aggregation=kinds.lower().split("-")))
+    return Row(name=kinds, options=dict(stage_aggregation=kinds.lower().split("-")))
 
 
 # The paper's figures: PVT-v2-B1 on ImageNet-1k, top-1 (%) and latency (ms, RTX 3090) for Table 4 and its
@@ -89,11 +91,13 @@ def study_rows(study: str, values: list | None) -> list[Row]:
     if study == "stages":
         names = ["SIA-SIA-SIA", "LAA-SIA-SIA", "LAA-LAA-SIA", "LAA-LAA-LAA", "LAA-LAA-CONV", "LAA-CONV-CONV"]
         names += ["CONV-LAA-SIA", "CONV-CONV-SIA"]
-        return [_stages(name) for name in names] + [Row(BASELINE_ROW, dict(stage_aggregation=["conv"] * 3))]
+        return [_stages(name) for name in names] + [
+            Row(name=BASELINE_ROW, options=dict(stage_aggregation=list(BASELINE_AGGREGATION)))
+        ]
     if study == "clustering":
-        return [Row("Q", dict(cluster_qkv=False)), Row("QKV", dict(cluster_qkv=True))]
+        return [Row(name="Q", options=dict(cluster_qkv=False)), Row(name="QKV", options=dict(cluster_qkv=True))]
     option, default = {"cluster-ratio": ("cluster_ratio", [0.1, 0.25, 0.5]), "knn-k": ("knn_k", [3, 5, 10])}[study]
-    return [Row(f"{option}={value:g}", {option: value}) for value in (values or default)]
+    return [Row(name=f"{option}={value:g}", options={option: value}) for value in (values or default)]
 
 
 STUDIES = ("stages", "clustering", "cluster-ratio", "knn-k")
@@ -193,7 +197,7 @@ def run_one(train_job: Callable, run_args, processes: ProcessContext, row: Row, 
     run_dir = _run_dir(run_args.output, run_args.model[0])
     collapsed = os.path.join(run_dir, COLLAPSED_FILE)
     if os.path.isfile(collapsed):
-        return RunResult(row, seed, "collapsed", note=_read(collapsed)["message"])
+        return RunResult(row=row, seed=seed, status="collapsed", note=_read(collapsed)["message"])
     started = os.path.isfile(os.path.join(run_dir, "last.pth"))
     run_args.resume = started
     try:
@@ -205,15 +209,16 @@ def run_one(train_job: Callable, run_args, processes: ProcessContext, row: Row, 
             os.makedirs(run_dir, exist_ok=True)
             with open(collapsed, "w") as f:
                 json.dump(dict(message=str(error)), f)
-        return RunResult(row, seed, "collapsed", note=str(error))
+        return RunResult(row=row, seed=seed, status="collapsed", note=str(error))
+    barrier(processes)  # the main process writes result.json when the run ends
     result_path = os.path.join(run_dir, RESULT_FILE)
     if not os.path.isfile(result_path):
         raise UserError(f"{run_dir} was stopped before it finished; run the same hafa ablate again to resume it")
     result = _read(result_path)
     return RunResult(
-        row,
-        seed,
-        "finished",
+        row=row,
+        seed=seed,
+        status="finished",
         metrics=result["best_metrics"] or {},
         best_epoch=result["best_epoch"],
         checkpoint=result["best_checkpoint"],
@@ -228,7 +233,7 @@ def row_costs(model: str, rows: list[Row], img_size: int, device: torch.device, 
     timed interleaved in this process (median of `reps`)."""
     torch.manual_seed(0)
     options = {row.name: row.options for row in rows}
-    options.setdefault(BASELINE_ROW, dict(stage_aggregation=["conv"] * 3))
+    options.setdefault(BASELINE_ROW, dict(stage_aggregation=list(BASELINE_AGGREGATION)))
     models = {
         name: sized_model(model, img_size, chosen, num_classes=0).to(device).eval() for name, chosen in options.items()
     }
@@ -291,7 +296,7 @@ def markdown(args, rows: list[Row], results: list[RunResult], metrics: tuple[str
         seeds = ", ".join(
             f"{r.seed}: collapsed"
             if r.status == "collapsed"
-            else f"{r.seed}: {format_metric(metric, r.metrics[metric])}"
+            else f"{r.seed}: {'-' if r.metrics.get(metric) is None else format_metric(metric, r.metrics[metric])}"
             for r in runs
         )
         shown = "collapsed" if mean is None else f"{format_metric(metric, mean)} ± {spread:.2f}"
@@ -371,7 +376,7 @@ def _job(args, processes: ProcessContext) -> int:
     if not processes.is_main:
         return 0
     device = processes.device
-    img_size = _input_side(module, args, results)
+    img_size = _input_side(results, args.task)
     costs = row_costs(model, rows, img_size, device)
     metrics = (metric, *extra)
     summary = argparse.Namespace(
@@ -394,11 +399,11 @@ def _job(args, processes: ProcessContext) -> int:
     return 0
 
 
-def _input_side(module, args, results: list[RunResult]) -> int:
+def _input_side(results: list[RunResult], task: str) -> int:
     """The input side the runs trained at (the latency is timed there): from a finished run's recipe."""
     for r in results:
         if r.checkpoint and os.path.isfile(r.checkpoint):
-            recipe = torch.load(r.checkpoint, map_location="cpu", weights_only=True)["settings"]["recipe"]
+            recipe = read_checkpoint(r.checkpoint, task, "hafa ablate").settings["recipe"]
             for key in ("img_size", "crop_size", "min_size"):
                 if key in recipe:
                     side = recipe[key]

@@ -25,14 +25,13 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import timm
 import torch
 
 from ..checkpoint import Checkpoint, check_model_options, check_task, read_checkpoint_or_state_dict
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
 from ..spec import Values, Whole
-from ..tasks.networks import build_classifier_from_state_dict
+from ..tasks.networks import build_classifier_from_state_dict, sized_model
 from ..tasks.networks import build_model as build_model_of
 from ..tasks.options import OutputFile, add_setting, image_side
 
@@ -71,15 +70,18 @@ def add_arguments(parser):
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export (with --compile)")
 
 
-def build_model(name: str | None, checkpoint: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
-    """The model to export, in eval mode: a checkpoint's exact classifier, or `name` with random weights."""
+def build_model(
+    name: str | None, checkpoint: str | None = None, num_classes: int | None = None, img_size: int = 224
+) -> torch.nn.Module:
+    """The model to export, in eval mode: a checkpoint's exact classifier, or `name` with random weights
+    (built for img_size inputs)."""
     if checkpoint is None:
         name = name or DEFAULT_MODEL
         known = set(BASELINE) | set(BASELINE.values())
         if name not in known:
             raise unknown_name("model", name, sorted(known))
         torch.manual_seed(0)
-        return timm.create_model(name, num_classes=1000 if num_classes is None else num_classes).eval()
+        return sized_model(name, img_size, num_classes=1000 if num_classes is None else num_classes).eval()
     source = read_checkpoint_or_state_dict(checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa export")
@@ -175,7 +177,7 @@ def run(args) -> int:
         raise UserError("--no-onnx leaves nothing to do without --compile")
     if not args.no_onnx:
         OutputFile().check(args.output or f"{args.model or DEFAULT_MODEL}.onnx", "--output")
-    model = build_model(args.model, args.checkpoint, args.num_classes)
+    model = build_model(args.model, args.checkpoint, args.num_classes, args.img_size)
     name = model.pretrained_cfg["architecture"]
     size = (3, args.img_size, args.img_size)
     torch.manual_seed(1)

@@ -260,7 +260,8 @@ def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
                 rows[n][kind] = asdict(timing)
     for n, s in progress(subjects.items(), desc="params, MACs, memory"):
         row = rows[n]
-        row["params_m"] = round(sum(p.numel() for p in s.model.parameters()) / 1e6, 3)
+        # 6 places, so that the table's 2 are one rounding (at 3, 14.645324 M printed as 14.64)
+        row["params_m"] = round(sum(p.numel() for p in s.model.parameters()) / 1e6, 6)
         row["gmacs"] = round(count_macs(s.model, (1, 3, config.img_size, config.img_size)) / 1e9, 3)
         row["operators"] = count_operators(partial(s.infer, small, eager=True))
         row["throughput_img_s"] = round(large / row["forward"]["median_ms"] * 1e3, 2)
