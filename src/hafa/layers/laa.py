@@ -233,7 +233,13 @@ class LAA(nn.Module):
         check_deformable(proj)
         kernel = dict(kernel_size=proj.kernel_size, stride=proj.stride, padding=proj.padding)
         with torch.device("meta"):
-            laa = cls(proj.in_channels, proj.out_channels, **kernel, norm_layer=None, laa_norm=laa_norm)
+            laa = cls(
+                in_channels=proj.in_channels,
+                out_channels=proj.out_channels,
+                **kernel,
+                norm_layer=None,
+                laa_norm=laa_norm,
+            )
         laa.proj = proj
         laa.offset = offset_predictor(proj)
         if laa_norm == "batch":
@@ -333,7 +339,7 @@ class LAAPatchMerging(nn.Module):
         reduction = merging.reduction
         dim = reduction.in_features // 4
         with torch.device("meta"):
-            laa = cls(dim, reduction.out_features, laa_norm=laa_norm, norm_first=norm_first)
+            laa = cls(dim=dim, out_dim=reduction.out_features, laa_norm=laa_norm, norm_first=norm_first)
         laa.reduction = reduction
         device = reduction.weight.device
         laa.offset = nn.Conv2d(dim, 8, kernel_size=2, stride=2).to(device)

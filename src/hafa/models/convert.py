@@ -90,8 +90,12 @@ class Family:
         return tokens
 
     def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
-        """The classifier on final merged tokens B x N x C: their mean, then the family's head."""
-        raise NotImplementedError
+        """The classifier on final merged tokens B x N x C: their mean, then the family's head (default:
+        timm's `global_pool`, `head_drop` and `head` attributes, as PVT's)."""
+        if model.global_pool:
+            tokens = tokens.mean(1)
+        tokens = model.head_drop(tokens)
+        return tokens if pre_logits else model.head(tokens)
 
     # -- conversion
     def attention_stages(self, model: nn.Module) -> set[int]:

@@ -143,8 +143,8 @@ class PyramidVisionTransformer(nn.Module):
             [
                 PvtStage(
                     patch_embed=ConvDownsample(
-                        in_chans if i == 0 else embed_dims[i - 1],
-                        embed_dims[i],
+                        in_channels=in_chans if i == 0 else embed_dims[i - 1],
+                        out_channels=embed_dims[i],
                         kernel_size=4 if i == 0 else 2,
                         stride=4 if i == 0 else 2,
                     ),

@@ -49,7 +49,9 @@ def init_processes(device: str | None = None) -> ProcessContext:
     if launched_by_torchrun() and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
-    return ProcessContext(rank, world_size, local_rank, target, distributed=dist.is_initialized())
+    return ProcessContext(
+        rank=rank, world_size=world_size, local_rank=local_rank, device=target, distributed=dist.is_initialized()
+    )
 
 
 def close_processes() -> None:

@@ -76,7 +76,7 @@ class MetaFormerFamily(Family):
         transition = downsampling(model, index)
         conv = transition.conv
         with torch.device(conv.weight.device):
-            sia = SIA(conv.in_channels, conv.out_channels, proj=transition, **sia_args)
+            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, **sia_args)
         blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
         model.stages[index] = ClusteredStage(sia=sia, blocks=blocks)
 

@@ -62,12 +62,6 @@ class Pvt(Family):
     def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
         return model.norm(tokens)
 
-    def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
-        if model.global_pool:
-            tokens = tokens.mean(1)
-        tokens = model.head_drop(tokens)
-        return tokens if pre_logits else model.head(tokens)
-
     def attention_stages(self, model: nn.Module) -> set[int]:
         return {0, 1, 2, 3}
 
@@ -79,7 +73,7 @@ class Pvt(Family):
         stage = model.stages[index]
         proj = stage.patch_embed.proj
         with torch.device(proj.weight.device):
-            sia = SIA(proj.in_channels, proj.out_channels, **sia_args)
+            sia = SIA(in_dim=proj.in_channels, out_dim=proj.out_channels, **sia_args)
         model.stages[index] = ClusteredStage(sia=sia, blocks=stage.blocks, transition_name=self.transition_name)
 
 

@@ -55,9 +55,6 @@ class PvtV2(Family):
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.patch_embed(images)  # NHWC, as the first stage takes it
 
-    def to_nchw(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
-        return x
-
     def attention_stages(self, model: nn.Module) -> set[int]:
         return {0, 1, 2, 3}
 
@@ -69,15 +66,11 @@ class PvtV2(Family):
         stage = model.stages[index]
         proj = stage.downsample.proj
         with torch.device(proj.weight.device):
-            sia = SIA(proj.in_channels, proj.out_channels, proj=proj, norm=stage.downsample.norm, **sia_args)
+            sia = SIA(
+                in_dim=proj.in_channels, out_dim=proj.out_channels, proj=proj, norm=stage.downsample.norm, **sia_args
+            )
         blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
         model.stages[index] = ClusteredStage(sia=sia, blocks=blocks, norm=stage.norm)
-
-    def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
-        if model.global_pool:
-            tokens = tokens.mean(1)
-        tokens = model.head_drop(tokens)
-        return tokens if pre_logits else model.head(tokens)
 
 
 FAMILY = PvtV2()

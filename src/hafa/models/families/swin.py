@@ -23,22 +23,31 @@ from ...ops.constants import shape_constant
 from ..convert import ClusteredStage, Family, adopt, fused_qkv_attention
 
 
-class PatchMergingMap(PatchMerging):
-    """timm's patch merging from map to map, B x C x H x W -> B x out_dim x ceil(H/2) x ceil(W/2): SIA's projection."""
+class MapToMap:
+    """For a timm patch merging (NHWC in and out): from map to map, B x C x H x W -> B x out_dim x
+    ceil(H/2) x ceil(W/2), as SIA's projection takes it."""
 
     def forward(self, x: Tensor) -> Tensor:
         return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
-class CachedMaskSwinBlock(SwinTransformerBlock):
-    """timm's Swin block for any input size (dynamic_mask) whose shifted-window mask is kept per size,
-    as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
+class PatchMergingMap(MapToMap, PatchMerging):
+    """timm's Swin patch merging from map to map."""
+
+
+class CachedMask:
+    """For a timm Swin block built for any input size (dynamic_mask): its shifted-window mask kept per
+    size, as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
 
     def get_attn_mask(self, x: Tensor | None = None, *args, **kwargs) -> Tensor | None:
         if x is None or not any(self.shift_size):
             return super().get_attn_mask(x, *args, **kwargs)
-        key = ("swin_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
-        return shape_constant(key, x.device, partial(SwinTransformerBlock.get_attn_mask, self, x))
+        key = (type(self).__name__, self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
+        return shape_constant(key, x.device, partial(super().get_attn_mask, x))
+
+
+class CachedMaskSwinBlock(CachedMask, SwinTransformerBlock):
+    """timm's Swin block whose shifted-window mask is kept per input size."""
 
 
 def cached_mask_block(block: SwinTransformerBlock) -> SwinTransformerBlock:
@@ -79,6 +88,7 @@ def clustered_block(block: SwinTransformerBlock) -> Block:
 
 
 def patch_merging_map(merging: PatchMerging) -> PatchMergingMap:
+    """The patch merging from map to map, holding its own reduction and norm."""
     with torch.device("meta"):
         as_map = PatchMergingMap(merging.dim, out_dim=merging.out_dim)
     return adopt(as_map, merging)
@@ -108,6 +118,17 @@ class Swin(Family):
     final_norm_name = "norm"
     model_classes = (SwinTransformer,)
     stages_name = "layers"
+    # Swin v1's patch merging normalises the 4C concatenation before its linear (v2's: the linear's output)
+    norm_first = True
+
+    def cached_block(self, block: nn.Module) -> nn.Module:
+        return cached_mask_block(block)
+
+    def clustered_block(self, block: nn.Module) -> Block:
+        return clustered_block(block)
+
+    def merging_map(self, merging: nn.Module) -> nn.Module:
+        return patch_merging_map(merging)
 
     def take_any_size(self, model: nn.Module) -> None:
         any_size_stem(model)
@@ -115,8 +136,8 @@ class Swin(Family):
     def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
         for stage in model.layers:
             for i, block in enumerate(stage.blocks):
-                if block.dynamic_mask and not isinstance(block, CachedMaskSwinBlock):
-                    stage.blocks[i] = cached_mask_block(block)
+                if block.dynamic_mask and not isinstance(block, CachedMask):
+                    stage.blocks[i] = self.cached_block(block)
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.patch_embed(images)
@@ -148,15 +169,14 @@ class Swin(Family):
 
     def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
         stage = model.layers[index]
-        stage.downsample = LAAPatchMerging.from_patch_merging(stage.downsample, laa_norm, norm_first=True)
+        stage.downsample = LAAPatchMerging.from_patch_merging(stage.downsample, laa_norm, norm_first=self.norm_first)
 
     def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
         stage = model.layers[index]
         merging = stage.downsample
-        device = merging.reduction.weight.device
-        with torch.device(device):
-            sia = SIA(merging.dim, merging.out_dim, proj=patch_merging_map(merging), **sia_args)
-        blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
+        with torch.device(merging.reduction.weight.device):
+            sia = SIA(in_dim=merging.dim, out_dim=merging.out_dim, proj=self.merging_map(merging), **sia_args)
+        blocks = nn.ModuleList(self.clustered_block(block) for block in stage.blocks)
         model.layers[index] = ClusteredStage(sia=sia, blocks=blocks)
 
 

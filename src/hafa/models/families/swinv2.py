@@ -20,33 +20,22 @@ import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2, SwinTransformerV2Block
 from torch import Tensor, nn
 
-from ...layers import SIA, Block, LAAPatchMerging
+from ...layers import Block
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
-from ...ops.constants import shape_constant
-from ..convert import ClusteredStage, adopt, split_qkv
-from .swin import Swin
+from ..convert import adopt, split_qkv
+from .swin import CachedMask, MapToMap, Swin
 
 # timm's clamp of the learned logit scale: exp(logit_scale) is at most 100.
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
-class PatchMergingMap(PatchMerging):
-    """timm's v2 patch merging map to map (SIA's projection): B x C x H x W -> B x out_dim x ceil(H/2) x ceil(W/2)."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+class PatchMergingMap(MapToMap, PatchMerging):
+    """timm's v2 patch merging from map to map."""
 
 
-class CachedMaskSwinV2Block(SwinTransformerV2Block):
-    """timm's Swin v2 block for any input size (dynamic_mask) whose shifted-window mask is kept per size,
-    as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
-
-    def get_attn_mask(self, x: Tensor | None = None, *args, **kwargs) -> Tensor | None:
-        if x is None or not any(self.shift_size):
-            return super().get_attn_mask(x, *args, **kwargs)
-        key = ("swinv2_attn_mask", self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
-        return shape_constant(key, x.device, partial(super().get_attn_mask, x))
+class CachedMaskSwinV2Block(CachedMask, SwinTransformerV2Block):
+    """timm's Swin v2 block whose shifted-window mask is kept per input size."""
 
 
 def cached_mask_block(block: SwinTransformerV2Block) -> CachedMaskSwinV2Block:
@@ -152,31 +141,22 @@ def patch_merging_map(merging: PatchMerging) -> PatchMergingMap:
     """The patch merging from map to map, holding its own reduction and norm."""
     with torch.device("meta"):
         as_map = PatchMergingMap(dim=merging.dim, out_dim=merging.out_dim)
-    as_map.reduction, as_map.norm = merging.reduction, merging.norm
-    return as_map
+    return adopt(as_map, merging)
 
 
 class SwinV2(Swin):
     name = "swinv2"
     model_classes = (SwinTransformerV2,)
+    norm_first = False
 
-    def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
-        for stage in model.layers:
-            for i, block in enumerate(stage.blocks):
-                if block.dynamic_mask and not isinstance(block, CachedMaskSwinV2Block):
-                    stage.blocks[i] = cached_mask_block(block)
+    def cached_block(self, block: nn.Module) -> nn.Module:
+        return cached_mask_block(block)
 
-    def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
-        stage = model.layers[index]
-        stage.downsample = LAAPatchMerging.from_patch_merging(stage.downsample, laa_norm, norm_first=False)
+    def clustered_block(self, block: nn.Module) -> Block:
+        return clustered_block(block)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
-        stage = model.layers[index]
-        merging = stage.downsample
-        with torch.device(merging.reduction.weight.device):
-            sia = SIA(in_dim=merging.dim, out_dim=merging.out_dim, proj=patch_merging_map(merging), **sia_args)
-        blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
-        model.layers[index] = ClusteredStage(sia=sia, blocks=blocks)
+    def merging_map(self, merging: nn.Module) -> nn.Module:
+        return patch_merging_map(merging)
 
     def checkpoint_names(self, state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         """A baseline's patch merging at a SIA transition is SIA's projection, its norm included: that norm
