@@ -83,3 +83,31 @@ def test_the_stages_study_has_the_papers_rows():
     assert names[:4] == ["SIA-SIA-SIA", "LAA-SIA-SIA", "LAA-LAA-SIA", "LAA-LAA-LAA"]
     assert names[-1] == "CONV-CONV-CONV"
     assert {"LAA-LAA-CONV", "LAA-CONV-CONV", "CONV-LAA-SIA", "CONV-CONV-SIA"} <= set(names)
+
+
+def test_rows_choose_part_of_a_study_by_name(tiny, tmp_path, capsys):
+    out = tmp_path / "two"
+    assert (
+        main(
+            [
+                "ablate",
+                "knn-k",
+                "--values",
+                "3",
+                "5",
+                "7",
+                "--rows",
+                "KNN_K=7",
+                "knn_k=3",
+                *tiny,
+                "--seeds",
+                "0",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert [r["row"] for r in read_csv(out / "ablation.csv")] == ["knn_k=3", "knn_k=7"]
+    assert main(["ablate", "stages", "--rows", "LAA-LAA-SIA", "SIA-LAA-LAA", *tiny, "--output", str(out)]) == 2
+    assert "--rows SIA-LAA-LAA: the stages study's rows are SIA-SIA-SIA, LAA-SIA-SIA" in capsys.readouterr().err

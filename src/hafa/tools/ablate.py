@@ -141,6 +141,12 @@ def add_arguments(parser, argv: list[str]) -> None:
         help="one run per row and seed (whole numbers >= 0; default 0 1 2)",
     )
     parser.add_argument("--values", nargs="+", help="cluster-ratio, knn-k: the values to try")
+    parser.add_argument(
+        "--rows",
+        nargs="+",
+        metavar="ROW",
+        help="only these rows of the study, by name (e.g. LAA-LAA-SIA CONV-CONV-CONV)",
+    )
     parser.set_defaults(output=None)
 
 
@@ -361,7 +367,7 @@ def draw(path: str, rows: list[Row], results: list[RunResult], metric: str, titl
 def _job(args, processes: ProcessContext) -> int:
     module = importlib.import_module(TASKS[args.task][0])
     _, metric, extra = TASKS[args.task]
-    rows = study_rows(args.study, args.values)
+    rows = [row for row in study_rows(args.study, args.values) if args.rows is None or row.name in args.rows]
     seeds = _check(args, rows)
     model = args.model[0] if args.model else module.DEMO_MODELS[0]
     output = args.output or OutputDir().check(os.path.join("runs", "ablate", f"{args.study}-{args.task}"), "--output")
@@ -416,6 +422,14 @@ def run(args) -> int:
         if args.study not in VALUES:
             raise UserError(f"--values is for the cluster-ratio and knn-k studies, not {args.study}")
         args.values = VALUES[args.study].parse_items(args.values, "--values")
+    if args.rows is not None:
+        known = {row.name.lower(): row.name for row in study_rows(args.study, args.values)}
+        unknown = [name for name in args.rows if name.lower() not in known]
+        if unknown:
+            raise UserError(
+                f"--rows {' '.join(unknown)}: the {args.study} study's rows are {', '.join(known.values())}"
+            )
+        args.rows = [known[name.lower()] for name in args.rows]
     return run_in_processes(_job, args)
 
 

@@ -53,8 +53,8 @@ def markdown(rows, img_size: int) -> str:
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['model']} | {r['params_m']} | {cell(r['official_params_m'])} | {cell(r['paper_params_m'])} | "
-        f"{r['gmacs']} | {cell(r['paper_gflops'])} | {cell(r['paper_top1'])} |"
+        f"| {r['model']} | {r['params_m']:.2f} | {cell(r['official_params_m'])} | {cell(r['paper_params_m'])} | "
+        f"{r['gmacs']:.2f} | {cell(r['paper_gflops'])} | {cell(r['paper_top1'])} |"
         for r in rows
     ]
     return "\n".join(lines)
