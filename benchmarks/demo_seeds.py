@@ -18,8 +18,8 @@ import sys
 COMMANDS = {"classification": "train", "segmentation": "seg-train", "detection": "det-train"}
 
 
-def results_of(run_dir: str) -> dict[str, float]:
-    """model -> its best validation score, from each finished run's result.json in run_dir."""
+def results_of(run_dir: str) -> dict[str, tuple[str, float]]:
+    """model -> (the score's name, its best validation value), from each finished run's result.json."""
     scores = {}
     for model in sorted(os.listdir(run_dir)):
         path = os.path.join(run_dir, model, "result.json")
