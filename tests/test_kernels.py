@@ -317,7 +317,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     x = torch.randn(1, 4, 6, 6)
     with use_kernels("triton"), pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         use_triton("laa", x, x.numel())
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         laa_columns(x, torch.zeros(1, 8, 3, 3), (2, 2), (2, 2), (0, 0))
 
 

@@ -66,9 +66,6 @@ class LineProgress:
         postfix = f", {self.postfix}" if self.postfix else ""
         print(f"{self.desc}: {done} {self.unit}{share}, {elapsed} elapsed{postfix}", file=sys.stderr, flush=True)
 
-    def set_postfix(self, refresh: bool = False, **values) -> None:
-        self.postfix = ", ".join(f"{key} {value}" for key, value in values.items())
-
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.postfix = text
 

@@ -129,6 +129,7 @@ class DepthwiseConvMlp(nn.Module):
 
 
 def depthwise_conv_mlp(dim: int, hidden_dim: int, drop: float = 0.0, extra_relu: bool = False) -> DepthwiseConvMlp:
+    """A DepthwiseConvMlp with fresh layers (PVT v2's MLP): B x N x dim -> B x N x dim."""
     return DepthwiseConvMlp(
         fc1=nn.Linear(dim, hidden_dim),
         dwconv=nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1, groups=hidden_dim),

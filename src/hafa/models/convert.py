@@ -128,6 +128,7 @@ class Family:
 
 
 def family_of(model: nn.Module) -> "Family":
+    """The family adapter that takes `model`; a ValueError naming the supported families otherwise."""
     for family in FAMILIES:
         if family.matches(model):
             return family
@@ -215,6 +216,7 @@ class ClusteredStage(nn.Module):
 
 
 def check_stage_aggregation(family: Family, model: nn.Module, stage_aggregation: Sequence[str]) -> tuple:
+    """stage_aggregation as a tuple of 3 kinds, checked: "sia" only into a stage whose blocks attend."""
     choice = tuple(HAFA_OPTIONS["stage_aggregation"].check(stage_aggregation, "stage_aggregation"))
     attending = family.attention_stages(model)
     for index, kind in enumerate(choice, start=1):

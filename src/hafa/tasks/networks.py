@@ -13,13 +13,14 @@ from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint, CheckpointError, load_exactly, names_shown
 from ..errors import UserError, unknown_name
+from ..models._base import HAFA_OPTIONS as MODEL_HAFA_OPTIONS
 from ..models.mask_rcnn import create_mask_rcnn
 from ..models.semantic_fpn import create_semantic_fpn
 from ..models.table import BASELINE
 from ..pretrained import adapt_state_dict
 
 # The HAFA constructor options a user may choose (a model takes those its constructor names).
-HAFA_OPTIONS = ("stage_aggregation", "cluster_ratio", "knn_k", "cluster_qkv", "laa_norm")
+HAFA_OPTIONS = tuple(MODEL_HAFA_OPTIONS)
 
 
 def _on_meta_device(name: str, **kwargs) -> nn.Module:

@@ -87,7 +87,7 @@ def _triton_runs_on(x: Tensor) -> bool:
 def require_triton_device(op: str, x: Tensor) -> None:
     """Raise unless Triton can run on x's device (CUDA, or CPU under TRITON_INTERPRET=1)."""
     if not _triton_runs_on(x):
-        raise RuntimeError(f"{op} runs a Triton kernel: it needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
+        raise ValueError(f"{op} runs a Triton kernel: it needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors")
 
 
 def _measured_faster(kernel: str, x: Tensor, size: int) -> bool:
