@@ -273,6 +273,7 @@ def test_speeds_and_metrics_have_one_unit_and_precision():
     assert format_metric("bbox_AP50", 77.44) == "77.4%"
     assert format_metric("top1", 98.5) == "98.50%"
     assert format_metric("loss", 0.071234) == "0.0712"
+    assert format_metric("bbox_APl", float("nan")) == "n/a"  # COCO: no large object in the data
     assert format_metrics({"loss": 0.5, "mIoU": 40.0, "images": 3}) == "loss 0.5000  mIoU 40.00%"
 
 

@@ -103,7 +103,10 @@ def progress_bar(iterable, processes: ProcessContext, **kwargs):
 
 def format_metric(name: str, value: float) -> str:
     """One unit and one precision for each metric, wherever it is shown: losses with 4 decimals, COCO's
-    AP (%) with 1, every other score (%) with 2."""
+    AP (%) with 1, every other score (%) with 2; "n/a" for an AP over an object size the data has none
+    of (COCO's -1, stored as NaN)."""
+    if math.isnan(value):
+        return "n/a"
     if "loss" in name:
         return f"{value:.4f}"
     return f"{value:.1f}%" if "AP" in name else f"{value:.2f}%"
