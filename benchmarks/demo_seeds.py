@@ -5,7 +5,8 @@ over several seeds, and their mean ± s.d.: the figures the README gives.
         [--output runs/demo-seeds] [-- extra options for every run, e.g. --model hafa_convnext_atto --baseline]
 
 Each run is the ordinary command with --seed N --output OUTPUT/<task>/seed<N>; a seed whose runs
-have all finished is reused (their result.json read), any other is run again. Writes OUTPUT/<task>.md.
+have all finished is reused (their result.json read); a seed folder with unfinished runs stops the
+script (continue them with the command's --resume, or remove the folder). Writes OUTPUT/<task>.md.
 """
 
 import argparse
@@ -70,7 +71,9 @@ def main() -> int:
         for seed in args.seeds:
             run_dir = os.path.join(args.output, task, f"seed{seed}")
             scores = results_of(run_dir) if os.path.isdir(run_dir) else {}
-            if len(scores) < 2:
+            if os.path.isdir(run_dir) and len(scores) < 2:
+                sys.exit(f"{run_dir} holds unfinished runs: continue them with --resume, or remove the folder")
+            if not scores:
                 command = [hafa, COMMANDS[task], "--seed", str(seed), "--output", run_dir, *extra]
                 print("$", " ".join(command), flush=True)
                 subprocess.run(command, check=True)
