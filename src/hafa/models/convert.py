@@ -174,6 +174,23 @@ def fused_qkv_attention(attention: nn.Module) -> Attention:
     )
 
 
+def subsampled_attention(attention: nn.Module) -> Attention:
+    """A timm attention with separate q and kv projections and an optional spatial reduction of the
+    keys/values (PVT v2's, Twins' global sub-sampled attention) over tokens with a layout, with its layers."""
+    return Attention(
+        num_heads=attention.num_heads,
+        q=attention.q,
+        kv=attention.kv,
+        proj=attention.proj,
+        sr=attention.sr,
+        norm=attention.norm,
+        pool=getattr(attention, "pool", None),
+        act=getattr(attention, "act", None),
+        attn_drop=attention.attn_drop.p,
+        proj_drop=attention.proj_drop.p,
+    )
+
+
 def run_blocks(
     blocks: nn.ModuleList, x: Tensor, layout: TokenLayout, kv: KeyValues | None, use_checkpoint: bool
 ) -> Tensor:

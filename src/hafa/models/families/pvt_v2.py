@@ -11,24 +11,8 @@ import torch
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch import Tensor, nn
 
-from ...layers import LAA, SIA, Attention, Block, DepthwiseConvMlp
-from ..convert import ClusteredStage, Family
-
-
-def _attention(attention: nn.Module) -> Attention:
-    """timm's PVT v2 attention with its own layers, over tokens with a layout."""
-    return Attention(
-        num_heads=attention.num_heads,
-        q=attention.q,
-        kv=attention.kv,
-        proj=attention.proj,
-        sr=attention.sr,
-        norm=attention.norm,
-        pool=attention.pool,
-        act=attention.act,
-        attn_drop=attention.attn_drop.p,
-        proj_drop=attention.proj_drop.p,
-    )
+from ...layers import LAA, SIA, Block, DepthwiseConvMlp
+from ..convert import ClusteredStage, Family, subsampled_attention
 
 
 def _mlp(mlp: nn.Module) -> DepthwiseConvMlp:
@@ -40,7 +24,7 @@ def clustered_block(block: nn.Module) -> Block:
     """A PVT v2 block (timm's) running on tokens with a layout, with the block's own layers."""
     return Block(
         norm1=block.norm1,
-        attn=_attention(block.attn),
+        attn=subsampled_attention(block.attn),
         norm2=block.norm2,
         mlp=_mlp(block.mlp),
         drop_path1=block.drop_path1,

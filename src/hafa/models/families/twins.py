@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from ...layers import LAA, SIA, Attention, Block
 from ...ops import TokenLayout
-from ..convert import Family, fused_qkv_attention, run_blocks, run_sia
+from ..convert import Family, fused_qkv_attention, run_blocks, run_sia, subsampled_attention
 
 
 class EvenPaddedConv2d(nn.Conv2d):
@@ -60,18 +60,9 @@ class DictionaryPosConv(nn.Module):
 def _attention(attention: nn.Module) -> Attention:
     """A Twins attention over tokens with a layout, with its own layers: global sub-sampled attention as it
     is, locally-grouped attention (fused qkv, windows) as global attention."""
-    if not isinstance(attention, GlobalSubSampleAttn):
-        return fused_qkv_attention(attention)
-    return Attention(
-        num_heads=attention.num_heads,
-        q=attention.q,
-        kv=attention.kv,
-        proj=attention.proj,
-        sr=attention.sr,
-        norm=attention.norm,
-        attn_drop=attention.attn_drop.p,
-        proj_drop=attention.proj_drop.p,
-    )
+    if isinstance(attention, GlobalSubSampleAttn):
+        return subsampled_attention(attention)
+    return fused_qkv_attention(attention)
 
 
 def clustered_block(block: nn.Module) -> Block:
