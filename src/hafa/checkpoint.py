@@ -6,8 +6,8 @@ A checkpoint written by a `hafa` command is a dict of plain data (loadable with 
     model={"name": str, "args": dict}, classes=[...], settings={...}, state_dict={name: Tensor},
     metrics={...}, and in last.pth the training state (optimizer, scheduler, scaler, train_state, rng, data).
 
-model.args are the complete keyword arguments of `hafa.tasks.networks.create_network`, so that
-`hafa.tasks.networks.build_model` rebuilds exactly the trained network, and every one of its tensors
+model.args are the complete keyword arguments of the task layer's network factory, so that the
+network rebuilt from them is exactly the trained one, and every one of its tensors
 must come from the file (`load_exactly`): a command never evaluates, predicts, exports or draws from
 newly initialised weights. This module knows the file format only, never the networks.
 

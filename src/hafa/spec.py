@@ -8,6 +8,7 @@ line, and a ValueError for Python callers) naming the setting, the value and wha
     --clip-grad must be a number > 0, or none, not -1.0
 """
 
+import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ def yaml_value(text: str) -> Any:
         return text
 
 
-class Setting:
+class Setting(abc.ABC):
     """A value's type and allowed range. Subclasses say what they allow (`allowed`) and convert a
     value that is allowed (`_convert`, None when it is not)."""
 
@@ -58,11 +59,13 @@ class Setting:
             text += f" ({self.note})"
         return text + (", or none" if self.optional else "")
 
+    @abc.abstractmethod
     def _allowed(self) -> str:
-        raise NotImplementedError
+        """What the setting takes, without its note and optional part."""
 
+    @abc.abstractmethod
     def _convert(self, value: Any) -> Any | None:
-        raise NotImplementedError
+        """value in the setting's type when it is allowed, else None."""
 
     def check(self, value: Any, name: str) -> Any:
         """The value in the setting's own type, or SettingError naming `name`."""
