@@ -8,7 +8,6 @@ line, and a ValueError for Python callers) naming the setting, the value and wha
     --clip-grad must be a number > 0, or none, not -1.0
 """
 
-import abc
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -43,7 +42,7 @@ def yaml_value(text: str) -> Any:
         return text
 
 
-class Setting(abc.ABC):
+class Setting:
     """A value's type and allowed range. Subclasses say what they allow (`allowed`) and convert a
     value that is allowed (`_convert`, None when it is not)."""
 
@@ -59,13 +58,11 @@ class Setting(abc.ABC):
             text += f" ({self.note})"
         return text + (", or none" if self.optional else "")
 
-    @abc.abstractmethod
     def _allowed(self) -> str:
-        """What the setting takes, without its note and optional part."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def _convert(self, value: Any) -> Any | None:
-        """value in the setting's type when it is allowed, else None."""
+        raise NotImplementedError
 
     def check(self, value: Any, name: str) -> Any:
         """The value in the setting's own type, or SettingError naming `name`."""

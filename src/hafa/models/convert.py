@@ -9,7 +9,6 @@ format its stages take, and how its blocks run on clustered tokens. Grid stages 
 stage code, so a conversion with laa_norm="baseline" and no SIA computes the model exactly.
 """
 
-import abc
 import copy
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +28,7 @@ from ._base import HAFA_AGGREGATION, HAFA_OPTIONS, check_images, padding_tokens
 FAMILIES: list["Family"] = []
 
 
-class Family(abc.ABC):
+class Family:
     """How HAFA runs one family of hierarchical models. Grid stages keep the family's own format
     ("native": whatever its stages pass on, e.g. NCHW or NHWC maps); a stage that starts with SIA works
     on tokens B x N x C with their TokenLayout. The defaults fit models whose stages are modules in
@@ -46,16 +45,13 @@ class Family(abc.ABC):
 
     def take_any_size(self, model: nn.Module) -> None:
         """Make a model of the family take any input size, where it is not so already (registered models)."""
-        return  # a hook: most families take any size as they are
 
     def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
         """Changes of the whole model that a conversion needs before its transitions are converted."""
-        return  # a hook: most families need none
 
     # -- the model as the family runs it
-    @abc.abstractmethod
     def stem(self, model: nn.Module, images: Tensor) -> Any:
-        """The images through the model's stem, in the form its first stage takes."""
+        raise NotImplementedError
 
     def stages(self, model: nn.Module) -> nn.Module:
         return getattr(model, self.stages_name)
@@ -102,18 +98,18 @@ class Family(abc.ABC):
         return tokens if pre_logits else model.head(tokens)
 
     # -- conversion
-    @abc.abstractmethod
     def attention_stages(self, model: nn.Module) -> set[int]:
         """The stages (0-3) whose blocks attend: SIA can start only those."""
+        raise NotImplementedError
 
-    @abc.abstractmethod
     def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
         """Replace transition `index` (1-3) by its LAA form, with the transition's contract."""
+        raise NotImplementedError
 
     def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
         """Replace stage `index` (1-3) by one that starts with SIA (projecting with the family's own
         downsampling) and whose blocks run on merged tokens."""
-        raise ValueError(f"{self.name} has no stage whose blocks attend: no transition can be 'sia'")
+        raise NotImplementedError
 
     def run_clustered_stage(
         self, model: nn.Module, index: int, x: Tensor, layout: TokenLayout, padding_mask: Tensor | None
