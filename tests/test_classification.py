@@ -16,9 +16,11 @@ import torch
 from PIL import Image
 
 from hafa.cli import main
+from hafa.compiled import SizedCompile
 from hafa.errors import UserError
 from hafa.tasks import classification as cls
 from hafa.tasks.recipes import load_recipe, override_recipe
+from hafa.tasks.training import StopRequested
 
 QUICK = [
     "--recipe",
@@ -485,3 +487,58 @@ def test_inductor_compiled_training_gives_eager_losses(tmp_path):
     data = write_dataset(tmp_path / "data")
     eager = _train_losses(data, tmp_path / "eager", [])
     assert _train_losses(data, tmp_path / "compiled", ["--compile"]) == pytest.approx(eager, rel=1e-3)
+
+
+def _stop_at_compiled_call(monkeypatch, number: int) -> None:
+    """The compiled network's call `number` is stopped as a signal arriving while it compiles stops it."""
+    original, calls = SizedCompile.__call__, []
+
+    def call(self, *args, **kwargs):
+        calls.append(self.module.training)
+        if len(calls) == number:
+            raise StopRequested
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SizedCompile, "__call__", call)
+
+
+@pytest.mark.parametrize(("stopped_call", "during"), [(3, "the third step"), (7, "the first evaluation")])
+def test_a_stop_while_compiling_saves_the_state_before_it_and_resumes_exactly(
+    tmp_path, monkeypatch, stopped_call, during
+):
+    data = write_dataset(tmp_path / "data", per_class=(8, 2))  # 6 steps an epoch, then one evaluation batch
+    argv = ["train", "--model", "hafa_pvt_v2_b0", "--data", str(data), *QUICK, "--epochs", "2"]
+    argv += ["--compile", "aot_eager", "--drop-path", "0.1"]
+    assert main([*argv, "--output", str(tmp_path / "ref")]) == 0
+    with monkeypatch.context() as patch:
+        _stop_at_compiled_call(patch, stopped_call)
+        assert main([*argv, "--output", str(tmp_path / "cut")]) == 130, during
+    saved = torch.load(tmp_path / "cut" / "hafa_pvt_v2_b0" / "last.pth", weights_only=True)["train_state"]
+    assert (saved["epoch"], saved["step_in_epoch"]) == ((0, 2) if stopped_call == 3 else (0, 6))
+    assert main([*argv, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    expected, got = (
+        _final_weights(tmp_path / "ref" / "hafa_pvt_v2_b0"),
+        _final_weights(tmp_path / "cut" / "hafa_pvt_v2_b0"),
+    )
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0, msg=name)
+    rows, reference_rows = read_log(tmp_path / "cut" / "hafa_pvt_v2_b0"), read_log(tmp_path / "ref" / "hafa_pvt_v2_b0")
+    assert [r["train_loss"] for r in rows] == [r["train_loss"] for r in reference_rows]
+
+
+def test_sigterm_while_compiling_stops_the_run_within_seconds(tmp_path):
+    data = write_dataset(tmp_path / "data", per_class=(8, 2))
+    command = _train_command(data, tmp_path / "runs", 1)[:-2] + ["--compile"]  # inductor: a compile of minutes here
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "compiling for input" in line:
+            break
+    time.sleep(1)
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert time.time() - signalled < 30
+    assert process.returncode not in (0, None)
+    assert "SIGTERM received while compiling: stopping now" in err
+    assert "before any step had finished; no epoch had finished, so nothing was saved" in err
+    assert not (tmp_path / "runs" / "hafa_pvt_v2_b0" / "last.pth").exists()

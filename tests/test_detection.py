@@ -4,7 +4,9 @@ end on tiny COCO datasets at non-square sizes not divisible by 32, with a HAFA a
 
 import copy
 import json
+import logging
 import os
+import re
 import shutil
 
 import numpy as np
@@ -19,7 +21,7 @@ from hafa.data.coco import CocoInstances, collate_detection
 from hafa.data.scenes import SHAPES, make_scene
 from hafa.errors import UserError
 from hafa.layers import SIA
-from hafa.models.mask_rcnn import batch_padding_mask
+from hafa.models.mask_rcnn import batch_padding_mask, pad_to_buckets, side_buckets
 from hafa.pretrained import load_pretrained
 from hafa.tasks.detection import build_step_scheduler, predict_detection
 from hafa.tasks.detection_metrics import coco_metrics, detections_to_coco
@@ -397,3 +399,35 @@ def test_det_eval_rejects_other_checkpoints(tmp_path):
     path = str(tmp_path / "plain.pth")
     torch.save({"weight": torch.zeros(1)}, path)
     assert main(["det-eval", "--checkpoint", path]) == 2
+
+
+def test_size_buckets():
+    assert side_buckets(800, 1333) == (800, 1088, 1344)
+    assert side_buckets(72, 120) == (96, 128)
+    images = torch.ones(2, 3, 70, 100)
+    padded = pad_to_buckets(images, (96, 128))
+    assert padded.shape == (2, 3, 96, 128)
+    assert padded[..., :70, :100].eq(1).all()
+    assert padded.sum() == images.sum()
+    assert pad_to_buckets(torch.ones(1, 3, 160, 96), (96, 128)).shape == (1, 3, 160, 96)  # above the last: as is
+
+
+def test_compiled_det_train_pads_to_size_buckets_and_its_checkpoint_evaluates_alike(tiny_coco, tmp_path, caplog):
+    output = str(tmp_path / "runs")
+    argv = ["det-train", "--data", tiny_coco, "--model", "hafa_pvt_v2_b0", "--epochs", "1", "--output", output]
+    with caplog.at_level(logging.INFO, logger="hafa"):
+        assert main([*argv, "--compile", "aot_eager", *TINY]) == 0
+    assert "batches padded to size buckets: sides 96, 128" in caplog.text
+    shapes = [r.message.split("input ")[1].split(",")[0] for r in caplog.records if "compiling for input" in r.message]
+    assert shapes, "the backbone was not compiled"
+    assert all(re.fullmatch(r"[12] x 3 x (96|128) x (96|128)", shape) for shape in shapes), shapes
+    best = os.path.join(output, "hafa_pvt_v2_b0", "best.pth")
+    saved = read_file(best)
+    assert saved["settings"]["size_buckets"] is True
+    metrics_json = str(tmp_path / "metrics.json")
+    assert main(["det-eval", "--checkpoint", best, "--workers", "0", "--json", metrics_json]) == 0  # eager
+    with open(metrics_json) as f:
+        evaluated = json.load(f)
+    for key in ("bbox_AP", "segm_AP"):
+        assert evaluated[key] == pytest.approx(saved["metrics"][key]), key
+    assert main(["det-eval", "--checkpoint", best, "--workers", "0", "--no-size-buckets"]) == 0

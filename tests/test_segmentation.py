@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -555,3 +556,21 @@ def test_two_processes_evaluate_like_one(tmp_path):
     assert two_metrics["images"] == one_metrics["images"] == 3
     for key in ("mIoU", "mAcc", "aAcc"):
         assert two_metrics[key] == pytest.approx(one_metrics[key], abs=1e-9)
+
+
+def test_compiled_seg_train_evaluates_images_of_two_sizes_as_its_checkpoint_does(tmp_path, caplog):
+    data = write_ade(tmp_path / "ade")  # validation images of 70 x 101 and 90 x 75: two whole-image graphs
+    out = tmp_path / "runs"
+    argv = ["seg-train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--num-classes", "3"]
+    with caplog.at_level(logging.INFO, logger="hafa"):
+        assert main([*argv, "--iterations", "2", "--output", str(out), "--compile", "aot_eager", *QUICK]) == 0
+    compiling = [r.message for r in caplog.records if "compiling for input" in r.message]
+    assert len(compiling) == 3, compiling  # the training crops, then each validation size
+    assert "(training; graph 1 of at most 16)" in compiling[0]
+    best = out / "hafa_pvt_v2_b0" / "best.pth"
+    saved = torch.load(best, weights_only=True)
+    for extra in ([], ["--compile", "aot_eager", "--eval-mode", "slide"]):
+        metrics_file = tmp_path / f"m{len(extra)}.json"
+        assert main(["seg-eval", "--checkpoint", str(best), "--workers", "0", "--json", str(metrics_file), *extra]) == 0
+        if not extra:  # eager, on the weights the compiled run saved
+            assert json.loads(metrics_file.read_text())["mIoU"] == pytest.approx(saved["metrics"]["mIoU"], abs=1e-6)

@@ -9,6 +9,7 @@ from PIL import Image
 
 from hafa.cli import main
 from hafa.tools import bench, export, visualize
+from hafa.tools.bench import report
 
 SMALLEST = "hafa_pvt_v2_b0"
 
@@ -56,7 +57,7 @@ def test_bench_writes_well_formed_json_for_the_smallest_pair(tmp_path, capsys):
     assert "| **HAFA / baseline** |" in table
 
 
-def test_bench_times_compiled_inference_and_counts_eager_operators(tmp_path, monkeypatch, capsys):
+def test_bench_times_compiled_models_their_compiles_and_a_new_size(tmp_path, monkeypatch, capsys):
     # The eager backend stands in for inductor (whose compile takes minutes here): the plumbing is tested.
     modes, real_compile = [], torch.compile
 
@@ -68,18 +69,29 @@ def test_bench_times_compiled_inference_and_counts_eager_operators(tmp_path, mon
     torch._dynamo.reset()
     path = tmp_path / "bench.json"
     argv = ["bench", "--models", SMALLEST, "--img-size", "64", "--batch-sizes", "1", "2", "--reps", "1"]
-    assert main([*argv, "--warmup", "1", "--no-train", "--compile", "default", "--json", str(path)]) == 0
+    assert main([*argv, "--warmup", "0", "--compile", "default", "--json", str(path)]) == 0
     torch._dynamo.reset()
     assert modes == [("default", "inductor", True, False)] * 2
     result = json.loads(path.read_text())
     assert result["settings"]["compile"] == "default"
     for row in result["models"]:
         assert row["latency"]["median_ms"] > 0
+        assert row["train_step"]["median_ms"] > 0
         assert row["operators"] > 100  # counted on the eager model: a compiled one dispatches few aten calls
         assert "memory_mb" not in row
-    assert "inference compiled (default" in capsys.readouterr().out
-    assert main([*argv, "--warmup", "0", "--compile", "default"]) == 2
-    assert "--compile needs --warmup 1 or more" in capsys.readouterr().err
+        compiled = row["compile"]
+        assert {kind: compiled[kind]["graphs"] for kind in ("latency", "forward", "train_step")} == dict(
+            latency=1, forward=1, train_step=1
+        )
+        assert compiled["new_size"]["img_size"] == 96
+        assert compiled["new_size"]["graphs"] == 1  # one static graph for the new size, nothing more
+    printed = capsys.readouterr().out
+    assert "compiled (default, static shapes" in printed
+    assert "| model | compile b1 (s) | compile b2 (s) | compile train (s) | new size 96: graphs |" in printed
+    ratios = [dict(model="hafa_pvt_tiny", latency=1.05, forward=1.09, train_step=1.1)]
+    assert report.target_lines(ratios, "cpu compiled") == [
+        "- hafa_pvt_tiny: latency 1.050 (<= 1.1: met), forward 1.090 (<= 1.08: missed), train_step 1.100 (<= 1.1: met)"
+    ]
     assert main([*argv, "--device", "cpu", "--compile", "cudagraphs"]) == 2
     assert "--compile cudagraphs captures CUDA graphs: it needs a GPU" in capsys.readouterr().err
 
@@ -202,11 +214,22 @@ def test_export_round_trips_through_onnxruntime_with_a_dynamic_batch(tmp_path):
     assert max(differences) < 1e-4, differences
 
 
+def test_the_compile_check_gives_the_eager_outputs_and_a_new_size_costs_one_graph():
+    model = export.build_model(SMALLEST)
+    torch._dynamo.reset()
+    result = export.compile_check(model, torch.randn(2, 3, 64, 64), reps=1, backend="aot_eager")
+    assert result["max_abs_difference"] < 1e-4
+    assert result["new_size"]["size"] == [96, 96]
+    assert result["new_size"]["graphs"] == 1
+    assert result["new_size"]["max_abs_difference"] < 1e-4
+
+
 @pytest.mark.slow
 def test_torch_compile_gives_the_eager_outputs():
     model = export.build_model(SMALLEST)
     result = export.compile_check(model, torch.randn(2, 3, 64, 64), reps=1)
     assert result["max_abs_difference"] < 1e-4
+    assert result["new_size"]["max_abs_difference"] < 1e-4
 
 
 def test_export_refuses_a_batch_of_one_that_would_fix_the_batch_axis(tmp_path, capsys):

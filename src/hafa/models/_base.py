@@ -2,6 +2,7 @@
 other constructor arguments' ranges, the input check, BatchNorm freezing, padding tokens, and the
 pretrained configs."""
 
+import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
@@ -50,6 +51,17 @@ def check_images(x: Tensor, in_chans: int) -> None:
             f"images must be at least {SMALLEST_INPUT} x {SMALLEST_INPUT} pixels (the models end at stride 32), "
             f"got {x.shape[-2]} x {x.shape[-1]}"
         )
+    keep_sizes_static(x)
+
+
+def keep_sizes_static(x: Tensor) -> None:
+    """While compiling, specialise x's height and width (its last two sizes): under dynamic shapes the
+    dictionary's size arithmetic (pooling taps, ceil and floor divisions) grows into symbolic expressions
+    that take dynamo minutes to simplify, while a graph per input size compiles in seconds (docs/compile.md).
+    The batch may stay dynamic."""
+    if torch.compiler.is_compiling():
+        torch._dynamo.mark_static(x, x.dim() - 2)
+        torch._dynamo.mark_static(x, x.dim() - 1)
 
 
 def freeze_batch_norm_statistics(module: nn.Module) -> int:

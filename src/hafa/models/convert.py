@@ -22,7 +22,7 @@ from ..layers import SIA, Attention
 from ..layers.attention import KeyValues
 from ..ops import TokenLayout
 from ..pretrained import LoadReport
-from ._base import HAFA_AGGREGATION, HAFA_OPTIONS, check_images, padding_tokens
+from ._base import HAFA_AGGREGATION, HAFA_OPTIONS, check_images, keep_sizes_static, padding_tokens
 
 # The families a model can be converted from, registered by hafa.models.families.
 FAMILIES: list["Family"] = []
@@ -371,6 +371,13 @@ class HafaModel(nn.Module):
         if output_fmt != "NCHW":
             raise ValueError("HAFA models return NCHW feature maps")
         check_images(x, self.in_chans)
+        if padding_mask is not None:
+            if padding_mask.dtype != torch.bool or padding_mask.shape != (x.shape[0], *x.shape[2:]):
+                raise ValueError(
+                    f"padding_mask must be bool B x H x W as the images {tuple(x.shape)}, got {padding_mask.dtype} "
+                    f"{tuple(padding_mask.shape)}"
+                )
+            keep_sizes_static(padding_mask)
         num_stages = self._num_stages()
         take, max_index = feature_take_indices(num_stages, indices)
         last = max_index if stop_early or intermediates_only else num_stages - 1

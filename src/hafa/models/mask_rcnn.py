@@ -4,23 +4,44 @@ MaskRCNN with its FeaturePyramidNetwork and LastLevelMaxPool.
 The backbone's four maps (strides 4, 8, 16, 32) go through the FPN (256 channels by default) plus a
 stride-64 level made by max pooling. torchvision's GeneralizedRCNNTransform resizes every image
 (shorter side min_size, longer side at most max_size), normalises it with the backbone's mean and
-std and pads the batch at the bottom and right to a multiple of 32. A HAFA backbone is told where
-that padding is, so that SIA never picks a padding token as a cluster centre.
+std and pads the batch at the bottom and right to a multiple of 32, or, with `size_buckets` on, to one
+of a few sizes (`side_buckets`: what a compiled backbone needs, one graph per size). A HAFA backbone is
+told where that padding is, so that SIA never picks a padding token as a cluster centre.
 """
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import MaskRCNN
+from torchvision.models.detection.image_list import ImageList
 from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 
 from ..errors import UserError, unknown_name
 from .convert import HafaModel
 
 STRIDES = [4, 8, 16, 32]
+# Padded sides between min_size and max_size (both included) when batches are padded to size buckets.
+SIDE_BUCKETS = 3
+
+
+def side_buckets(min_size: int, max_size: int, multiple: int = 32) -> tuple[int, ...]:
+    """The sides a batch is padded to with size buckets: SIDE_BUCKETS steps from min_size to max_size,
+    each rounded up to a multiple of 32 (800, 1344: 800, 1088, 1344); a side above the last is padded
+    to a multiple of 32 as without buckets."""
+    steps = [min_size + (max_size - min_size) * i / (SIDE_BUCKETS - 1) for i in range(SIDE_BUCKETS)]
+    return tuple(sorted({multiple * math.ceil(side / multiple) for side in steps}))
+
+
+def pad_to_buckets(images: Tensor, buckets: Sequence[int]) -> Tensor:
+    """B x C x H x W padded at the bottom and right (zeros) to the smallest bucket side >= H and >= W."""
+    H, W = images.shape[-2:]
+    height, width = (next((b for b in buckets if b >= side), side) for side in (H, W))
+    return F.pad(images, (0, width - W, 0, height - H)) if (height, width) != (H, W) else images
 
 
 def batch_padding_mask(images: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
@@ -54,11 +75,11 @@ class FeaturePyramidBackbone(nn.Module):
         )
         self.out_channels = out_channels
 
-    def forward(self, images: Tensor, image_sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, Tensor]:
-        """images: B x 3 x H x W; image_sizes: (height, width) of each image inside the padded batch."""
+    def forward(self, images: Tensor, padding_mask: Tensor | None = None) -> dict[str, Tensor]:
+        """images: B x 3 x H x W; padding_mask: B x H x W, True outside the images of a padded batch."""
         extra = {}
-        if self.knows_padding and image_sizes is not None:
-            extra["padding_mask"] = batch_padding_mask(images, image_sizes)
+        if self.knows_padding and padding_mask is not None:
+            extra["padding_mask"] = padding_mask
         maps = self.body.forward_intermediates(
             images, indices=self.indices, norm=True, output_fmt="NCHW", intermediates_only=True, **extra
         )
@@ -66,18 +87,25 @@ class FeaturePyramidBackbone(nn.Module):
 
 
 class PaddingAwareMaskRCNN(MaskRCNN):
-    """torchvision's MaskRCNN whose backbone also receives the sizes of the images inside the padded batch.
+    """torchvision's MaskRCNN whose backbone also receives where the padded batch is padding.
 
     forward(images: list of 3 x H_i x W_i in [0, 1], targets) -> the loss dict in training, else a list
     of dicts (boxes N x 4 xyxy, labels N, scores N, masks N x 1 x H_i x W_i probabilities).
+    size_buckets: pad batches to side_buckets(min_size, max_size) instead of multiples of 32.
     """
+
+    size_buckets = False
 
     def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
         if self.training and targets is None:
             raise ValueError("targets are needed in training mode")
         original_sizes = [tuple(image.shape[-2:]) for image in images]
         batch, targets = self.transform(images, targets)
-        features = self.backbone(batch.tensors, batch.image_sizes)
+        if self.size_buckets:
+            buckets = side_buckets(min(self.transform.min_size), self.transform.max_size)
+            batch = ImageList(pad_to_buckets(batch.tensors, buckets), batch.image_sizes)
+        padding = batch_padding_mask(batch.tensors, batch.image_sizes) if self.backbone.knows_padding else None
+        features = self.backbone(batch.tensors, padding)
         proposals, proposal_losses = self.rpn(batch, features, targets)
         detections, detector_losses = self.roi_heads(features, proposals, batch.image_sizes, targets)
         if self.training:

@@ -24,6 +24,7 @@ from ..checkpoint import (
     read_checkpoint,
     read_checkpoint_or_state_dict,
 )
+from ..compiled import compile_network
 from ..data.checks import check_image_folder
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
@@ -55,7 +56,7 @@ from .recipes import build_optimizer
 from .run_log import progress_bar
 from .sampling import EpochSampler, evaluation_loader
 from .settings import CLASSIFICATION_RECIPE, ClassificationSettings
-from .training import Training, autocast_context, compile_network, train
+from .training import Training, autocast_context, train
 
 RECIPE = CLASSIFICATION_RECIPE
 
@@ -189,7 +190,7 @@ def train_one_model(settings: ClassificationSettings, processes: ProcessContext)
     if settings.grad_checkpointing:
         model.set_grad_checkpointing(True)
     model.to(processes.device)
-    compile_network(model, settings.compile, fullgraph=True)
+    compile_network(model, settings.compile, name=settings.model)
 
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
@@ -381,7 +382,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
         )
         name = args.model
     model.to(processes.device)
-    compile_network(model, args.compile, fullgraph=True)
+    compile_network(model, args.compile, name=name)
     metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=name, data=data, checkpoint=args.checkpoint)
 

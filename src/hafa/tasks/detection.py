@@ -19,12 +19,14 @@ from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
 from ..checkpoint import Checkpoint, checkpoint_content, read_checkpoint
+from ..compiled import compile_network
 from ..data.checks import check_coco
 from ..data.coco import CocoInstances, collate_detection, find_split
 from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
 from ..errors import UserError
 from ..models._base import SMALLEST_INPUT
+from ..models.mask_rcnn import side_buckets
 from ..pretrained import load_pretrained
 from ..spec import Whole
 from .commands import (
@@ -55,7 +57,7 @@ from .recipes import build_optimizer
 from .run_log import format_metric
 from .sampling import EpochSampler
 from .settings import DETECTION_RECIPE, DetectionSettings
-from .training import Training, compile_network, train
+from .training import Training, train
 
 _logger = logging.getLogger("hafa")
 
@@ -135,10 +137,11 @@ def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> d
             _logger.warning("%s: %s", train_set.path, message)
     model_args = detector_arguments_for(settings, len(train_set.class_names))
     model = create_network("detection", settings.model, model_args)
+    use_size_buckets(model, settings.size_buckets)
     if settings.init_from:
         load_pretrained(backbone_of("detection", model), settings.init_from, verbose=processes.is_main)
     model.to(processes.device)
-    compile_network(model.backbone, settings.compile, fullgraph=True)
+    compile_network(model.backbone, settings.compile, name=settings.model)
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     optimizer = build_optimizer(model, recipe, sampler.global_batch)
 
@@ -266,6 +269,7 @@ def train_job(args, processes: ProcessContext) -> int:
             device=args.device,
             sync_bn=args.sync_bn,
             norm_eval=norm_eval(args, args.init_from),
+            size_buckets=args.compile is not None,
         )
 
     results = train_models(models, settings_for, train_one_model, processes)
@@ -293,13 +297,27 @@ def _print_summary(results) -> None:
         print(f"{r['model']}: best checkpoint {r['best_checkpoint'] or '(not kept)'}, curves {r['curves']}")
 
 
-def load_detector(path: str, command: str, image_sizes: dict | None = None) -> tuple[nn.Module, Checkpoint]:
+def use_size_buckets(model: nn.Module, enabled: bool) -> None:
+    """Pad batches to size buckets (or to multiples of 32), and say which sizes."""
+    model.size_buckets = enabled
+    if enabled:
+        sides = side_buckets(min(model.transform.min_size), model.transform.max_size)
+        _logger.info("batches padded to size buckets: sides %s (then multiples of 32)", ", ".join(map(str, sides)))
+
+
+def load_detector(
+    path: str, command: str, image_sizes: dict | None = None, size_buckets: bool | None = None
+) -> tuple[nn.Module, Checkpoint]:
     """The exact Mask R-CNN of a det-train checkpoint, in eval mode, and the checkpoint; image_sizes:
-    min_size / max_size to resize to instead of the recipe's (they change the inputs, not the weights)."""
+    min_size / max_size to resize to instead of the recipe's (they change the inputs, not the weights);
+    size_buckets: pad batches to size buckets or not (default: as the run that wrote the checkpoint)."""
     saved = read_checkpoint(path, "detection", command)
     model = build_model(saved)
     for key, value in (image_sizes or {}).items():
         setattr(model.transform, key, (value,) if key == "min_size" else value)
+    if size_buckets is None:
+        size_buckets = DetectionSettings.from_dict(saved.settings).size_buckets
+    use_size_buckets(model, size_buckets)
     return model, saved
 
 
@@ -321,6 +339,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
             setting=image_side(optional=True),
             help=f"{side} image side (default: the checkpoint's recipe)",
         )
+    parser.add_argument(
+        "--size-buckets",
+        action=argparse.BooleanOptionalAction,
+        help="pad batches to a few sizes (what --compile needs: one graph per size) instead of multiples of 32 "
+        "(default: as the checkpoint's run, which used them when it was compiled)",
+    )
     add_json_option(parser, "the metrics")
     add_run_options(parser)
 
@@ -340,7 +364,7 @@ def _print_metrics(metrics: dict) -> None:
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
-    model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides)
+    model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides, args.size_buckets)
     settings = DetectionSettings.from_dict(saved.settings)
     RECIPE.check_relations({**settings.recipe, **overrides})
     data = args.data or settings.data
@@ -350,7 +374,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     categories = list(zip(settings.category_ids, saved.classes))
     dataset = CocoInstances(data, split, train=False, categories=categories)
     model.to(processes.device)
-    compile_network(model.backbone, args.compile, fullgraph=True)
+    compile_network(model.backbone, args.compile, name=settings.model)
     batch_size = args.batch_size or settings.recipe["eval_batch_size"]
     metrics = evaluate_detection(model, dataset, batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=saved.model_name, data=data, split=split, checkpoint=args.checkpoint)

@@ -21,6 +21,7 @@ from timm.scheduler import PolyLRScheduler
 from torch import nn
 
 from ..checkpoint import checkpoint_content, read_checkpoint
+from ..compiled import compile_network
 from ..data.checks import check_segmentation_pairs
 from ..data.folder import read_rgb
 from ..data.scenes import SEGMENTATION_CLASSES, default_scenes_root, prepare_scenes
@@ -63,7 +64,7 @@ from .recipes import build_optimizer
 from .sampling import EpochSampler
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 from .settings import SEGMENTATION_RECIPE, SegmentationSettings
-from .training import Training, compile_network, train
+from .training import Training, train
 
 ADE20K_CLASSES = 150
 
@@ -137,7 +138,7 @@ def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -
     if settings.backbone_checkpoint:
         load_pretrained(backbone_of("segmentation", model), settings.backbone_checkpoint, verbose=processes.is_main)
     model.to(processes.device)
-    compile_network(model, settings.compile, fullgraph=True)
+    compile_network(model, settings.compile, name=settings.model)
 
     sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
     epochs = max(1, round(recipe["iterations"] / sampler.batches_per_epoch()))
@@ -405,7 +406,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     dataset = SegmentationDataset(data_pairs(data, "val"), EvalTransform(settings.recipe), labels)
     recipe = dict(settings.recipe, eval_mode=args.eval_mode or settings.recipe["eval_mode"])
     model.to(processes.device)
-    compile_network(model, args.compile, fullgraph=True)
+    compile_network(model, args.compile, name=settings.model)
     metrics = evaluate_with_recipe(model, dataset, settings.class_names, recipe, processes, args.workers, args.amp)
     return dict(metrics, model=settings.model, data=data, checkpoint=args.checkpoint, eval_mode=recipe["eval_mode"])
 

@@ -262,4 +262,7 @@ class DetectionSettings(RunSettings):
     init_from: str | None = None
     sync_bn: bool = True
     norm_eval: bool = False
+    # batches padded to a few sizes (hafa.models.mask_rcnn.side_buckets) instead of multiples of 32: what a
+    # compiled backbone needs (one graph per size); on for runs started with --compile
+    size_buckets: bool = False
     category_ids: list[int] = field(default_factory=list)  # the training json's, in class order

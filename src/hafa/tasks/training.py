@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 
 from ..checkpoint import pack_names, read_file, unpack_names, write_file
+from ..compiled import close_compile_window, compiling
 from ..errors import UserError, message_of
 from ..models import freeze_batch_norm_statistics
 from ..progress import format_rate
@@ -68,14 +69,21 @@ def gather_rng_states(processes: ProcessContext) -> list[dict]:
 # ---------------------------------------------------------------- stopping
 
 
+class StopRequested(KeyboardInterrupt):
+    """A signal arrived while a graph was compiling: the step (or evaluation) is abandoned at once."""
+
+
 class StopOnSignal:
     """SIGINT / SIGTERM ask the loop to stop after the current step (a second SIGINT stops at once).
 
     The loop asks every process (`any_process`) whether one received it, so that all stop at the same step.
+    While a graph compiles (minutes, for a new input size) a single process stops at once instead
+    (StopRequested): the loop then saves the state from before the abandoned step or evaluation.
     """
 
-    def __init__(self):
+    def __init__(self, at_once_while_compiling: bool = True):
         self.flag = False
+        self.at_once_while_compiling = at_once_while_compiling
         self._previous = {}
 
     def __enter__(self):
@@ -91,6 +99,9 @@ class StopOnSignal:
         if self.flag and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.flag = True
+        if self.at_once_while_compiling and compiling():
+            _logger.warning("%s received while compiling: stopping now", signal.Signals(signum).name)
+            raise StopRequested
         _logger.warning(
             "%s received: stopping after this step and saving; press Ctrl-C again to abort without saving",
             signal.Signals(signum).name,
@@ -106,18 +117,6 @@ class NonFiniteLoss(UserError):
 
 class NothingLeftToDo(UserError):
     """A resumed run has done every epoch it is asked for."""
-
-
-def compile_network(module: nn.Module, mode: str | None, *, fullgraph: bool, dynamic: bool | None = None) -> None:
-    """torch.compile `module` in place (nn.Module.compile: its state dict keeps its names, so checkpoints
-    are those of the eager module). mode: one of inductor's modes ("default", "reduce-overhead",
-    "max-autotune"), "aot_eager" (traced and run without generating code), or None (eager)."""
-    if mode is None:
-        return
-    if mode == "aot_eager":
-        module.compile(backend="aot_eager", fullgraph=fullgraph, dynamic=dynamic)
-    else:
-        module.compile(mode=mode, fullgraph=fullgraph, dynamic=dynamic)
 
 
 def autocast_context(amp: str, device: torch.device):
@@ -186,6 +185,8 @@ class _Epoch:
     loss: float = math.nan
     images_per_s: float = 0.0
     skipped: int = 0
+    steps: int = 0
+    rng: dict | None = None  # a step abandoned while compiling: this process's RNG state from before it
 
 
 def train(t: Training, processes: ProcessContext) -> dict:
@@ -223,7 +224,8 @@ def train(t: Training, processes: ProcessContext) -> dict:
 
     samples = pack_names(t.sample_names)
 
-    def checkpoint(metrics: dict) -> dict:  # every process takes part (RNG states are gathered)
+    def checkpoint(metrics: dict, rng: dict | None = None) -> dict:
+        """Every process takes part (RNG states are gathered), unless rng, one process's state, is given."""
         return dict(
             t.header,
             state_dict=t.model.state_dict(),
@@ -232,7 +234,7 @@ def train(t: Training, processes: ProcessContext) -> dict:
             scheduler=t.scheduler.state_dict(),
             scaler=scaler.state_dict(),
             train_state=vars(state).copy(),
-            rng=gather_rng_states(processes),
+            rng=[rng] if rng is not None else gather_rng_states(processes),
             samples=samples,
         )
 
@@ -240,16 +242,25 @@ def train(t: Training, processes: ProcessContext) -> dict:
     first_step = state.global_step
     status = "finished"
     try:
-        with StopOnSignal() as stopper:
+        with StopOnSignal(at_once_while_compiling=not processes.distributed) as stopper:
             while state.epoch < t.epochs:
                 epoch = _train_epoch(t, model, scaler, state, processes, stopper, first_step)
+                if not epoch.stopped:
+                    rng_before = rng_state() if t.compiled else None
+                    try:
+                        metrics = t.evaluate(t.model)
+                        close_compile_window()
+                    except StopRequested:  # the epoch is trained, its evaluation not done: saved as such
+                        state.epoch_loss_sum, state.epoch_steps = epoch.loss * epoch.steps, epoch.steps
+                        epoch = _Epoch(stopped=True, rng=rng_before)
                 if epoch.stopped:
-                    saved = checkpoint({})
+                    if epoch.rng is not None and state.global_step == 0:
+                        raise UserError("stopped while compiling the first step, before any step had finished")
+                    saved = checkpoint({}, epoch.rng)
                     if processes.is_main:
                         write_file(last_path, saved)
                     status = "interrupted"
                     break
-                metrics = t.evaluate(t.model)
                 state.epoch += 1
                 state.step_in_epoch = state.epoch_steps = 0
                 state.epoch_loss_sum = 0.0
@@ -402,16 +413,23 @@ def _train_epoch(
     loss_sum, steps = state.epoch_loss_sum, state.epoch_steps
     images_seen, skipped, speed, start = 0, 0, 0.0, time.perf_counter()
     for batch in progress:
-        with autocast_context(t.amp, processes.device):
-            loss, images, skipped_now = t.loss(model, batch)
-        stop, nonfinite = any_process([stopper.flag, not torch.isfinite(loss).item()], processes)
-        if nonfinite:
-            raise NonFiniteLoss(
-                f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1} (try a "
-                "lower --lr, --amp none or --clip-grad)"
-            )
-        t.optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        rng_before = rng_state() if t.compiled else None
+        try:
+            with autocast_context(t.amp, processes.device):
+                loss, images, skipped_now = t.loss(model, batch)
+            stop, nonfinite = any_process([stopper.flag, not torch.isfinite(loss).item()], processes)
+            if nonfinite:
+                raise NonFiniteLoss(
+                    f"the loss became {loss.item()} at epoch {state.epoch + 1}, batch {state.step_in_epoch + 1} (try "
+                    "a lower --lr, --amp none or --clip-grad)"
+                )
+            t.optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            close_compile_window()  # from here on the step runs to its end: the weights change together
+        except StopRequested:  # the step is abandoned: the state from before it is saved
+            progress.close()
+            state.epoch_loss_sum, state.epoch_steps = loss_sum, steps
+            return _Epoch(stopped=True, rng=rng_before)
         if t.clip_grad:
             scaler.unscale_(t.optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
@@ -440,4 +458,4 @@ def _train_epoch(
             return _Epoch(stopped=True)
     progress.close()
     loss_mean, skipped_all = all_sum([loss_sum / max(steps, 1), float(skipped)], processes)
-    return _Epoch(False, loss_mean / processes.world_size, speed, int(skipped_all))
+    return _Epoch(False, loss_mean / processes.world_size, speed, int(skipped_all), steps)

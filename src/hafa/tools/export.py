@@ -141,15 +141,25 @@ def onnx_op_counts(path: str) -> Counter:
     return Counter(node.op_type for node in onnx.load(path, load_external_data=False).graph.node)
 
 
-def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dict:
-    """torch.compile(model, fullgraph=True) (one graph, clustering included) against eager: max |difference|,
-    compile seconds, median eager and compiled ms."""
-    compiled = torch.compile(model, fullgraph=True)
+def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3, backend: str = "inductor") -> dict:
+    """torch.compile(model, fullgraph=True) (one graph, clustering included) with torch's default shape
+    handling against eager: max |difference|, compile seconds, median eager and compiled ms, and then the
+    same at another input size (32 pixels more on each side): its graphs, compile seconds and difference."""
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch.no_grad():
         start = time.perf_counter()
         out = compiled(x)
         compile_s = time.perf_counter() - start
         expected = model(x)
+        other = torch.randn(*x.shape[:2], x.shape[2] + 32, x.shape[3] + 32)
+        graphs, start = torch._dynamo.utils.counters["stats"]["unique_graphs"], time.perf_counter()
+        other_out = compiled(other)
+        new_size = dict(
+            size=list(other.shape[2:]),
+            graphs=torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs,
+            compile_s=time.perf_counter() - start,
+            max_abs_difference=float((other_out - model(other)).abs().max()),
+        )
 
         def median_ms(fn) -> float:
             times = []
@@ -165,6 +175,7 @@ def compile_check(model: torch.nn.Module, x: torch.Tensor, reps: int = 3) -> dic
         compile_s=compile_s,
         eager_ms=eager_ms,
         compiled_ms=compiled_ms,
+        new_size=new_size,
     )
 
 
@@ -207,5 +218,10 @@ def run(args) -> int:
             f"torch.compile vs eager, batch {args.batch}: max abs difference {result['max_abs_difference']:.2e}; "
             f"compiled in {result['compile_s']:.0f} s; "
             f"{result['eager_ms']:.1f} ms eager, {result['compiled_ms']:.1f} ms compiled"
+        )
+        new = result["new_size"]
+        print(
+            f"a new input size, {new['size'][0]} x {new['size'][1]}: {new['graphs']} more graph(s), compiled in "
+            f"{new['compile_s']:.0f} s; max abs difference {new['max_abs_difference']:.2e}"
         )
     return 0

@@ -41,7 +41,9 @@ def compiled(model: nn.Module, mode: str | None) -> nn.Module:
     """torch.compile(model, fullgraph=True) in a --compile mode (None: the model itself)."""
     if mode is None:
         return model
-    # dynamic=False: each batch size gets its own graph, as a deployment with a fixed batch would.
+    # dynamic=False: each batch size gets its own graph, as a deployment with a fixed batch would (and as
+    # the task commands compile, hafa.compiled).
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     if mode == "cudagraphs":
         return torch.compile(model, backend="cudagraphs", fullgraph=True, dynamic=False)
     return torch.compile(model, mode=mode, fullgraph=True, dynamic=False)
@@ -214,37 +216,58 @@ class Subject:
         self.name = name
         self.config = config
         self.model = sized_model(name, config.img_size).to(config.device)
-        self.inference_model = compiled(self.model, config.compile)
+        self.compiled_model = compiled(self.model, config.compile)
         size = config.img_size
         self.images = {b: torch.randn(b, 3, size, size, device=config.device) for b in set(config.batch_sizes)}
         self.labels = torch.randint(0, self.model.num_classes, (config.batch_sizes[1],), device=config.device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-5)
         self.scaler = torch.amp.GradScaler(config.device.type, enabled=config.amp == "fp16")
 
-    def infer(self, batch: int, eager: bool = False) -> None:
+    def infer(self, batch: int, eager: bool = False, images: torch.Tensor | None = None) -> None:
         self.model.eval()
         with torch.inference_mode(), self.config.autocast():
-            (self.model if eager else self.inference_model)(self.images[batch])
+            (self.model if eager else self.compiled_model)(self.images[batch] if images is None else images)
 
     def train_step(self) -> None:
         self.model.train()
         images = self.images[self.labels.shape[0]]
         with self.config.autocast():
-            loss = F.cross_entropy(self.model(images), self.labels)
+            loss = F.cross_entropy(self.compiled_model(images), self.labels)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
         self.scaler.update()
 
 
+def graphs_compiled() -> int:
+    """Graphs torch.compile has made in this process so far."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def first_call(call: Callable[[], object], device: torch.device) -> dict:
+    """A compiled call's first run: its wall time in seconds (compiling) and the graphs it made."""
+    graphs, start = graphs_compiled(), time.perf_counter()
+    call()
+    synchronize(device)
+    return dict(seconds=round(time.perf_counter() - start, 2), graphs=graphs_compiled() - graphs)
+
+
 def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
-    """One row per model, in the order given; timings interleaved across all of them."""
+    """One row per model, in the order given; timings interleaved across all of them. Compiled models:
+    each kind's first run (compiling) is timed on its own and left out of the timings, and after them one
+    inference at another size (img_size + 32) shows what a new input size costs."""
     small, large = config.batch_sizes
     subjects = {n: Subject(n, config) for n in names}
     kinds = [("latency", lambda s: lambda: s.infer(small)), ("forward", lambda s: lambda: s.infer(large))]
     if config.train:
         kinds.append(("train_step", lambda s: s.train_step))
     rows = {n: dict(model=n) for n in names}
+    if config.compile:
+        with progress(total=len(kinds) * len(names), desc="compiling", unit="graph") as bar:
+            for kind, make_call in kinds:
+                for n, s in subjects.items():
+                    rows[n].setdefault("compile", {})[kind] = first_call(make_call(s), config.device)
+                    bar.update()
     with progress(total=len(kinds) * len(names) * (config.warmup + config.reps), desc="timing", unit="run") as bar:
         for kind, make_call in kinds:
             bar.set_postfix_str(kind)
@@ -258,6 +281,12 @@ def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
             )
             for n, timing in timings.items():
                 rows[n][kind] = asdict(timing)
+    if config.compile:
+        side = config.img_size + 32
+        for n, s in progress(subjects.items(), desc=f"a new size, {side}"):
+            images = torch.randn(small, 3, side, side, device=config.device)
+            rows[n]["compile"]["new_size"] = dict(first_call(partial(s.infer, small, images=images), config.device))
+            rows[n]["compile"]["new_size"]["img_size"] = side
     for n, s in progress(subjects.items(), desc="params, MACs, memory"):
         row = rows[n]
         # 6 places, so that the table's 2 are one rounding (at 3, 14.645324 M printed as 14.64)
