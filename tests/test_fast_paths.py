@@ -1,9 +1,12 @@
 """The fast paths compute what the plain forms compute: blocked symmetric distances, kept
-distances reused by DPC-KNN, blocked exact neighbour distances."""
+distances reused by DPC-KNN, blocked exact neighbour distances, LAA's samples bagged into rows."""
 
 import pytest
 import torch
+from torchvision.ops import deform_conv2d
 
+from hafa.layers import LAA, deformable_samples
+from hafa.layers.laa import sample_columns
 from hafa.ops import clustering
 from reference import dpc_knn_reference
 
@@ -66,3 +69,38 @@ def test_dpc_knn_ignores_autocast():
         got = clustering.cluster_dpc_knn(x, 16)
     for g, e in zip(got, expected):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "padding", "kx_major"), [(3, 2, 1, False), (2, 2, 0, True), (3, 1, 0, False)]
+)
+def test_bagged_sample_rows_equal_grid_sample_and_their_gradients(kernel, stride, padding, kx_major):
+    # The CPU path of LAA's sampling against the grid_sample form (the GPU's and export's), float64:
+    # points inside, on the border, and far outside the map (offsets up to 9 pixels), an odd-sized map.
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 11, 9, generator=g, dtype=torch.float64).requires_grad_()
+    Ho, Wo = (11 + 2 * padding - kernel) // stride + 1, (9 + 2 * padding - kernel) // stride + 1
+    offsets = torch.randn(2, 2 * kernel * kernel, Ho, Wo, generator=g, dtype=torch.float64) * 3
+    offsets[0, :, 0, 0] = 9.0
+    offsets = offsets.requires_grad_()
+    rows = sample_columns(x, offsets, kernel, stride, padding, kx_major)
+    samples = deformable_samples(x, offsets, kernel, stride, padding).view(2, 5, kernel, kernel, Ho * Wo)
+    expected = (samples.permute(0, 4, 3, 2, 1) if kx_major else samples.permute(0, 4, 2, 3, 1)).reshape(rows.shape)
+    torch.testing.assert_close(rows, expected)
+    weights = torch.randn(rows.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((rows * weights).sum(), (x, offsets))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (x, offsets))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_laa_on_cpu_bags_its_samples_and_equals_deform_conv2d():
+    laa = LAA(6, 10, 3, 2, 1, norm_layer=None, laa_norm="baseline").double()
+    torch.nn.init.normal_(laa.offset.weight, std=0.5)
+    x = torch.randn(2, 6, 13, 10, dtype=torch.float64)
+    with torch.no_grad():
+        offsets = laa.offset(x)
+        expected = deform_conv2d(x, offsets, laa.proj.weight, laa.proj.bias, stride=2, padding=1)
+        torch.testing.assert_close(laa(x).permute(0, 3, 1, 2), expected)
+        compiled = torch.compile(laa, fullgraph=True, backend="aot_eager", dynamic=False)
+        torch.testing.assert_close(compiled(x), laa(x))

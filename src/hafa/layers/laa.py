@@ -1,10 +1,12 @@
 """LAA, Local Adaptive feature Aggregation (paper Sec. 3.2): a deformable downsampling layer.
 
-The sampling points P_E = P_I + O_f (Eq. 1) are read bilinearly with one F.grid_sample call and
-aggregated by the layer's weights with one matmul. That equals torchvision's deform_conv2d (the
-tests compare them) and is faster on CPU, autocasts, and exports to ONNX (GridSample, opset 16).
-With use_kernels("triton") the samples come from the Triton op hafa::laa_columns instead, written
-straight into the matmul's rows (docs/kernels.md).
+The sampling points P_E = P_I + O_f (Eq. 1) are read bilinearly and aggregated by the layer's weights
+with one matmul. The samples are written straight into the matmul's rows (B x Ho*Wo x K x C): each is a
+bag of the four pixels around its point with their bilinear weights, one F.embedding_bag over the map's
+pixel rows (`sample_columns`); a compiler keeps that call whole, where it would unroll a grid_sample into
+slow gathers. While exporting, one F.grid_sample call (ONNX GridSample, opset 16) reads them instead.
+Both equal torchvision's deform_conv2d (the tests compare them). With use_kernels("triton") the rows come
+from the Triton op hafa::laa_columns (docs/kernels.md).
 """
 
 from collections.abc import Callable
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from ..ops.constants import shape_constant
+from ..ops.constants import batch_offsets, shape_constant
 from ..ops.kernels import laa_columns, use_triton
 
 IntPair = int | tuple[int, int]
@@ -98,6 +100,63 @@ def deformable_samples(x: Tensor, offsets: Tensor, kernel_size: IntPair, stride:
     return samples.view(B, C, K, Ho, Wo)
 
 
+def _corners(device: torch.device) -> tuple[Tensor, Tensor]:
+    """The four pixels around a point, as (dy, dx) from its top-left one: 2 x 4 long, and which of them
+    take the fraction (1) or its complement (0) along each axis, 2 x 4 bool."""
+
+    def build() -> tuple[Tensor, Tensor]:
+        steps = torch.tensor([[0, 0, 1, 1], [0, 1, 0, 1]], device=device)
+        return steps, steps.bool()
+
+    return shape_constant(("bilinear_corners",), device, build)
+
+
+def _bilinear_taps(positions: Tensor, size: tuple[int, int], batch_rows: Tensor) -> tuple[Tensor, Tensor]:
+    """The four pixels around each (y, x) position (... x 2, input pixels) as rows of the B*H*W pixel
+    table, and their bilinear weights (zero outside the map, where the row is a clamped neighbour):
+    ... x 4 each. batch_rows: where each image's pixels start, broadcastable to positions[..., 0]."""
+    H, W = size
+    steps, takes_fraction = _corners(positions.device)
+    top_left = positions.floor()
+    fraction = (positions - top_left)[..., None]  # ... x 2 x 1
+    pixel = top_left.long()[..., None] + steps  # ... x 2 x 4: (y, x) of each corner
+    weight = torch.where(takes_fraction, fraction, 1 - fraction).prod(-2)
+    y, x = pixel.unbind(-2)
+    inside = (y >= 0) & (y < H) & (x >= 0) & (x < W)
+    rows = batch_rows[..., None] + y.clamp(0, H - 1) * W + x.clamp(0, W - 1)
+    return rows, torch.where(inside, weight, 0)
+
+
+def _bags_rows(x: Tensor) -> bool:
+    """Whether the samples are bagged into rows (CPU), or read by grid_sample (GPU: fewer launches; exports:
+    ONNX has GridSample)."""
+    return x.device.type == "cpu" and not torch.compiler.is_exporting()
+
+
+def sample_columns(
+    x: Tensor, offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, kx_major: bool = False
+) -> Tensor:
+    """Bilinear samples of x (B x C x H x W, any strides) at the deformed kernel points, zero outside, as
+    the rows of the aggregation matmul: B x Ho*Wo x K x C, K = kh * kw in raster order (kx outer with
+    kx_major, timm's patch-merging order). The PyTorch form of hafa::laa_columns."""
+    B, C, H, W = x.shape
+    (kh, kw), K, Ho, Wo = _pair(kernel_size), offsets.shape[1] // 2, offsets.shape[2], offsets.shape[3]
+    if not _bags_rows(x):
+        samples = deformable_samples(x, offsets, kernel_size, stride, padding).view(B, C, kh, kw, Ho * Wo)
+        samples = samples.permute(0, 4, 3, 2, 1) if kx_major else samples.permute(0, 4, 2, 3, 1)
+        return samples.reshape(B, Ho * Wo, K, C)
+    positions = sampling_positions(offsets, kernel_size, stride, padding).permute(0, 2, 3, 1, 4)  # B Ho Wo K 2
+    if kx_major:
+        positions = positions.reshape(B, Ho, Wo, kh, kw, 2).transpose(3, 4)
+    batch_rows = batch_offsets(B, H * W, x.device).view(B, 1, 1, 1)
+    rows, weights = _bilinear_taps(positions.reshape(B, Ho, Wo, K, 2), (H, W), batch_rows)
+    table = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view when x is channels last in memory
+    columns = F.embedding_bag(
+        rows.reshape(-1, 4), table, mode="sum", per_sample_weights=weights.reshape(-1, 4).to(x.dtype)
+    )
+    return columns.view(B, Ho * Wo, K, C)
+
+
 def check_map(x: Tensor, channels: int, layer: str) -> None:
     """A batch of feature maps a layer takes: B x channels x H x W with B, H, W >= 1 (shapes only)."""
     # each size on its own: min() over a symbolic batch and the static sizes would guard on the batch
@@ -153,18 +212,27 @@ class ConvDownsample(nn.Module):
         return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
 
+def deformable_columns(
+    x: Tensor, offsets: Tensor, kernel_size: IntPair, stride: IntPair, padding: IntPair, kx_major: bool = False
+) -> Tensor:
+    """The matmul's rows of samples, B x Ho*Wo x K x C: hafa::laa_columns with use_kernels("triton")
+    (where chosen), else sample_columns."""
+    if use_triton("laa", x, x.numel()):
+        return laa_columns(x, offsets, _pair(kernel_size), _pair(stride), _pair(padding), kx_major)
+    return sample_columns(x, offsets, kernel_size, stride, padding, kx_major)
+
+
 def deformable_conv(x: Tensor, offsets: Tensor, conv: nn.Conv2d) -> Tensor:
     """conv's weights applied to bilinear samples of x at its kernel points moved by offsets:
     x B x Cin x H x W, offsets B x 2K x Ho x Wo -> B x Ho x Wo x Cout (channels last)."""
     B, Ho, Wo = x.shape[0], offsets.shape[2], offsets.shape[3]
-    if use_triton("laa", x, x.numel()):
-        # The kernel writes the samples as B x Ho*Wo x K x Cin rows; the weight is read in that order.
-        columns = laa_columns(x, offsets, conv.kernel_size, conv.stride, conv.padding)
+    if use_triton("laa", x, x.numel()) or _bags_rows(x):
+        columns = deformable_columns(x, offsets, conv.kernel_size, conv.stride, conv.padding)
+        # the rows hold K x Cin samples: the weight read in that order; the output comes channels last
         out = F.linear(columns.flatten(2), conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)
     else:
         samples = deformable_samples(x, offsets, conv.kernel_size, conv.stride, conv.padding)
-        # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout): the output comes channels last and the bias is added
-        # in the same call, with no transposed copy of the samples or of the output.
+        # (B x Ho*Wo x Cin*K) @ (Cin*K x Cout) on the transposed samples: no copy of them or of the output
         columns = samples.view(B, -1, Ho * Wo).transpose(1, 2)
         weight = conv.weight.flatten(1).t().expand(B, -1, -1)
         out = torch.bmm(columns, weight) if conv.bias is None else torch.baddbmm(conv.bias, columns, weight)
@@ -364,11 +432,7 @@ class LAAPatchMerging(nn.Module):
         offsets = self.offset(x)
         B, C, Ho, Wo = x.shape[0], x.shape[1], offsets.shape[2], offsets.shape[3]
         # timm concatenates the 2x2 block as (kx, ky, C)
-        if use_triton("laa", x, x.numel()):
-            merged = laa_columns(x, offsets, (2, 2), (2, 2), (0, 0), kx_major=True).view(B, Ho, Wo, 4 * C)
-        else:
-            samples = deformable_samples(x, offsets, kernel_size=2, stride=2, padding=0)  # B, C, (ky, kx), Ho, Wo
-            merged = samples.view(B, C, 2, 2, Ho, Wo).permute(0, 4, 5, 3, 2, 1).reshape(B, Ho, Wo, 4 * C)
+        merged = deformable_columns(x, offsets, 2, 2, 0, kx_major=True).reshape(B, Ho, Wo, 4 * C)
         if self.norm_first:
             out = self.reduction(self.norm(merged))
         else:

@@ -29,7 +29,7 @@ def _pooling_taps(size_in: int, size_out: int, device: torch.device) -> tuple[Te
     taps = max(((o + 1) * size_in + size_out - 1) // size_out - o * size_in // size_out for o in range(size_out))
     cells = start[:, None] + torch.arange(taps, device=device)
     used = cells < end[:, None]
-    return torch.where(used, cells, start[:, None]), used / (end - start)[:, None]
+    return torch.where(used, cells, start[:, None]), used.double() / (end - start)[:, None]
 
 
 def _pooling_taps_2d(size_in: Size, size_out: Size, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -51,20 +51,33 @@ def _pooling_matrix(size_in: int, size_out: int, like: Tensor) -> Tensor:
 
     def build() -> Tensor:
         cells, weights = _pooling_taps(size_in, size_out, like.device)
-        return torch.zeros(size_out, size_in, device=like.device).scatter_add_(1, cells, weights).to(like.dtype)
+        matrix = torch.zeros(size_out, size_in, device=like.device, dtype=torch.float64)
+        return matrix.scatter_add_(1, cells, weights.double()).to(like.dtype)
 
     return shape_constant(("pooling_matrix", size_in, size_out, like.dtype), like.device, build)
 
 
+def _resize_axis(feature_map: Tensor, dim: int, size: int) -> Tensor:
+    """Adaptive average pooling of one axis (2 or 3 of B x C x H x W) to `size`: a whole-number
+    upsampling repeats each cell, a whole-number downsampling averages blocks (what the pooling computes
+    there, in one copy that a compiler fuses), any other ratio multiplies by the pooling matrix."""
+    size_in = feature_map.shape[dim]
+    if size == size_in:
+        return feature_map
+    if size % size_in == 0:
+        repeated = feature_map.unsqueeze(dim + 1)
+        shape = list(repeated.shape)
+        shape[dim + 1] = size // size_in
+        return repeated.expand(shape).flatten(dim, dim + 1)
+    if size_in % size == 0:
+        return feature_map.unflatten(dim, (size, size_in // size)).mean(dim + 1)
+    matrix = _pooling_matrix(size_in, size, feature_map)
+    return torch.matmul(feature_map, matrix.t()) if dim == 3 else torch.matmul(matrix, feature_map)
+
+
 def resize_map(feature_map: Tensor, size: Size) -> Tensor:
-    """Adaptive average pooling of B x C x H x W to B x C x size, as exportable matmuls."""
-    H, W = feature_map.shape[-2:]
-    if tuple(size) != (H, W):
-        if size[0] != H:
-            feature_map = torch.matmul(_pooling_matrix(H, size[0], feature_map), feature_map)
-        if size[1] != W:
-            feature_map = torch.matmul(feature_map, _pooling_matrix(W, size[1], feature_map).t())
-    return feature_map
+    """Adaptive average pooling of B x C x H x W to B x C x size, as exportable tensor operations."""
+    return _resize_axis(_resize_axis(feature_map, 2, size[0]), 3, size[1])
 
 
 # How to paint B x M tokens onto a map: (B*P) x T token rows (P output pixels, T cells each) and their
