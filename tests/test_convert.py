@@ -5,10 +5,12 @@ the registered hafa_<name> models, the report, refusals."""
 import pytest
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 
 import hafa
 from hafa.layers import LAA, SIA, LAAPatchMerging
 from hafa.models import HafaModel
+from hafa.models.families.swin import shifted_window_mask
 from hafa.models.registry import BASE_NAMES, BASELINE
 from hafa.models.table import PARAMS
 
@@ -133,3 +135,16 @@ def test_every_model_of_a_family_is_registered_with_its_baseline():
 def test_a_model_of_another_family_is_refused_naming_the_families():
     with pytest.raises(ValueError, match="hafa.convert takes models of these families: pvt_v2, swin"):
         hafa.convert(timm.create_model("resnet18"))
+
+
+@pytest.mark.parametrize(
+    ("size", "window", "shift"),
+    [((56, 56), (7, 7), (3, 3)), ((14, 21), (7, 7), (3, 3)), ((8, 12), (4, 4), (0, 2)), ((16, 8), (8, 4), (4, 0))],
+)
+def test_shifted_window_mask_is_timms(size, window, shift):
+    block = SwinTransformerBlock(
+        dim=8, input_resolution=size, num_heads=2, window_size=window, shift_size=shift, dynamic_mask=True
+    )
+    block.window_size, block.shift_size = window, shift  # as timm's blocks hold them for these sizes
+    expected = SwinTransformerBlock.get_attn_mask(block, torch.zeros(1, *size, 8))
+    assert torch.equal(shifted_window_mask(size, window, shift, torch.device("cpu"), torch.float32), expected)

@@ -35,6 +35,30 @@ class PatchMergingMap(MapToMap, PatchMerging):
     """timm's Swin patch merging from map to map."""
 
 
+def _window_bands(size: int, window: int, shift: int, device: torch.device) -> Tensor:
+    """Which of a shifted-window layout's three bands each position of an axis is in, as timm's slices
+    [0:-window], [-window:-shift], [-shift:] assign them (a later slice wins): size long."""
+    position = torch.arange(size, device=device)
+    band = torch.zeros_like(position)
+    for index, (start, stop) in enumerate(((0, -window), (-window, -shift), (-shift, None))):
+        first, last, _ = slice(start, stop).indices(size)
+        band = torch.where((position >= first) & (position < last), index, band)
+    return band
+
+
+def shifted_window_mask(
+    size: tuple[int, int], window: tuple[int, int], shift: tuple[int, int], device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """timm's shifted-window attention mask for a padded H x W map: windows x A x A (A = window area),
+    -100 between pixels of different regions of a window, else 0. Built from comparisons, not from timm's
+    nine slice assignments, which a compiler takes long to lower."""
+    (H, W), (wh, ww) = size, window
+    region = _window_bands(H, wh, shift[0], device)[:, None] * 3 + _window_bands(W, ww, shift[1], device)
+    windows = region.view(H // wh, wh, W // ww, ww).transpose(1, 2).reshape(-1, wh * ww)
+    apart = windows[:, None, :] != windows[:, :, None]
+    return torch.zeros(apart.shape, device=device, dtype=dtype).masked_fill(apart, -100.0)
+
+
 class CachedMask:
     """For a timm Swin block built for any input size (dynamic_mask): its shifted-window mask kept per
     size, as timm's fixed-size block keeps its one mask, instead of being rebuilt in every forward."""
@@ -42,8 +66,10 @@ class CachedMask:
     def get_attn_mask(self, x: Tensor | None = None, *args, **kwargs) -> Tensor | None:
         if x is None or not any(self.shift_size):
             return super().get_attn_mask(x, *args, **kwargs)
-        key = (type(self).__name__, self.window_size, self.shift_size, tuple(x.shape[1:3]), x.dtype)
-        return shape_constant(key, x.device, partial(super().get_attn_mask, x))
+        size = tuple(x.shape[1:3])
+        key = ("shifted_window_mask", self.window_size, self.shift_size, size, x.dtype)
+        build = partial(shifted_window_mask, size, self.window_size, self.shift_size, x.device, x.dtype)
+        return shape_constant(key, x.device, build)
 
 
 class CachedMaskSwinBlock(CachedMask, SwinTransformerBlock):
