@@ -223,6 +223,14 @@ def test_dictionary_and_merging_check_their_arguments():
         merge_tokens(tokens, ids, 0)
     with pytest.raises(ValueError, match="merge_tokens: scores"):
         merge_tokens(tokens, ids, 3, torch.randn(2, 5))
+    # N x B scores hold B * N values, but in the wrong order: refused, not reshaped
+    with pytest.raises(ValueError, match=r"merge_tokens: scores must be B x N = 2 x 4 or B x N x 1, got \(4, 2\)"):
+        merge_tokens(tokens, ids, 3, torch.randn(4, 2))
+    merge_tokens(tokens, ids, 3, torch.randn(2, 4, 1))
+    for size in ((2, 3, 4), (6,), (2.0, 3), (0, 3), 6, (True, 2)):
+        with pytest.raises(ValueError, match="TokenLayout: map_size must be \\(H, W\\), two whole numbers >= 1"):
+            TokenLayout(size)
+    assert TokenLayout(torch.Size([2, 3])).num_tokens == 6
     sia = timm.create_model("hafa_pvt_v2_b0").stages[3].downsample
     with pytest.raises(ValueError, match="SIA takes tokens B x 16 x 160"):
         sia(torch.randn(1, 15, 160), TokenLayout((4, 4)))

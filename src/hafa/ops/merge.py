@@ -46,8 +46,8 @@ def merge_tokens(x: Tensor, cluster_ids: Tensor, num_clusters: int, scores: Tens
         )
     if isinstance(num_clusters, bool) or not isinstance(num_clusters, int) or num_clusters < 1:
         raise ValueError(f"merge_tokens: num_clusters must be a whole number >= 1, got {num_clusters!r}")
-    if scores is not None and scores.numel() != B * N:
-        raise ValueError(f"merge_tokens: scores must be B x N or B x N x 1, got {tuple(scores.shape)}")
+    if scores is not None and tuple(scores.shape) not in ((B, N), (B, N, 1)):
+        raise ValueError(f"merge_tokens: scores must be B x N = {B} x {N} or B x N x 1, got {tuple(scores.shape)}")
     weights = merge_weights(cluster_ids, num_clusters, scores).to(x.dtype)
     return x.new_zeros(B, num_clusters, C).scatter_add(
         1, cluster_ids[:, :, None].expand(B, N, C), x * weights[:, :, None]

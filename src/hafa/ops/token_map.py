@@ -201,6 +201,13 @@ class TokenLayout:
     _plans: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
+        size = self.map_size
+        if not (
+            isinstance(size, (tuple, list, torch.Size))
+            and len(size) == 2
+            and all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) and s >= 1 for s in size)
+        ):
+            raise ValueError(f"TokenLayout: map_size must be (H, W), two whole numbers >= 1, got {size!r}")
         self.map_size = tuple(int(s) for s in self.map_size)
         if self.index is None:
             self.grid_size = self.map_size
