@@ -14,6 +14,7 @@ import torch
 
 import hafa
 from hafa.cli import COMMANDS, CommandParser, _load, main
+from hafa.layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
 from hafa.models._base import HAFA_OPTIONS, MODEL_ARGUMENTS
 from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, token2map
 from hafa.spec import Choice, Flag, Number, RecipeSpec, Relation, SettingError, Text, Values, Whole
@@ -305,3 +306,29 @@ def test_clustering_and_laa_check_their_arguments():
     for shape in ((0, 32, 8, 8), (1, 16, 8, 8), (32, 8, 8)):
         with pytest.raises(ValueError, match="LAA takes maps B x 32 x H x W"):
             laa(torch.randn(shape))
+    for args, message in (
+        ((8, 16, 0, 2), "LAA: kernel_size must be a whole number >= 1 or a pair of them, got 0"),
+        ((0, 16, 2, 2), "LAA: in_channels must be a whole number >= 1, got 0"),
+        ((8, 16.0, 2, 2), "LAA: out_channels must be a whole number >= 1, got 16.0"),
+        ((8, 16, 2, (2, 0)), r"LAA: stride must be a whole number >= 1 or a pair of them, got \(2, 0\)"),
+        ((8, 16, 3, 2, -1), "LAA: padding must be a whole number >= 0 or a pair of them, got -1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            LAA(*args)
+    with pytest.raises(ValueError, match="DeformableConv2d: kernel_size must be"):
+        DeformableConv2d(8, 16, 0, stride=2)
+    with pytest.raises(ValueError, match="LAAPatchMerging: in_channels must be a whole number >= 1, got 0"):
+        LAAPatchMerging(dim=0, out_dim=8)
+    assert LAA(8, 16, (3, 3), 2, (1, 1))(torch.randn(1, 8, 9, 9)).shape == (1, 5, 5, 16)
+
+
+def test_sia_checks_its_arguments_and_its_layout():
+    with pytest.raises(ValueError, match="SIA in_dim must be a whole number >= 1, not 0"):
+        SIA(in_dim=0, out_dim=16)
+    with pytest.raises(ValueError, match="cluster_qkv must be true or false, not 'yes'"):
+        SIA(in_dim=8, out_dim=16, cluster_qkv="yes")
+    sia = SIA(in_dim=8, out_dim=16)
+    x = torch.randn(1, 64, 8)
+    with pytest.raises(ValueError, match=r"SIA: layout must be a hafa.ops.TokenLayout .* got tuple \(8, 8\)"):
+        sia(x, (8, 8))
+    assert sia(x, TokenLayout((8, 8))).queries.shape == (1, 16, 16)

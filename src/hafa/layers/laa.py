@@ -164,6 +164,31 @@ def check_map(x: Tensor, channels: int, layer: str) -> None:
         raise ValueError(f"{layer} takes maps B x {channels} x H x W with B, H, W >= 1, got {tuple(x.shape)}")
 
 
+def _whole_pair(value, low: int) -> bool:
+    """Whether value is a whole number >= low or a pair of them (a conv's kernel, stride or padding)."""
+    values = value if isinstance(value, (tuple, list)) and len(value) == 2 else (value,)
+    return all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in values)
+
+
+def check_geometry(layer: str, in_channels, out_channels, kernel_size, stride, padding) -> None:
+    """A downsampling conv's constructor arguments: widths >= 1, kernel and stride >= 1, padding >= 0
+    (each a whole number or a pair); a ValueError naming the argument otherwise."""
+    for name, value, low in (
+        ("in_channels", in_channels, 1),
+        ("out_channels", out_channels, 1),
+        ("kernel_size", kernel_size, 1),
+        ("stride", stride, 1),
+        ("padding", padding, 0),
+    ):
+        if name.endswith("channels"):
+            allowed = isinstance(value, int) and not isinstance(value, bool) and value >= low
+            what = f"a whole number >= {low}"
+        else:
+            allowed, what = _whole_pair(value, low), f"a whole number >= {low} or a pair of them"
+        if not allowed:
+            raise ValueError(f"{layer}: {name} must be {what}, got {value!r}")
+
+
 def zero_offsets_(offset_predictor: nn.Conv2d) -> None:
     """Start an offset predictor at exactly zero offsets."""
     nn.init.zeros_(offset_predictor.weight)
@@ -285,6 +310,7 @@ class LAA(nn.Module):
         laa_norm: str = "batch",
     ):
         super().__init__()
+        check_geometry("LAA", in_channels, out_channels, kernel_size, stride, padding)
         self.laa_norm = check_laa_norm(laa_norm)
         self.proj = nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, stride=stride, padding=padding)
         self.offset = offset_predictor(self.proj)
@@ -339,6 +365,8 @@ class DeformableConv2d(nn.Conv2d):
     def __init__(self, *args, laa_norm: str = "baseline", **kwargs):
         super().__init__(*args, **kwargs)
         check_deformable(self)
+        geometry = (self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding)
+        check_geometry("DeformableConv2d", *geometry)
         self.laa_norm = check_laa_norm(laa_norm)
         self.offset = offset_predictor(self)
         if laa_norm == "batch":
@@ -389,6 +417,7 @@ class LAAPatchMerging(nn.Module):
         self, dim: int, out_dim: int, norm_layer=nn.LayerNorm, laa_norm: str = "batch", norm_first: bool = True
     ):
         super().__init__()
+        check_geometry("LAAPatchMerging", dim, out_dim, 2, 2, 0)
         self.laa_norm = check_laa_norm(laa_norm)
         self.norm_first = norm_first
         self.offset = nn.Conv2d(dim, 8, kernel_size=2, stride=2)

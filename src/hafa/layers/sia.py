@@ -8,11 +8,12 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ..ops import TokenLayout, cluster_dpc_knn, merge_tokens
-from ..spec import Number, Whole
+from ..spec import Flag, Number, Whole
 from .attention import KeyValues
 
 CLUSTER_RATIO = Number(0.25, low=0, low_open=True, high=1, note="clusters per token")
 KNN_K = Whole(5, low=1, note="neighbours for the density")
+WIDTH = Whole(low=1)
 
 
 def init_layer(layer: nn.Module) -> None:
@@ -70,9 +71,11 @@ class SIA(nn.Module):
         """proj: the map's downsampling (B x in_dim x H x W -> B x out_dim x H/2 x W/2), default a
         3x3/s2 conv; norm: the tokens' norm after it, default norm_layer(out_dim)."""
         super().__init__()
+        WIDTH.check(in_dim, "SIA in_dim")
+        WIDTH.check(out_dim, "SIA out_dim")
         self.cluster_ratio = CLUSTER_RATIO.check(cluster_ratio, "cluster_ratio")
         self.knn_k = KNN_K.check(knn_k, "knn_k")
-        self.cluster_qkv = cluster_qkv
+        self.cluster_qkv = Flag().check(cluster_qkv, "cluster_qkv")
         # B x Cin x H x W -> B x Cout x ceil(H/2) x ceil(W/2)
         self.proj = proj if proj is not None else nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.skip = nn.Linear(in_dim, out_dim, bias=False)
@@ -97,7 +100,13 @@ class SIA(nn.Module):
         return max(1, math.ceil(self.cluster_ratio * num_tokens))
 
     def forward(self, x: Tensor, layout: TokenLayout, mask: Tensor | None = None) -> SIAOutput:
-        """x: B x N x Cin tokens with their layout; mask: B x N, True for padding (never a centre)."""
+        """x: B x N x Cin tokens with their layout (a TokenLayout: TokenLayout((H, W)) for a grid); mask:
+        B x N, True for padding (never a centre)."""
+        if not isinstance(layout, TokenLayout):
+            raise ValueError(
+                f"SIA: layout must be a hafa.ops.TokenLayout (TokenLayout((H, W)) for tokens on an H x W grid), "
+                f"got {type(layout).__name__} {layout!r}"
+            )
         if x.dim() != 3 or x.shape[1] != layout.num_tokens or x.shape[2] != self.skip.in_features:
             raise ValueError(
                 f"SIA takes tokens B x {layout.num_tokens} x {self.skip.in_features} (its layout's tokens, "

@@ -28,7 +28,9 @@ def merge_tokens(x: Tensor, cluster_ids: Tensor, num_clusters: int, scores: Tens
 
     Args:
         x: tokens, B x N x C.
-        cluster_ids: B x N long in [0, num_clusters).
+        cluster_ids: B x N long in [0, num_clusters). Only its shape and type are checked: checking its
+            values would make the host wait for the device; a value outside the range gives an index
+            error on the CPU and is undefined on a GPU.
         num_clusters: M.
         scores: optional importance scores, B x N or B x N x 1; w = softmax of the scores inside each
             cluster (plain average when None). Gradients flow to x and to scores.
