@@ -148,3 +148,40 @@ def test_shifted_window_mask_is_timms(size, window, shift):
     block.window_size, block.shift_size = window, shift  # as timm's blocks hold them for these sizes
     expected = SwinTransformerBlock.get_attn_mask(block, torch.zeros(1, *size, 8))
     assert torch.equal(shifted_window_mask(size, window, shift, torch.device("cpu"), torch.float32), expected)
+
+
+def test_what_is_not_a_model_to_convert_gets_one_value_error_naming_it():
+    for given, message in (
+        (None, r"model must be a timm model \(an nn.Module.*got NoneType"),
+        ("pvt_v2_b0", r"not a model's name: pass the model, e.g. hafa.convert\(timm.create_model\('pvt_v2_b0'\)\)"),
+        (timm.create_model("hafa_pvt_v2_b0"), "already a HAFA model .converted from PyramidVisionTransformerV2"),
+        (timm.create_model("pvt_v2_b0", features_only=True), "not timm's features_only wrapper .FeatureListNet."),
+        (timm.create_model("hafa_pvt_v2_b0", features_only=True), "not timm's features_only wrapper"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            hafa.convert(given)
+    with pytest.raises(ValueError, match="already a HAFA model"):
+        HafaModel(model=hafa.convert(base_model("pvt_v2")))
+
+
+def stage(model: torch.nn.Module, index: int) -> torch.nn.Module:
+    return (model.layers if hasattr(model, "layers") else model.stages)[index]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_layer_keeps_its_mode_and_new_layers_take_their_parts(family):
+    model = base_model(family).train()
+    model.get_classifier().eval()
+    converted = hafa.convert(model)
+    assert converted.training
+    assert not converted.get_classifier().training  # was: switched back to training
+    new_layers = [m for m in converted.modules() if isinstance(m, (LAA, LAAPatchMerging, SIA))]
+    assert len(new_layers) == 3
+    assert all(m.training for layer in new_layers for m in layer.modules())
+    model.eval()
+    stage(model, 1).train()  # the stage whose transition becomes LAA: its new layers train with it
+    converted = hafa.convert(model)
+    assert not converted.training
+    assert not converted.get_classifier().training
+    assert all(m.training for m in stage(converted, 1).modules())  # its LAA included
+    assert not any(m.training for m in stage(converted, 3).modules())  # SIA included

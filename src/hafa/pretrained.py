@@ -53,7 +53,8 @@ class CheckpointMismatchError(CheckpointError):
 @dataclass
 class LoadReport:
     """What a load did: tensor names copied, newly initialised (the model's own init) and unused (the
-    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA)."""
+    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA); source:
+    where the tensors came from, as the summary names it."""
 
     copied: list[str] = field(default_factory=list)
     newly_initialised: list[str] = field(default_factory=list)
@@ -62,6 +63,7 @@ class LoadReport:
     left_outside_prefix: int = 0
     laa_norm: str | None = None
     laa_batch_norms_new: bool = False
+    source: str = "the checkpoint"
 
     @property
     def new_layers(self) -> list[str]:
@@ -69,14 +71,14 @@ class LoadReport:
         return sorted({name.rpartition(".")[0] or name for name in self.newly_initialised})
 
     def summary(self) -> str:
-        lines = [f"copied {len(self.copied)} tensors from the checkpoint"]
+        lines = [f"copied {len(self.copied)} tensors from {self.source}"]
         if self.source_prefix:
             lines[0] += f" (its keys under '{self.source_prefix}'; {self.left_outside_prefix} others left out)"
         if self.laa_norm == "batch":
             lines.append(
                 "LAA mode: laa_norm='batch' (BatchNorm + GELU, the paper's network)"
                 + (
-                    "; its BatchNorms are new, so the model does not compute a baseline checkpoint's function "
+                    f"; its BatchNorms are new, so the model does not compute the function of {self.source} "
                     "(laa_norm='baseline' would)"
                     if self.laa_batch_norms_new
                     else ""
@@ -87,7 +89,7 @@ class LoadReport:
         if self.newly_initialised:
             lines.append(f"new layers ({len(self.new_layers)}): {_shorten(self.new_layers)}")
         if self.unused:
-            lines.append(f"unused from the checkpoint ({len(self.unused)}): {_shorten(self.unused)}")
+            lines.append(f"unused from {self.source} ({len(self.unused)}): {_shorten(self.unused)}")
         return "\n".join(lines)
 
 

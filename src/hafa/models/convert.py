@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from timm.models._features import feature_take_indices
+from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookNet, feature_take_indices
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -125,6 +125,53 @@ class Family:
     def prune(self, model: nn.Module, max_index: int) -> None:
         """Keep stages 0..max_index only."""
         setattr(model, self.stages_name, self.stages(model)[: max_index + 1])
+
+
+# timm's features_only wrappers: they hold the model's stages, not the model.
+FEATURE_WRAPPERS = (FeatureDictNet, FeatureGetterNet, FeatureHookNet)
+
+
+def check_convertible(model: Any) -> None:
+    """A ValueError unless `model` is a model hafa.convert can take (a module, not yet converted, not a
+    features_only wrapper); its family is checked by family_of."""
+    if isinstance(model, str):
+        raise ValueError(
+            f"hafa.convert takes a model, not a model's name: pass the model, e.g. "
+            f"hafa.convert(timm.create_model({model!r}))"
+        )
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            "hafa.convert: model must be a timm model (an nn.Module, e.g. timm.create_model('pvt_v2_b0')), "
+            f"got {type(model).__name__}"
+        )
+    if isinstance(model, HafaModel):
+        raise ValueError(
+            f"hafa.convert: the model is already a HAFA model (converted from {model.base_class.__name__}, "
+            f"stage_aggregation {list(model.stage_aggregation)}); use it as it is, or convert the original "
+            "timm model with other options"
+        )
+    if isinstance(model, FEATURE_WRAPPERS):
+        raise ValueError(
+            f"hafa.convert takes a whole model, not timm's features_only wrapper ({type(model).__name__}): "
+            "convert the model first and take its maps with forward_intermediates, or create the HAFA model "
+            "with features_only=True (timm.create_model('hafa_<name>', features_only=True))"
+        )
+
+
+def keep_modes(root: nn.Module, before: dict[int, tuple[nn.Module, bool]]) -> None:
+    """Every module below root that was in `before` (id -> (the module, its training mode)) back in its
+    mode; a new one in the mode of the nearest module above it that was there before (root's mode at
+    the top)."""
+
+    def settle(module: nn.Module, inherited: bool) -> None:
+        kept = before.get(id(module))
+        mode = kept[1] if kept is not None and kept[0] is module else inherited
+        module.training = mode
+        for child in module.children():
+            settle(child, mode)
+
+    for child in root.children():
+        settle(child, root.training)
 
 
 def family_of(model: nn.Module) -> "Family":
@@ -266,9 +313,12 @@ class HafaModel(nn.Module):
         cluster_qkv: bool = False,
         laa_norm: str = "batch",
     ):
-        """model: the model to convert (its layers are taken over, not copied: see `convert`)."""
+        """model: the model to convert (its layers are taken over, not copied: see `convert`). Every layer
+        keeps its training mode; a new one (LAA's offsets, SIA) takes the mode of the part it sits in."""
+        check_convertible(model)
         super().__init__()
         family = family_of(model)
+        modes = {id(module): (module, module.training) for module in model.modules()}
         self.stage_aggregation = check_stage_aggregation(family, model, stage_aggregation)
         self.laa_norm = HAFA_OPTIONS["laa_norm"].check(laa_norm, "laa_norm")
         self.sia_args = dict(
@@ -298,7 +348,8 @@ class HafaModel(nn.Module):
                 family.convert_sia(self, index, self.sia_args, self.laa_norm)
         if len(dtypes) == 1:  # the new layers (offsets, BatchNorms, SIA's) in the model's precision
             self.to(dtype=dtypes.pop())
-        self.train(model.training)
+        self.training = model.training
+        keep_modes(self, modes)
 
     @property
     def cluster_ratio(self) -> float:
@@ -442,6 +493,7 @@ def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadRe
         unused=[name for name, t in before.items() if _storage(t) not in used],
         laa_norm=laa_norm,
         laa_batch_norms_new=laa_norm == "batch",
+        source="the model it was converted from",
     )
 
 
@@ -460,7 +512,9 @@ def convert(
     transition's own norm, so that with no SIA the model computes `model` exactly before training),
     SIA projects with the family's own downsampling. `model` itself is left as it was (the new module
     holds copies of its layers). What was kept, made new and left out is the result's
-    `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns)."""
+    `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns). Each layer keeps its
+    training mode (a head in eval mode stays so); the new layers take the mode of the part they sit in."""
+    check_convertible(model)
     copied = copy.deepcopy(model)
     before = copied.state_dict()
     converted = HafaModel(
