@@ -185,3 +185,80 @@ def test_every_layer_keeps_its_mode_and_new_layers_take_their_parts(family):
     assert not converted.get_classifier().training
     assert all(m.training for m in stage(converted, 1).modules())  # its LAA included
     assert not any(m.training for m in stage(converted, 3).modules())  # SIA included
+
+
+# What a head's pooling computes on B x N x C tokens, written out (timm's pool types).
+POOLED = {
+    "avg": lambda t: t.mean(1),
+    "max": lambda t: t.amax(1),
+    "avgmax": lambda t: 0.5 * (t.mean(1) + t.amax(1)),
+    "catavgmax": lambda t: torch.cat([t.mean(1), t.amax(1)], dim=-1),
+}
+SMALL_SWIN = dict(img_size=64, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=5)
+
+
+def small_caformer(global_pool: str) -> torch.nn.Module:
+    from timm.models import metaformer
+
+    return metaformer.MetaFormer(
+        token_mixers=[metaformer.SepConv, metaformer.SepConv, metaformer.Attention, metaformer.Attention],
+        norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
+        depths=(1, 1, 1, 1),
+        dims=(32, 64, 96, 128),
+        num_classes=5,
+        global_pool=global_pool,
+    )
+
+
+# family -> (a small model with a given global_pool, its head on pooled tokens B x C, the pool types it takes)
+HEADS = {
+    "swin": (
+        lambda pool: timm.create_model("swin_tiny_patch4_window7_224", window_size=2, global_pool=pool, **SMALL_SWIN),
+        lambda model, pooled: model.head.fc(pooled),
+        ("avg", "max", "avgmax", "catavgmax"),
+    ),
+    "swinv2": (
+        lambda pool: timm.create_model("swinv2_tiny_window8_256", window_size=4, global_pool=pool, **SMALL_SWIN),
+        lambda model, pooled: model.head.fc(pooled),
+        ("avg", "max", "avgmax", "catavgmax"),
+    ),
+    "metaformer": (  # timm's MetaFormer refuses catavgmax itself
+        small_caformer,
+        lambda model, pooled: model.head.fc(model.head.norm(pooled[:, :, None, None]).flatten(1)),
+        ("avg", "max", "avgmax"),
+    ),
+}
+
+
+@pytest.mark.parametrize("family", HEADS)
+def test_the_head_on_merged_tokens_pools_as_the_models_own_head(family):
+    make, head, pools = HEADS[family]
+    x = torch.randn(2, 3, 64, 64)
+    outputs = {}
+    for pool in (*pools, ""):
+        torch.manual_seed(0)
+        model = hafa.convert(make(pool), stage_aggregation=("conv", "conv", "sia")).eval()
+        with torch.no_grad():
+            tokens = model.forward_features(x)  # B x N x C, normalised
+            outputs[pool] = model.forward_head(tokens)
+            if pool:
+                torch.testing.assert_close(outputs[pool], head(model, POOLED[pool](tokens)))
+                assert torch.equal(model(x), outputs[pool])
+    assert outputs["max"].shape == outputs["avg"].shape == (2, 5)
+    assert not torch.allclose(outputs["max"], outputs["avg"])  # was: the mean whatever the pool type
+    assert outputs[""].shape == (2, tokens.shape[1], 5)  # no pooling: a prediction per merged token
+
+
+def test_a_pool_type_the_token_head_cannot_take_is_refused_naming_it():
+    model = base_model("pvt_v2")
+    model.global_pool = "max"  # timm's PVT v2 takes 'avg' or '' only, and mean-pools for any other value
+    with pytest.raises(ValueError, match="global_pool 'max': a pvt_v2 model whose last stage starts with SIA"):
+        hafa.convert(model)
+    assert hafa.convert(model, stage_aggregation=("laa", "laa", "conv")).global_pool == "max"  # a grid: timm's head
+    converted = hafa.convert(base_model("pvt"))  # PVT v1 mean-pools: no class token after SIA
+    with pytest.raises(ValueError, match="global_pool 'token': a pvt model .* with 'avg' or '' only"):
+        converted.reset_classifier(3, "token")
+    converted.reset_classifier(3, "")
+    with torch.no_grad():
+        tokens = converted.eval().forward_features(torch.randn(1, 3, 64, 64))
+        torch.testing.assert_close(converted.forward_head(tokens), converted.head(tokens))

@@ -89,9 +89,25 @@ class Family:
         """forward_features after a last stage that started with SIA: the final tokens, normalised."""
         return tokens
 
+    # The pool types of `global_pool` the token head takes (those of timm's PVT v2 and Twins, and of our
+    # PVT v1 after SIA); None: the family's head pools with its own pooling layer, whatever its type.
+    token_pools: tuple[str, ...] | None = ("avg", "")
+
+    def check_token_pool(self, pool_type: str) -> None:
+        """A ValueError naming the pool type when the head cannot pool merged tokens with it as the
+        model's own head pools a map."""
+        if self.token_pools is not None and pool_type not in self.token_pools:
+            allowed = " or ".join(repr(p) for p in self.token_pools)
+            raise ValueError(
+                f"global_pool {pool_type!r}: a {self.name} model whose last stage starts with SIA pools its merged "
+                f"tokens with {allowed} only (as timm's {self.name} head takes them)"
+            )
+
     def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
-        """The classifier on final merged tokens B x N x C: their mean, then the family's head (default:
-        timm's `global_pool`, `head_drop` and `head` attributes, as PVT's)."""
+        """The classifier on final merged tokens B x N x C, pooled as the model's head pools the positions
+        of a map (default: timm's `global_pool`, 'avg' or '' (none), `head_drop` and `head` attributes,
+        as PVT's)."""
+        self.check_token_pool(model.global_pool)
         if model.global_pool:
             tokens = tokens.mean(1)
         tokens = model.head_drop(tokens)
@@ -300,7 +316,8 @@ class HafaModel(nn.Module):
     forward_intermediates (NCHW maps at strides 4 to 32; after SIA painted through the dictionary),
     prune_intermediate_layers, reset_classifier, set_grad_checkpointing, features_only (timm's getter
     wrapper). forward_features returns what the model's returns when its last stage is a grid, else the
-    final merged tokens B x N x C (normalised), which forward_head mean-pools.
+    final merged tokens B x N x C (normalised), which forward_head pools as the model's head pools the
+    positions of a map (its global_pool: 'avg', 'max', ...; '' gives a prediction per token).
     """
 
     def __init__(
@@ -346,6 +363,8 @@ class HafaModel(nn.Module):
                 family.convert_laa(self, index, self.laa_norm)
             elif kind == "sia":
                 family.convert_sia(self, index, self.sia_args, self.laa_norm)
+        if self._clustered(self._num_stages() - 1):
+            family.check_token_pool(getattr(self, "global_pool", ""))
         if len(dtypes) == 1:  # the new layers (offsets, BatchNorms, SIA's) in the model's precision
             self.to(dtype=dtypes.pop())
         self.training = model.training
@@ -463,6 +482,8 @@ class HafaModel(nn.Module):
         return self.base_class.get_classifier(self)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None and self._clustered(self._num_stages() - 1):
+            self.family.check_token_pool(global_pool)
         self.base_class.reset_classifier(self, num_classes, global_pool)
 
     @torch.jit.ignore

@@ -56,6 +56,8 @@ class MetaFormerFamily(Family):
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.stem(images)
 
+    token_pools = None  # the head's own pooling layer pools the tokens, whatever its pool type
+
     def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
         head = model.head
         # the tokens as a B x C x N x 1 map: the head's pooling and channel norm treat them as positions

@@ -183,12 +183,13 @@ class Swin(Family):
     def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
         return model.norm(tokens)
 
+    token_pools = None  # timm's ClassifierHead pools the tokens, whatever its pool type
+
     def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
-        head = model.head
-        if head.global_pool.pool_type:
-            tokens = tokens.mean(1)
-        tokens = head.drop(tokens)
-        return tokens if pre_logits else head.fc(tokens)
+        # the tokens as an N x 1 NHWC map: the head pools them as the positions of a map (avg, max, avgmax,
+        # catavgmax ...); without pooling it gives a prediction per token
+        x = model.head(tokens.unsqueeze(2), pre_logits=pre_logits)
+        return x if model.head.global_pool.pool_type else x.squeeze(2)
 
     def attention_stages(self, model: nn.Module) -> set[int]:
         return {0, 1, 2, 3}

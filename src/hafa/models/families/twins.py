@@ -123,6 +123,7 @@ class TwinsFamily(Family):
         return model.norm(tokens)
 
     def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
+        self.check_token_pool(model.global_pool)
         return Twins.forward_head(model, tokens, pre_logits=pre_logits)  # timm's head mean-pools tokens
 
     def attention_stages(self, model: nn.Module) -> set[int]:
