@@ -249,6 +249,26 @@ def test_dpc_knn_over_several_tiles(device, tied, monkeypatch):
     _check_partitions(x.to(device), 40, 5, mask.to(device))  # centres over 3 tiles too
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_dpc_knn_on_overflowing_and_non_finite_tokens_is_the_pytorch_paths_partition(device):
+    # Squared distances of x * 1e20 overflow float32: the kernel read an unset centre index (or crashed).
+    g = torch.Generator().manual_seed(3)
+    small, large = torch.randn(1, 8, 4, generator=g) * 1e20, torch.randn(2, 20, 8, generator=g) * 1e20
+    nan, infinite = torch.randn(2, 12, 4, generator=g), torch.randn(2, 12, 4, generator=g)
+    nan[0, 3, 1], nan[1] = float("nan"), float("nan")
+    infinite[0, 2], infinite[1, 5, 0] = float("inf"), -float("inf")
+    mask = torch.zeros(2, 12, dtype=torch.bool)
+    mask[1, 8:] = True
+    for x, num_clusters, padding in ((small, 2, None), (large, 4, None), (nan, 3, mask), (infinite, 3, None)):
+        padding = None if padding is None else padding.to(device)
+        _check_partitions(x.to(device), num_clusters, 5, padding)
+        ids, centres = cluster_dpc_knn(x.to(device), num_clusters, mask=padding)
+        assert int(ids.min()) >= 0
+        assert int(ids.max()) < num_clusters
+        assert int(centres.min()) >= 0
+        assert int(centres.max()) < x.shape[1]
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize(("B", "N", "C"), [(64, 196, 320), (2, 1024, 320), (2, 4200, 320), (3, 4200, 64)])
 def test_dpc_knn_at_classification_and_detection_sizes(B, N, C):

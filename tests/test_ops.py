@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from hafa.ops import TokenLayout, cluster_dpc_knn, clustering, map2token, merge_tokens, merge_weights, token2map
+from hafa.ops.bounded import bounded_tokens, distance_bound
 from reference import dpc_knn_reference, map2token_reference, merge_reference, token2map_reference
 
 
@@ -128,6 +129,49 @@ def test_dpc_knn_large_features_do_not_underflow_the_density():
         d2 = torch.cdist(x[b], x[b]).pow(2)
         densest = int(d2.topk(5, largest=False).values.mean(-1).argmin())
         assert densest in centres[b].tolist()
+
+
+def _is_partition(ids, centres, N, M):
+    """cluster ids in [0, M), centres ascending in [0, N), each centre its own cluster, no cluster empty."""
+    B = ids.shape[0]
+    assert ids.shape == (B, N)
+    assert centres.shape == (B, M)
+    assert int(ids.min()) >= 0
+    assert int(ids.max()) < M
+    assert int(centres.min()) >= 0
+    assert int(centres.max()) < N
+    assert torch.equal(ids.gather(1, centres), torch.arange(M).expand(B, M))
+    assert torch.equal(centres, centres.sort(dim=1).values)
+
+
+def test_dpc_knn_on_overflowing_and_non_finite_tokens_gives_a_defined_partition():
+    g = torch.Generator().manual_seed(7)
+    tokens = torch.randn(2, 20, 8, generator=g)
+    assert torch.equal(bounded_tokens(tokens, 5), tokens)  # what a model clusters is never changed
+    huge = tokens * 1e20  # squared distances overflow float32 (the PyTorch path saw inf - inf = nan)
+    bounded = bounded_tokens(huge, 5)
+    assert torch.isfinite(bounded).all()
+    assert bounded.abs().amax() <= distance_bound(torch.float32, 5, 8) * (1 + 1e-6)  # up to float32 rounding
+    peak = lambda t: t.abs().amax(dim=(1, 2), keepdim=True)  # noqa: E731
+    torch.testing.assert_close(bounded / peak(bounded), tokens / peak(tokens))  # each image only scaled
+    nan = tokens.clone()
+    nan[0, 3, 1] = float("nan")
+    nan[1] = float("nan")  # a whole image
+    infinite = tokens.clone()
+    infinite[0, 2] = float("inf")
+    infinite[1, 5, 0] = -float("inf")
+    for x in (huge, nan, infinite, huge.double() * 1e150):
+        ids, centres = cluster_dpc_knn(x, 4)
+        _is_partition(ids, centres, 20, 4)
+        again = cluster_dpc_knn(x, 4)
+        assert torch.equal(ids, again[0])
+        assert torch.equal(centres, again[1])
+    # a NaN token is clustered as a zero token
+    zeroed = tokens.clone()
+    zeroed[0, 3, 1] = 0.0
+    zeroed[1] = 0.0
+    for got, want in zip(cluster_dpc_knn(nan, 4), cluster_dpc_knn(zeroed, 4)):
+        assert torch.equal(got, want)
 
 
 def test_merge_tokens_matches_a_loop_over_clusters():

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .bounded import bounded_tokens
 from .constants import batch_offsets, graph_capture, token_indices
 from .kernels import dpc_knn, use_triton
 
@@ -246,6 +247,12 @@ def cluster_dpc_knn(
     (or "auto" where measured faster) float32 tokens go through the fused Triton op hafa::dpc_knn, which
     gives the same clusters.
 
+    Tokens whose squared distances would overflow, and NaN or infinite tokens, are clustered as
+    hafa.ops.bounded.bounded_tokens makes them (NaN as 0, an image beyond the largest magnitude that
+    cannot overflow scaled down to it), on both paths alike: a defined partition with every index in
+    range, not an error (checking would make the host wait for the GPU). Tokens a model normalises
+    before clustering are never changed by it.
+
     Args:
         x: tokens, B x N x C.
         num_clusters: wanted number of clusters; M = min(num_clusters, N) clusters are made.
@@ -280,9 +287,9 @@ def cluster_dpc_knn(
     if mask is not None:
         mask = mask.to(device=x.device).expand(B, N)
     if use_triton("dpc_knn", x, N):
-        return dpc_knn(x, num_clusters, k, mask)
+        return dpc_knn(x, num_clusters, k, mask)  # the op bounds the tokens itself
     with torch.autocast(device_type=x.device.type, enabled=False):
-        distances = _PairDistances(x)
+        distances = _PairDistances(bounded_tokens(x, k))
         knn_d2, knn_idx = _nearest_neighbours(distances, k, mask)
         mean_d2, rank = _density_rank(knn_d2, mask)
         delta2 = _relative_distance(distances, knn_d2, knn_idx, rank, mask)

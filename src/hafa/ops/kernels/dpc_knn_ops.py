@@ -4,6 +4,7 @@ from four Triton launches (kernels in `_dpc_knn_triton`, imported on the first c
 import torch
 from torch import Tensor
 
+from ..bounded import bounded_tokens
 from .selection import require_triton_device
 
 
@@ -11,13 +12,14 @@ from .selection import require_triton_device
 def dpc_knn(x: Tensor, num_clusters: int, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """Density peak clustering of tokens x (B x N x C, float32), as cluster_dpc_knn: (cluster_ids B x N
     long, centres B x M long ascending). num_clusters (M) and k must already be capped at N; mask is
-    None or B x N bool (True for padding)."""
+    None or B x N bool (True for padding). The kernels cluster bounded_tokens(x, k), as the PyTorch path
+    does: NaN, infinite and huge tokens give its partition, every index in range."""
     require_triton_device("hafa::dpc_knn", x)
     if x.dtype != torch.float32 or not 1 <= num_clusters <= x.shape[1] or not 1 <= k <= x.shape[1]:
         raise ValueError(f"hafa::dpc_knn: float32 B x N x C tokens, 1 <= num_clusters, k <= N; got {x.dtype} {x.shape}")
     from ._dpc_knn_triton import cluster
 
-    return cluster(x, num_clusters, k, mask)
+    return cluster(bounded_tokens(x, k), num_clusters, k, mask)
 
 
 @dpc_knn.register_fake
