@@ -323,7 +323,7 @@ def train_job(args, processes: ProcessContext) -> int:
         )
 
     results = train_models(models, settings_for, train_one_model, processes)
-    return finish_training(results, processes, lambda done: print_best_scores(done, "top-1"))
+    return finish_training(results, processes, lambda done: print_best_scores(done, "top-1"), args.continue_with)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:

@@ -42,6 +42,7 @@ def add_training_options(parser, description: str, kind: str, task: str) -> None
         help="runs go to OUTPUT/<model>",
     )
     parser.add_argument("--resume", action="store_true", help="continue the run in OUTPUT/<model> exactly")
+    parser.set_defaults(continue_with=CONTINUE_WITH)
     add_setting(
         parser,
         "--keep",
@@ -255,13 +256,24 @@ def print_best_scores(results: list[dict], score: str) -> None:
         print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
 
 
-def finish_training(results: list[dict], processes: ProcessContext, print_summary: Callable[[list[dict]], None]) -> int:
-    """The summary on the main process; -> 130 when a run was interrupted (and how to go on), else 0."""
+# How a stopped training command goes on (`continue_with`; hafa ablate, which resumes its runs itself,
+# says its own).
+CONTINUE_WITH = "the same command plus --resume"
+
+
+def finish_training(
+    results: list[dict],
+    processes: ProcessContext,
+    print_summary: Callable[[list[dict]], None],
+    continue_with: str = CONTINUE_WITH,
+) -> int:
+    """The summary on the main process; -> 130 when a run was interrupted (and how to go on:
+    `continue_with`), else 0."""
     interrupted = [r for r in results if r["status"] == "interrupted"]
     if processes.is_main:
         print_summary(results)
         if interrupted:
-            print(f"stopped early; continue with the same command plus --resume (saved in {interrupted[0]['run_dir']})")
+            print(f"stopped early; continue with {continue_with} (saved in {interrupted[0]['run_dir']})")
     return 130 if interrupted else 0
 
 

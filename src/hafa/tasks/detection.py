@@ -273,7 +273,7 @@ def train_job(args, processes: ProcessContext) -> int:
         )
 
     results = train_models(models, settings_for, train_one_model, processes)
-    return finish_training(results, processes, _print_summary)
+    return finish_training(results, processes, _print_summary, args.continue_with)
 
 
 def _print_summary(results) -> None:

@@ -355,7 +355,7 @@ def train_job(args, processes: ProcessContext) -> int:
         )
 
     results = train_models(models, settings_for, train_one_model, processes)
-    return finish_training(results, processes, lambda done: print_best_scores(done, "mIoU"))
+    return finish_training(results, processes, lambda done: print_best_scores(done, "mIoU"), args.continue_with)
 
 
 # ---------------------------------------------------------------- checkpoints -> models

@@ -10,9 +10,11 @@ ones; a changed option is refused as --resume refuses it. A run whose loss becom
 collapsed (the paper reports LAA-LAA-LAA collapsing), not as a failure of the study.
 
 The result goes to OUTPUT/ablation.md (per row: mean ± s.d. over the seeds, each seed's value,
-parameters, the latency relative to the conv-conv-conv model, and the paper's figure where it has one),
-OUTPUT/ablation.csv (a line per row and seed) and OUTPUT/ablation.png (a dot per seed, the mean and
-the spread per row).
+parameters, the latency relative to the conv-conv-conv model, and the paper's figure where it has one
+for a model of the family the paper ran the study on), OUTPUT/ablation.csv (a line per row and seed)
+and OUTPUT/ablation.png (a dot per seed, the mean and the spread per row). An OUTPUT holds one study
+of one model (OUTPUT/ablation.json says which): another study, model or task there is refused, as a
+changed option is, instead of overwriting its results.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import csv
 import importlib
 import json
 import os
+import re
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,8 +32,9 @@ from functools import partial
 import torch
 
 from ..checkpoint import read_checkpoint
-from ..errors import UserError
+from ..errors import UserError, unknown_name
 from ..models._base import BASELINE_AGGREGATION
+from ..models.registry import BASE_NAMES, BASELINE
 from ..spec import Number, Values, Whole
 from ..tasks.commands import run_in_processes
 from ..tasks.networks import sized_model
@@ -48,6 +52,8 @@ TASKS = {
 }
 BASELINE_ROW = "CONV-CONV-CONV"
 COLLAPSED_FILE = "collapsed.json"
+STUDY_FILE = "ablation.json"  # which study of which model an output folder holds
+RESULT_FILES = ("ablation.md", "ablation.csv", "ablation.png")
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ PAPER_SOURCES = {
     "stages": "PVT-v2-B1 on ImageNet-1k (Table 4 and its text; latency on an RTX 3090)",
     "clustering": "PVT-Tiny (Table 5)",
 }
+# The family of the model the paper ran each study on: its figures stand beside models of that family only.
+PAPER_FAMILIES = {"stages": "pvt_v2", "clustering": "pvt"}
 
 
 def study_rows(study: str, values: list | None) -> list[Row]:
@@ -127,7 +135,8 @@ def add_arguments(parser, argv: list[str]) -> None:
             action.help = argparse.SUPPRESS  # the study decides them for each run (refused when given)
     helps = {
         "model": "the HAFA model whose options the rows change (default the task's demo model)",
-        "output": "the study's folder: OUTPUT/<row>/seed<N>/<model> for each run (default runs/ablate/<study>-<task>)",
+        "output": "the study's folder, one study of one model: OUTPUT/<row>/seed<N>/<model> for each run "
+        "(default runs/ablate/<study>-<task>, and -<model> for another model than the demo's)",
     }
     for action in parser._actions:
         action.help = helps.get(action.dest, action.help)
@@ -161,6 +170,25 @@ class RunResult:
     note: str = ""
 
 
+def family_of_model(model: str) -> str:
+    """The family of a HAFA model (its baseline's), e.g. 'pvt_v2' for hafa_pvt_v2_b0."""
+    return next(family for family, names in BASE_NAMES.items() if BASELINE[model] in names)
+
+
+def _check_model(model: str) -> None:
+    """The model a study changes must be a HAFA model: a baseline takes no HAFA options, so every row
+    would train the same network."""
+    if model in BASELINE:
+        return
+    hafa_form = f"hafa_{model}"
+    if hafa_form in BASELINE:
+        raise UserError(
+            f"--model {model}: hafa ablate changes a HAFA model's options, and the baseline {model} has none "
+            f"(every row would train the same network); study its HAFA form, {hafa_form}"
+        )
+    raise unknown_name("HAFA model", model, sorted(BASELINE))
+
+
 def _check(args, rows: list[Row]) -> list[int]:
     """The ablation's own options; -> the seeds."""
     seeds = [Whole(low=0).parse(seed, "--seeds") for seed in args.seeds]
@@ -173,6 +201,8 @@ def _check(args, rows: list[Row]) -> list[int]:
         raise UserError("--keep: hafa ablate keeps both checkpoints (last.pth shows a later call what is finished)")
     if args.model is not None and len(args.model) != 1:
         raise UserError("--model: hafa ablate studies one HAFA model")
+    if args.model is not None:
+        _check_model(args.model[0])
     for row in rows:
         for option in row.options:
             if getattr(args, option, None) not in (None, False):
@@ -180,10 +210,15 @@ def _check(args, rows: list[Row]) -> list[int]:
     return seeds
 
 
+# What a stopped run's training command says to do next: hafa ablate resumes its runs itself (it refuses --resume).
+CONTINUE_WITH = "the same hafa ablate command (it resumes the run itself)"
+
+
 def _run_args(args, row: Row, seed: int, output: str, model: str, first: bool):
     run = copy.copy(args)
     run.model, run.output, run.seed, run.baseline = [model], output, seed, False
     run.skip_data_check = args.skip_data_check or not first
+    run.continue_with = CONTINUE_WITH
     for option, value in row.options.items():
         setattr(run, option, value)
     return run
@@ -282,8 +317,26 @@ def write_csv(path: str, results: list[RunResult], metrics: tuple[str, ...]) -> 
             writer.writerow([r.row.name, *settings, r.seed, r.status, *scores, r.best_epoch or "", r.checkpoint or ""])
 
 
+def paper_figures(study: str, task: str, model: str) -> tuple[dict, str | None]:
+    """The paper's figures for a study of `model` and the caption that says whose they are: none unless
+    the model is of the family the paper ran the study on (None, None where the paper has no figure)."""
+    paper = PAPER.get((study, task), {})
+    if not paper:
+        return {}, None
+    family = family_of_model(model)
+    if family != PAPER_FAMILIES[study]:
+        return {}, (
+            f"Paper: the paper ran this study on {PAPER_SOURCES[study]}, a {PAPER_FAMILIES[study]} model; "
+            f"{model} is a {family} model, so its figures are left out."
+        )
+    return paper, (
+        f"Paper: {PAPER_SOURCES[study]}, full-scale runs, not comparable in value with a short run; "
+        "compare the order of the rows."
+    )
+
+
 def markdown(args, rows: list[Row], results: list[RunResult], metrics: tuple[str, ...], costs: dict) -> str:
-    paper = PAPER.get((args.study, args.task), {})
+    paper, caption = paper_figures(args.study, args.task, args.model_name)
     metric = metrics[0]
     lines = [
         f"# hafa ablate {args.study}: {args.model_name} on {args.data_name} ({args.task})",
@@ -319,11 +372,8 @@ def markdown(args, rows: list[Row], results: list[RunResult], metrics: tuple[str
         f"Latency: the backbone at batch 1, {args.img_size} px, on {args.device_name}, median of 5, timed "
         "interleaved with the conv-conv-conv model in one process.",
     ]
-    if paper:
-        lines.append(
-            f"Paper: {PAPER_SOURCES[args.study]}, full-scale runs, not comparable in value with a short run; "
-            "compare the order of the rows."
-        )
+    if caption:
+        lines.append(caption)
     collapsed = [r for r in results if r.status == "collapsed"]
     for r in collapsed:
         lines.append(f"- {r.row.name}, seed {r.seed}: collapsed ({r.note.split(';')[0]})")
@@ -364,13 +414,53 @@ def draw(path: str, rows: list[Row], results: list[RunResult], metric: str, titl
 # ---------------------------------------------------------------- command
 
 
+def _study_of_results(output: str) -> dict | None:
+    """The study whose results an output folder holds: ablation.json, or the title of an ablation.md
+    written before it (None when the folder holds no result)."""
+    path = os.path.join(output, STUDY_FILE)
+    if os.path.isfile(path):
+        try:
+            held = _read(path)
+        except (OSError, ValueError) as error:
+            raise UserError(f"{path} cannot be read ({error}); it says which study {output} holds") from None
+        if not (isinstance(held, dict) and all(isinstance(held.get(key), str) for key in ("study", "task", "model"))):
+            raise UserError(f"{path} does not say which study {output} holds (study, task, model)")
+        return {key: held[key] for key in ("study", "task", "model")}
+    table = os.path.join(output, RESULT_FILES[0])
+    if not os.path.isfile(table):
+        return None
+    with open(table) as f:
+        match = re.match(r"# hafa ablate (\S+): (\S+) on .* \((\w+)\)$", f.readline().strip())
+    if match is None:
+        raise UserError(f"{output} holds an {RESULT_FILES[0]} of a study it does not name; choose another --output")
+    return dict(study=match[1], model=match[2], task=match[3])
+
+
+def claim_output(output: str, study: str, task: str, model: str, processes: ProcessContext) -> None:
+    """An output folder holds one study of one model: one that holds another's results (ablation.md,
+    .csv and .png) is refused, as a changed option is; a new one is marked as this study's."""
+    this = dict(study=study, task=task, model=model)
+    held = _study_of_results(output)
+    if held is not None and held != this:
+        raise UserError(
+            f"--output {output} holds the {held['study']} study of {held['model']} ({held['task']}); the {study} "
+            f"study of {model} ({task}) would overwrite its {', '.join(RESULT_FILES)}: choose another --output"
+        )
+    if held is None and processes.is_main:
+        os.makedirs(output, exist_ok=True)
+        with open(os.path.join(output, STUDY_FILE), "w") as f:
+            json.dump(this, f)
+
+
 def _job(args, processes: ProcessContext) -> int:
     module = importlib.import_module(TASKS[args.task][0])
     _, metric, extra = TASKS[args.task]
     rows = [row for row in study_rows(args.study, args.values) if args.rows is None or row.name in args.rows]
     seeds = _check(args, rows)
     model = args.model[0] if args.model else module.DEMO_MODELS[0]
-    output = args.output or OutputDir().check(os.path.join("runs", "ablate", f"{args.study}-{args.task}"), "--output")
+    default = f"{args.study}-{args.task}" + ("" if model == module.DEMO_MODELS[0] else f"-{model}")
+    output = args.output or OutputDir().check(os.path.join("runs", "ablate", default), "--output")
+    claim_output(output, args.study, args.task, model, processes)
     results = []
     first = True
     for row in rows:
@@ -421,7 +511,14 @@ def run(args) -> int:
     if args.values is not None:
         if args.study not in VALUES:
             raise UserError(f"--values is for the cluster-ratio and knn-k studies, not {args.study}")
-        args.values = VALUES[args.study].parse_items(args.values, "--values")
+        texts, args.values = args.values, VALUES[args.study].parse_items(args.values, "--values")
+        names = [row.name for row in study_rows(args.study, args.values)]
+        repeated = sorted({name for name in names if names.count(name) > 1}, key=names.index)
+        if repeated:
+            raise UserError(
+                f"--values {' '.join(texts)}: each value once ({', '.join(repeated)} given more than once; "
+                "values are told apart by their first 6 digits)"
+            )
     if args.rows is not None:
         known = {row.name.lower(): row.name for row in study_rows(args.study, args.values)}
         unknown = [name for name in args.rows if name.lower() not in known]
