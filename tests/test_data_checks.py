@@ -9,9 +9,10 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from hafa.data.checks import check_coco, check_image_folder, check_segmentation_pairs
-from hafa.data.coco import CocoInstances
+from hafa.data.coco import CocoInstances, compressed_runs
 from hafa.data.files import MAX_REPLACEMENTS, first_readable, many_problems, read_header, read_rgb
 from hafa.data.segmentation import LabelMapping, SegmentationDataset, data_pairs, read_mask
 from hafa.errors import UserError
@@ -327,6 +328,27 @@ def annotation_change(change):
             annotation_change(lambda a: a.update(segmentation=dict(size=[12, 16], counts=[100, 5]))),
             "annotations 2: RLE counts must be whole numbers >= 0 adding up to height * width",
         ),
+        *[
+            (
+                annotation_change(lambda a, counts=counts: a.update(segmentation=dict(size=[12, 16], counts=counts))),
+                "annotations 2: compressed RLE counts do not decode to runs >= 0 adding up to height * width",
+            )
+            # pycocotools decoded these without a word (pixels left unset) or crashed the process
+            for counts in ("", "0", "06", "!!!!", "`", "0160000000006")
+        ],
+        (
+            annotation_change(lambda a: a.update(segmentation=[[0, 0, 1e7, 0, 1e7, 1e7]])),
+            "annotations 2: polygon points lie farther outside the image than its own width or height",
+        ),
+        (
+            lambda c: (c["images"][0].update(file_name="../1.png"), c)[1],
+            "images 1: file_name must be a path inside the split's folder, without '..' or a leading '/' "
+            "(first: '../1.png')",
+        ),
+        (
+            lambda c: (c["images"][1].update(file_name="/etc/hostname"), c)[1],
+            "images 2: file_name must be a path inside the split's folder",
+        ),
         (annotation_change(lambda a: a.update(area=float("nan"))), "annotations 2: area must be a finite number >= 0"),
         (annotation_change(lambda a: a.update(iscrowd=2)), "annotations 2: iscrowd must be 0 or 1"),
         (
@@ -351,6 +373,24 @@ def test_each_bad_annotation_is_refused_naming_its_id(tmp_path, change, problem)
     with pytest.raises(UserError) as caught:
         CocoInstances(str(tmp_path), "val", train=False)  # the dataset, and so COCOeval, never sees it
     assert f"{path}: {problem}" in str(caught.value)
+
+
+def test_compressed_rle_and_polygons_near_the_image_train(tmp_path):
+    content = coco_content()
+    mask = np.zeros((12, 16), dtype=np.uint8)
+    mask[3:9, 4:12] = 1
+    counts = mask_utils.encode(np.asfortranarray(mask))["counts"].decode()
+    assert sum(compressed_runs(counts)) == 12 * 16
+    content["annotations"][0]["segmentation"] = dict(size=[12, 16], counts=counts)
+    content["annotations"][1]["segmentation"] = [
+        [-10.0, -5.0, 30.0, -5.0, 30.0, 20.0, -10.0, 20.0]
+    ]  # beyond, within reach
+    content["annotations"][1]["bbox"] = [0, 0, 16, 12]
+    write_coco(tmp_path, content=content)
+    assert check_coco(str(tmp_path), ["train", "val"], progress=False).files == 4
+    _, target, _ = CocoInstances(str(tmp_path), "train", train=True, hflip=0.0)[0]
+    assert target["masks"][0].sum() == 48
+    assert target["masks"][1].sum() == 12 * 16
 
 
 def test_the_same_problem_in_several_annotations_is_one_line(tmp_path):

@@ -26,7 +26,15 @@ from PIL import Image
 
 from ..errors import UserError
 from ..progress import progress as show_progress
-from .coco import annotation_path, find_missing_images, first_items, is_whole_number, parse_instances, size_problem
+from .coco import (
+    annotation_path,
+    find_missing_images,
+    first_items,
+    is_whole_number,
+    outside_the_folder,
+    parse_instances,
+    size_problem,
+)
 from .files import UNREADABLE, many_problems, read_header
 from .folder import scan_split
 from .segmentation import IGNORE_INDEX, LabelMapping, Pair, data_pairs, mask_file_problem
@@ -241,10 +249,13 @@ def check_coco(root: str, splits: Sequence[str], *, workers: int | None = None, 
                     f"{path}: {len(beyond)} boxes extend beyond their image (clipped in training): "
                     f"annotations {first_items(beyond)}"
                 )
-        images = [
+        images = [  # a name leading out of the folder is a problem of the json: no file outside is read
             image
             for image in content["images"]
-            if isinstance(image, dict) and isinstance(image.get("file_name"), str) and image["file_name"]
+            if isinstance(image, dict)
+            and isinstance(image.get("file_name"), str)
+            and image["file_name"]
+            and not outside_the_folder(image["file_name"])
         ]
         missing, problem = find_missing_images(path, image_dir, [image["file_name"] for image in images])
         if problem:

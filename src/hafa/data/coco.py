@@ -7,9 +7,11 @@ parsing the json), so that neither training nor COCOeval ever sees a broken anno
 messages naming the file, the ids and what is wrong (up to ten problems at once): invalid JSON, missing
 keys, ids that are not whole numbers, duplicate ids, annotations of image ids that are not listed,
 category ids that are not in the categories, no categories, no annotations, images without a size in
-whole pixels, bboxes that are not four finite numbers [x, y, width, height] or have a negative size,
-NaN or infinite coordinates, polygons of fewer than three points, empty segmentations, RLE of another
-size than its image, non-finite areas, iscrowd other than 0 / 1. A missing 'area' is computed from the
+whole pixels, file names that lead out of the split's folder ('..', absolute paths), bboxes that are
+not four finite numbers [x, y, width, height] or have a negative size, NaN or infinite coordinates,
+polygons of fewer than three points or with points farther outside their image than its own size,
+empty segmentations, RLE of another size than its image or whose runs (compressed ones decoded) do not
+add up to it, non-finite areas, iscrowd other than 0 / 1. A missing 'area' is computed from the
 mask (COCOeval needs it). data/checks.py adds the image files (present, readable, of the listed size).
 
 Training targets (what the loader of the training split returns):
@@ -99,6 +101,54 @@ def _finite_numbers(values) -> bool:
         return False
 
 
+def compressed_runs(counts: str) -> list[int] | None:
+    """The runs of a compressed RLE (COCO's `counts` string), decoded, or None where the text is not one.
+
+    The format (pycocotools' rleToString): each run is a variable-length number, 5 bits per character
+    (the character's code minus 48), low bits first; a sixth bit (32) says that another character
+    follows; the last character's bit 16 extends the sign; from the third run on, a run is stored as
+    its difference from the run two before. pycocotools decodes any text without checking it (a
+    damaged one writes past its mask or leaves pixels unset), so the runs are read here first."""
+    runs, value, shift = [], 0, 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:
+            continue
+        if code & 0x10:
+            value -= 1 << shift
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+        value, shift = 0, 0
+    return None if shift else runs  # a run left unfinished: cut short
+
+
+# How far beyond its image a polygon point may lie, in image sizes: pycocotools rasterises every edge
+# point by point, so a coordinate of 1e7 takes seconds and one of 1e9 crashes it.
+POLYGON_REACH = 1
+
+
+def _polygon_problem(polygons: list, height, width) -> str | None:
+    """What is wrong with polygons of an image of this size, or None."""
+    if not all(_finite_numbers(p) for p in polygons):
+        return "polygon coordinates must be finite numbers (NaN, infinity or a non-number found)"
+    if not all(len(p) >= 6 and len(p) % 2 == 0 for p in polygons):
+        return "a polygon needs at least 3 points (an even count of 6 or more numbers); fix or drop it"
+    if is_whole_number(height) and is_whole_number(width):
+        for polygon in polygons:
+            for values, side in ((polygon[0::2], width), (polygon[1::2], height)):
+                if min(values) < -POLYGON_REACH * side or max(values) > (1 + POLYGON_REACH) * side:
+                    return (
+                        "polygon points lie farther outside the image than its own width or height (coordinates "
+                        "of another image, or in another unit?); fix or drop them"
+                    )
+    return None
+
+
 def _mask_problem(segmentation, height, width) -> str | None:
     """What is wrong with a segmentation (polygons or RLE) of an image of this size, or None."""
     if isinstance(segmentation, dict):
@@ -111,16 +161,25 @@ def _mask_problem(segmentation, height, width) -> str | None:
             all(is_whole_number(c) and c >= 0 for c in counts) and sum(counts) == size[0] * size[1]
         ):
             return "RLE counts must be whole numbers >= 0 adding up to height * width"
+        if isinstance(counts, str):
+            runs = compressed_runs(counts)
+            if runs is None or min(runs, default=0) < 0 or sum(runs) != size[0] * size[1]:
+                return (
+                    "compressed RLE counts do not decode to runs >= 0 adding up to height * width (a damaged "
+                    "or cut string)"
+                )
         return None
     if not isinstance(segmentation, list) or not all(isinstance(p, list) for p in segmentation):
         return "segmentation must be polygons or RLE (a list of [x1, y1, x2, y2, ...] lists, or {'size', 'counts'})"
     if not segmentation:
         return "segmentation is empty: Mask R-CNN needs a mask per object (give a polygon, or drop the annotation)"
-    if not all(_finite_numbers(p) for p in segmentation):
-        return "polygon coordinates must be finite numbers (NaN, infinity or a non-number found)"
-    if not all(len(p) >= 6 and len(p) % 2 == 0 for p in segmentation):
-        return "a polygon needs at least 3 points (an even count of 6 or more numbers); fix or drop it"
-    return None
+    return _polygon_problem(segmentation, height, width)
+
+
+def outside_the_folder(file_name: str) -> bool:
+    """Whether an image's file_name leads out of its split's folder: an absolute path, or a '..' part."""
+    parts = file_name.replace(os.altsep or os.sep, os.sep).split(os.sep)
+    return os.path.isabs(file_name) or ".." in parts
 
 
 def _box_problem(box) -> str | None:
@@ -182,6 +241,16 @@ def instances_problems(path: str, content) -> list[str]:
     if bad_images:
         problems.append(
             f"{path}: images {first_items(bad_images)} need a file_name and a height and width in whole pixels > 0"
+        )
+    outside = [
+        i
+        for i, image in images.items()
+        if isinstance(image["file_name"], str) and outside_the_folder(image["file_name"])
+    ]
+    if outside:
+        problems.append(
+            f"{path}: images {first_items(outside)}: file_name must be a path inside the split's folder, without "
+            f"'..' or a leading '/' (first: {images[outside[0]]['file_name']!r})"
         )
     category_ids = {category["id"] for category in content["categories"]}
     if not category_ids:
