@@ -107,8 +107,9 @@ def add_arguments(parser):
     add_setting(
         parser,
         "--kernels",
-        setting=Choice("torch", choices=KERNELS),
-        help="--cost: HAFA's operations as the PyTorch path or as the Triton kernels (hafa.ops.use_kernels)",
+        setting=Choice(None, choices=KERNELS, optional=True),
+        help="--cost only: HAFA's operations as the PyTorch path or as the Triton kernels (hafa.ops.use_kernels); "
+        "default torch",
     )
     add_json_option(parser, "everything measured (--cost: a list of rows)")
 
@@ -131,6 +132,11 @@ def run(args) -> int:
         if args.modules or args.compile:
             raise UserError("--cost counts whole models, eagerly: leave out --modules and --compile")
         return _run_cost(models, args)
+    if args.kernels is not None:
+        raise UserError(
+            f"--kernels {args.kernels} chooses the kernels the --cost model counts; the timings run what "
+            "hafa.ops.use_kernels chooses on the device (auto): add --cost, or leave --kernels out"
+        )
     reps, warmup, batch_sizes = args.reps, args.warmup, tuple(args.batch_sizes)
     if args.quick:
         reps, warmup, batch_sizes = 2, 1, (batch_sizes[0], min(batch_sizes[1], 8))
@@ -219,6 +225,7 @@ def _run_modules(config: BenchConfig) -> dict:
 def _run_cost(models: list[str], args) -> int:
     """The cost model's rows for each HAFA model and its baseline, their tables and the cost goals."""
     forward_batch, train_batch = args.cost_batch_sizes
+    args.kernels = args.kernels or "torch"
     if args.kernels == "triton" and importlib.util.find_spec("triton") is None:
         raise UserError("--kernels triton needs the triton package (pip install triton); no GPU is needed")
     print(
