@@ -58,7 +58,11 @@ def one_line_error(argv, capsys) -> str:
         (["train", "--set", "hflip=[1,2]"], "--set hflip must be a number from 0 to 1, not [1, 2]"),
         (["train", "--set", "smoothing=-1"], "--set smoothing must be a number >= 0 and < 1, not -1"),
         (["train", "--set", "mixup=0", "--set", "mixup=inf"], "--set mixup must be a number >= 0, not 'inf'"),
-        (["train", "--set", "warmup_epochs=9", "--epochs", "3"], "the warm-up cannot be longer than the run"),
+        (
+            ["train", "--set", "warmup_epochs=9", "--epochs", "3"],
+            "the warm-up cannot be longer than the run: shorten it with --warmup-epochs (or run longer with --epochs)",
+        ),
+        (["train", "--epochs", "1"], "warmup_epochs 5.0, epochs 1: the warm-up cannot be longer than the run: shorten"),
         (["seg-train", "--crop-size", "16", "64"], "--crop-size must be a list of 2 whole numbers from 32 to 4096"),
         (["seg-train", "--iterations", "0"], "--iterations must be a whole number >= 1"),
         (["seg-train", "--set", "eval_mode=3"], "--set eval_mode must be one of whole, slide, not '3'"),
@@ -79,6 +83,11 @@ def one_line_error(argv, capsys) -> str:
         (["models", "--img-size", "0"], "--img-size must be a whole number from 32"),
         (["bench", "--threads", "-1"], "--threads must be a whole number >= 1, or none, not -1"),
         (["bench", "--reps", "0"], "--reps must be a whole number >= 1, not 0"),
+        (["bench", "--kernels", "triton"], "--kernels triton chooses the kernels the --cost model counts"),
+        (
+            ["seg-train", "--set", "warmup_iterations=9", "--iterations", "3"],
+            "the warm-up cannot be longer than the run: shorten it with --set warmup_iterations=N",
+        ),
         (["export", "--check-batches", "0"], "--check-batches must be a list of at least 1 whole numbers >= 1"),
     ],
 )

@@ -3,7 +3,11 @@ checkpoint of each task and with a plain timm state dict gives either the exact 
 the training run's evaluation) or a refusal naming what is wrong; never a result from new weights."""
 
 import json
+import math
 import os
+import random
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -11,9 +15,14 @@ import timm
 import torch
 from PIL import Image
 
-from hafa.checkpoint import FORMAT, VERSION, CheckpointError, read_checkpoint, read_file, write_file
+from hafa.checkpoint import FORMAT, VERSION, CheckpointError, as_checkpoint, read_checkpoint, read_file, write_file
 from hafa.cli import main
+from hafa.data.folder import ImageFolderDataset
+from hafa.errors import UserError
+from hafa.tasks.classification import eval_transform, evaluate
 from hafa.tasks.networks import build_classifier_from_state_dict, build_model
+from hafa.tasks.processes import ProcessContext
+from hafa.tasks.saved import check_saved
 from hafa.tools import export
 from test_classification import QUICK as CLASSIFICATION_QUICK
 from test_classification import write_dataset
@@ -274,3 +283,207 @@ def test_visualize_draws_a_checkpoint_at_another_cluster_ratio(runs, tmp_path, c
     assert picture.exists()
     error = error_of([*argv, "--cluster-ratio", "0"], capsys)
     assert "--cluster-ratio must be a number > 0 and <= 1 (clusters per token), not 0" in error
+
+
+# ---------------------------------------------------------------- metadata: read as the command line is
+
+
+@pytest.fixture
+def opened(tmp_path):
+    """The files opened while the test runs (an audit hook: torch.load, timm's checkpoint loading and
+    pretrained_cfg files all open() them)."""
+    seen = []
+    _OPEN_LOG.append(seen)
+    yield seen
+    _OPEN_LOG.remove(seen)
+
+
+_OPEN_LOG: list[list[str]] = []
+
+
+def _record_opens(event, args):
+    if event == "open" and _OPEN_LOG and isinstance(args[0], str):
+        for seen in _OPEN_LOG:
+            seen.append(os.path.realpath(args[0]))
+
+
+sys.addaudithook(_record_opens)
+
+
+def with_field(content: dict, path: tuple, value) -> dict:
+    """content with the field at `path` set to value (the mappings on the way copied, the weights shared)."""
+    changed = dict(content)
+    inner = changed
+    for key in path[:-1]:
+        inner[key] = dict(inner[key])
+        inner = inner[key]
+    inner[path[-1]] = value
+    return changed
+
+
+def metadata_fields(value, prefix=()):
+    """Paths of every field of a checkpoint's metadata (its weights' and training state's insides left out)."""
+    if prefix:
+        yield prefix
+    if isinstance(value, dict) and prefix[:1] not in {("state_dict",), ("metrics",), *map(tuple, TRAINING_STATE)}:
+        for key, child in value.items():
+            yield from metadata_fields(child, (*prefix, key))
+
+
+TRAINING_STATE = [["optimizer"], ["scheduler"], ["scaler"], ["train_state"], ["rng"], ["samples"]]
+
+
+def decoy_file(root) -> str:
+    """A file a checkpoint might name for a command to read: a complete timm state dict."""
+    path = os.path.join(root, "decoy.pth")
+    torch.save(timm.create_model("pvt_v2_b0", num_classes=3).state_dict(), path)
+    return os.path.realpath(path)
+
+
+def test_edited_metadata_gets_one_line_naming_the_field_and_no_other_file_is_read(runs, tmp_path, capsys, opened):
+    saved = read_file(runs["classification"])
+    decoy = decoy_file(tmp_path)
+    args = saved["model"]["args"]
+    baseline_with_hafa_args = with_field(
+        with_field(saved, ("model", "name"), "pvt_v2_b0"), ("settings", "model"), "pvt_v2_b0"
+    )
+    cases = [
+        (baseline_with_hafa_args, "model.args: 'stage_aggregation' is not an argument a hafa checkpoint records here"),
+        (with_field(saved, ("model", "args"), "abc"), "model.args must be a mapping of keyword arguments"),
+        (
+            with_field(saved, ("state_dict",), list(saved["state_dict"].values())),
+            "state_dict must be a mapping of names",
+        ),
+        (
+            with_field(saved, ("settings", "recipe", "img_size"), 20),
+            "settings.recipe: img_size must be a whole number from 32 to 4096 (the models end at stride 32), not 20",
+        ),
+        (
+            with_field(saved, ("model", "args"), dict(args, checkpoint_path=decoy)),
+            "model.args: 'checkpoint_path' is not an argument a hafa checkpoint records here (it records: num_classes, "
+            "drop_path_rate, drop_rate, stage_aggregation",
+        ),
+        (
+            with_field(saved, ("model", "args"), dict(args, pretrained=True, pretrained_cfg_overlay=dict(file=decoy))),
+            "model.args: 'pretrained' is not an argument",
+        ),
+        (with_field(saved, ("model", "args", "num_classes"), 5), "the class counts differ (classes 3, model.args"),
+        (with_field(saved, ("settings", "amp"), "fp8"), "settings.amp must be one of none, bf16, fp16"),
+        (
+            with_field(saved, ("settings", "hafa_options"), dict(knn_k=0)),
+            "settings.hafa_options.knn_k must be a whole number >= 1",
+        ),
+        (with_field(saved, ("settings", "bogus"), 1), "settings has unknown fields: 'bogus'"),
+        (with_field(saved, ("bogus",), 1), "unknown field str 'bogus'"),
+        (with_field(saved, ("model", "name"), "no_such_model"), "model.name 'no_such_model' is not a model timm"),
+        (
+            with_field(saved, ("model", "args", "stage_aggregation"), ["laa", "laa", "bogus"]),
+            "model.args.stage_aggregation must be a list of 3 values, each one of conv, laa, sia",
+        ),
+    ]
+    for i, (content, message) in enumerate(cases):
+        path = tmp_path / f"edited{i}.pth"
+        write_file(str(path), content)
+        for argv in (["eval", "--workers", "0"], ["predict"], ["export", "-o", str(tmp_path / "x.onnx")]):
+            error = error_of([*argv, "--checkpoint", str(path)], capsys)
+            assert f"{path}: {message}" in error or message in error, (argv, message, error)
+            assert error.count("\n") == 1, error
+    assert decoy not in opened  # a checkpoint never decides what other file is read
+
+
+def test_non_finite_weights_are_refused_and_so_is_an_evaluation_that_is_not_finite(runs, tmp_path, capsys):
+    saved = read_file(runs["classification"])
+    broken = dict(saved["state_dict"], **{"head.weight": torch.full_like(saved["state_dict"]["head.weight"], math.nan)})
+    path = tmp_path / "nan.pth"
+    write_file(str(path), dict(saved, state_dict=broken))
+    error = error_of(["eval", "--checkpoint", str(path), "--workers", "0"], capsys)
+    assert "holds weights that are not finite (NaN or infinity) in 1 tensors (head.weight)" in error
+    model = build_model(read_checkpoint(runs["classification"], "classification", "test"))
+    model.head.bias.data[0] = math.inf  # finite weights can still give non-finite logits: the evaluation says so
+    data = ImageFolderDataset(runs["images"], "val", eval_transform(saved["settings"]["recipe"]))
+    with pytest.raises(UserError, match="the evaluation's loss is nan: the model's logits are not finite"):
+        evaluate(model, data, 4, 0, ProcessContext())
+
+
+# (task, the fields the fuzz changes: all for classification; for the dense tasks their own)
+FUZZED = {
+    "classification": lambda path: True,
+    "segmentation": lambda path: path[0] != "settings" or path[1:2] not in {("recipe",), ("hafa_options",)},
+    "detection": lambda path: path[0] != "settings" or path[1:2] not in {("recipe",), ("hafa_options",)},
+}
+# Values of another type than most fields', and values out of most fields' ranges.
+WRONG_TYPES = [None, "abc", True, [1, 2], ["a"], {"x": 1}, {}]
+OUT_OF_RANGE = [-1, 0, 2.5, 1e9, math.nan, math.inf, ""]
+
+
+@pytest.mark.parametrize("task", FUZZED)
+def test_fuzz_every_field_of_a_checkpoint_gives_the_model_or_one_line(runs, tmp_path, task, opened):
+    """Every metadata field set to a wrong type, an out-of-range value or the path of another file, and an
+    unknown key added to every mapping: the exact model or a one-line UserError, never another exception,
+    never another file read."""
+    saved = read_file(runs[task])
+    decoy = decoy_file(tmp_path)
+    rng = random.Random(task)
+    cases = []
+    for path in metadata_fields(saved):
+        if FUZZED[task](path):
+            cases += [(path, rng.choice([*WRONG_TYPES, decoy])), (path, rng.choice(OUT_OF_RANGE))]
+            if isinstance(eval_path(saved, path), dict):
+                cases.append(((*path, "unknown_key"), decoy))
+    for args_path in (("model", "args"), ("model", "args", "backbone")):
+        if isinstance(eval_path(saved, args_path), dict):
+            for key, value in (
+                ("checkpoint_path", decoy),
+                ("pretrained", True),
+                ("pretrained_cfg_overlay", {"file": decoy}),
+            ):
+                cases.append(((*args_path, key), value))
+    refused = 0
+    cases.append((("model", "args", "num_classes"), 3.0))  # allowed: the model is built with 3 classes
+    for path, value in cases:
+        model, refusal = model_or_refusal(with_field(saved, path, value))
+        if refusal is None:  # an allowed value (a text where a text goes, 0 dropout ...): the model is complete
+            assert model.state_dict().keys() == saved["state_dict"].keys(), (path, value)
+            continue
+        refused += 1
+        assert "\n" not in refusal, (path, value, refusal)
+        assert refusal.startswith("edited.pth"), (path, value, refusal)
+    assert refused > 0.8 * len(cases), (refused, len(cases))
+    assert decoy not in opened
+
+
+def test_a_resume_reads_the_training_state_through_the_same_checks(runs, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    shutil.copytree(os.path.dirname(runs["classification"]), out / "hafa_pvt_v2_b0")
+    last = out / "hafa_pvt_v2_b0" / "last.pth"
+    saved = read_file(str(last))
+    argv = ["train", "--data", runs["images"], "--epochs", "2", *CLASSIFICATION_QUICK, "--model", "hafa_pvt_v2_b0"]
+    for content, message in (
+        (with_field(saved, ("train_state", "bogus"), 1), "train_state must hold epoch, step_in_epoch, global_step"),
+        (with_field(saved, ("train_state", "epoch"), -1), "train_state.epoch must be a whole number >= 0, not -1"),
+        ({k: v for k, v in saved.items() if k != "rng"}, "lacks rng: it is not a last.pth a run can be resumed from"),
+        (with_field(saved, ("optimizer",), "abc"), "optimizer must be a mapping (a state dict), not str 'abc'"),
+        (with_field(saved, ("settings", "recipe", "img_size"), 20), "settings.recipe: img_size must be a whole number"),
+    ):
+        write_file(str(last), content)
+        error = error_of([*argv, "--output", str(out), "--resume"], capsys)
+        assert message in error, (message, error)
+        assert error.count("\n") == 1
+
+
+def model_or_refusal(content: dict):
+    """(the model a checkpoint of this content rebuilds, None) or (None, the UserError's message): any
+    other exception fails the test."""
+    try:
+        return build_model(check_saved(as_checkpoint(content, "edited.pth"))), None
+    except UserError as error:
+        return None, str(error)
+
+
+def eval_path(content, path):
+    """The field at `path`, None where there is none."""
+    for key in path:
+        if not isinstance(content, dict) or key not in content:
+            return None
+        content = content[key]
+    return content

@@ -110,6 +110,8 @@ def test_the_report_names_the_new_and_the_unused_layers():
     assert "layers.3.downsample.proj.reduction.weight" in report.copied  # SIA projects with the patch merging
     assert report.laa_norm == "batch"
     assert "new layers" in report.summary()
+    assert report.summary().startswith(f"copied {len(report.copied)} tensors from the model it was converted from")
+    assert "checkpoint" not in report.summary()  # there was none
 
 
 def test_converting_timm_pvt_v2_b1_gives_hafa_pvt_v2_b1():

@@ -3,6 +3,7 @@ through the command line and the Python API (a SettingError naming the setting, 
 exception), the public API's argument checks, and the layering of the package's modules."""
 
 import ast
+import dataclasses
 import math
 import os
 import random
@@ -18,6 +19,7 @@ from hafa.layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
 from hafa.models._base import HAFA_OPTIONS, MODEL_ARGUMENTS
 from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, token2map
 from hafa.spec import Choice, Flag, Number, RecipeSpec, Relation, SettingError, Text, Values, Whole
+from hafa.tasks.commands import TRAIN_STATE
 from hafa.tasks.options import CheckedOption
 from hafa.tasks.recipes import override_recipe
 from hafa.tasks.settings import (
@@ -28,6 +30,7 @@ from hafa.tasks.settings import (
     DetectionSettings,
     SegmentationSettings,
 )
+from hafa.tasks.training import TrainState
 
 MISSING = "/nonexistent/data"
 # Texts a user could type for any setting: numbers out of every range, NaN and infinities, wrong types.
@@ -332,3 +335,13 @@ def test_sia_checks_its_arguments_and_its_layout():
     with pytest.raises(ValueError, match=r"SIA: layout must be a hafa.ops.TokenLayout .* got tuple \(8, 8\)"):
         sia(x, (8, 8))
     assert sia(x, TokenLayout((8, 8))).queries.shape == (1, 16, 16)
+
+
+@pytest.mark.parametrize("settings_class", [ClassificationSettings, SegmentationSettings, DetectionSettings])
+def test_every_settings_field_has_a_setting_a_checkpoint_is_read_through(settings_class):
+    assert set(settings_class.FIELDS) == {f.name for f in dataclasses.fields(settings_class)}
+    assert set(TRAIN_STATE) == {f.name for f in dataclasses.fields(TrainState)}
+    with pytest.raises(SettingError, match=r"^x.pth: settings has unknown fields: 'colour'$"):
+        settings_class.from_saved({"colour": 1}, "x.pth: settings")
+    with pytest.raises(SettingError, match="^x.pth: settings lacks model, recipe, run_dir"):
+        settings_class.from_saved({}, "x.pth: settings")

@@ -8,8 +8,11 @@ A checkpoint written by a `hafa` command is a dict of plain data (loadable with 
 
 model.args are the complete keyword arguments of the task layer's network factory, so that the
 network rebuilt from them is exactly the trained one, and every one of its tensors
-must come from the file (`load_exactly`): a command never evaluates, predicts, exports or draws from
-newly initialised weights. This module knows the file format only, never the networks.
+must come from the file (`load_exactly`), and be finite: a command never evaluates, predicts, exports
+or draws from newly initialised weights. This module knows the file format only, never the networks:
+it checks that every field is one it knows, of its type (`as_checkpoint`); what the values mean
+(the model, its arguments, the settings) is checked by the commands that read them, as the command
+line's own options are.
 
 Plain state dicts (timm, the official PVT releases) and their usual wrappers ("state_dict",
 "model", "model_ema", a "module." prefix from DistributedDataParallel) are read too.
@@ -25,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .spec import shown
 
 FORMAT = "hafa"
 VERSION = 1
@@ -35,6 +39,9 @@ TASK_COMMANDS = {
     "detection": ("hafa det-train", "hafa det-eval"),
 }
 REQUIRED_FIELDS = ("task", "model", "classes", "settings", "state_dict")
+# Every field a checkpoint may hold: best.pth's, and what last.pth adds to resume (TRAINING_STATE_FIELDS).
+TRAINING_STATE_FIELDS = ("optimizer", "scheduler", "scaler", "train_state", "rng", "samples")
+FIELDS = ("format", "version", *REQUIRED_FIELDS, "metrics", "epoch", *TRAINING_STATE_FIELDS)
 NAMES_SHOWN = 8
 
 
@@ -150,15 +157,89 @@ def checkpoint_content(
     )
 
 
+def _described(value: object) -> str:
+    """A field's value as a message shows it: its type, and the value itself when short."""
+    text = " ".join(repr(value).split())
+    return f"{type(value).__name__} {text if len(text) <= 60 else text[:57] + '...'}"
+
+
+def _is_mapping(value: object) -> bool:
+    return isinstance(value, dict) and all(isinstance(key, str) for key in value)
+
+
+def _is_whole(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _field_problem(content: dict) -> str | None:
+    """What is wrong with the fields of a hafa checkpoint's content (the file format: their types), or
+    None. What the values mean (the model, its arguments, the settings) is the task layer's to check."""
+    unknown = [key for key in content if key not in FIELDS]
+    if unknown:
+        return f"unknown field {_described(unknown[0])} (a hafa checkpoint holds {', '.join(FIELDS)})"
+    if content.get("format") != FORMAT:
+        return f"format must be {FORMAT!r}, not {_described(content.get('format'))}"
+    model = content["model"]
+    if not isinstance(model, dict):
+        return f"model must be a mapping of name and args, not {_described(model)}"
+    extra = [key for key in model if key not in ("name", "args")]
+    if extra:
+        return f"model holds name and args only, not {extra[0]!r}"
+    missing = [key for key in ("name", "args") if key not in model]
+    if missing:
+        return f"model lacks {' and '.join(missing)}"
+    if not (isinstance(model["name"], str) and model["name"]):
+        return f"model.name must be a model's name, not {_described(model['name'])}"
+    if not _is_mapping(model["args"]):
+        return f"model.args must be a mapping of keyword arguments (names to values), not {_described(model['args'])}"
+    classes = content["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) and c for c in classes)):
+        return f"classes must be a list of at least one class name, not {_described(classes)}"
+    if not _is_mapping(content["settings"]):
+        return f"settings must be a mapping of settings, not {_described(content['settings'])}"
+    state_dict = content["state_dict"]
+    if not (_is_mapping(state_dict) and state_dict):
+        return f"state_dict must be a mapping of names to tensors, not {_described(state_dict)}"
+    not_tensors = [name for name, t in state_dict.items() if not isinstance(t, Tensor)]
+    if not_tensors:
+        first = not_tensors[0]
+        return f"state_dict must map names to tensors; {first!r} holds {_described(state_dict[first])}"
+    if not _is_mapping(content.get("metrics", {})):
+        return f"metrics must be a mapping of names to values, not {_described(content['metrics'])}"
+    if "epoch" in content and not _is_whole(content["epoch"], 0):
+        return f"epoch must be a whole number >= 0, not {_described(content['epoch'])}"
+    for key in ("optimizer", "scheduler", "scaler", "train_state"):
+        if key in content and not isinstance(content[key], dict):
+            return f"{key} must be a mapping (a state dict), not {_described(content[key])}"
+    if "rng" in content and not (
+        isinstance(content["rng"], list) and content["rng"] and all(_is_mapping(r) for r in content["rng"])
+    ):
+        return f"rng must be a list of RNG states (one mapping per process), not {_described(content['rng'])}"
+    samples = content.get("samples")
+    if samples is not None and not (
+        isinstance(samples, Tensor) and samples.dtype == torch.uint8 and samples.dim() == 1
+    ):
+        return f"samples must be the training files' names packed as a uint8 tensor, not {_described(samples)}"
+    return None
+
+
 def as_checkpoint(content: dict, path: str) -> Checkpoint:
-    """A hafa checkpoint's content as a Checkpoint; CheckpointError when it is not one this version reads."""
-    if content.get("version") != VERSION:
+    """A hafa checkpoint's content as a Checkpoint; CheckpointError when it is not one this version reads
+    (another version, a field missing, unknown or of another type: one line naming the field)."""
+    if type(content.get("version")) is not int or content["version"] != VERSION:
         raise CheckpointError(
-            f"{path} is a hafa checkpoint of format version {content.get('version')}; this hafa reads version {VERSION}"
+            f"{path} is a hafa checkpoint of format version {shown(content.get('version'))}; this hafa reads "
+            f"version {VERSION}"
         )
     missing = [key for key in REQUIRED_FIELDS if key not in content]
-    if missing or content.get("task") not in TASK_COMMANDS:
-        raise CheckpointError(f"{path} is an incomplete hafa checkpoint (missing {', '.join(missing) or 'a task'})")
+    if missing or not isinstance(content.get("task"), str) or content["task"] not in TASK_COMMANDS:
+        raise CheckpointError(
+            f"{path} is an incomplete hafa checkpoint (missing {', '.join(missing) or 'a task'}; task must be one "
+            f"of {', '.join(TASK_COMMANDS)})"
+        )
+    problem = _field_problem(content)
+    if problem:
+        raise CheckpointError(f"{path}: {problem}")
     return Checkpoint(
         path=path,
         task=content["task"],
@@ -235,7 +316,19 @@ def load_exactly(model: nn.Module, state_dict: dict[str, Tensor], source: str, m
             f"{source} does not hold exactly the weights of {model_name}: {'; '.join(problems)}. "
             "Nothing is computed from newly initialised weights."
         )
+    check_finite(state_dict, source)
     model.load_state_dict(state_dict)
+
+
+def check_finite(state_dict: dict[str, Tensor], source: str) -> None:
+    """Weights must be finite: a model with a NaN or infinite weight computes NaN, and an evaluation of it
+    would report a meaningless number."""
+    broken = [name for name, t in state_dict.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if broken:
+        raise CheckpointError(
+            f"{source} holds weights that are not finite (NaN or infinity) in {len(broken)} tensors "
+            f"({names_shown(broken)}): was the run diverging when it was saved? Nothing is computed from them"
+        )
 
 
 def check_model_options(

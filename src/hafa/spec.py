@@ -24,13 +24,20 @@ class SettingError(UserError, ValueError):
     """A setting's value is of the wrong type or out of its range."""
 
 
+# A value shown in a message is cut to this many characters (a checkpoint's field may hold anything).
+SHOWN_LENGTH = 100
+
+
 def shown(value: Any) -> str:
-    """A value as the message shows it: texts quoted, numbers and lists as written."""
+    """A value as the message shows it: texts quoted, numbers and lists as written, cut when long."""
     if isinstance(value, str):
-        return repr(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(shown(v) for v in value) + "]"
-    return str(value)
+        text = repr(value)
+    elif isinstance(value, (list, tuple)):
+        text = "[" + ", ".join(shown(v) for v in value[:SHOWN_LENGTH]) + "]"
+    else:
+        text = str(value)
+    text = " ".join(text.split())  # one line
+    return text if len(text) <= SHOWN_LENGTH else text[: SHOWN_LENGTH - 3] + "..."
 
 
 def yaml_value(text: str) -> Any:
@@ -209,6 +216,20 @@ class Text(Setting):
         return self.check(text, name)
 
 
+class Mapping(Setting):
+    """A mapping of names (texts) to values; `describe` says what it holds."""
+
+    def __init__(self, default: Any = None, *, describe: str = "a mapping of names to values", **kwargs):
+        super().__init__(default, **kwargs)
+        self.describe = describe
+
+    def _allowed(self) -> str:
+        return self.describe
+
+    def _convert(self, value: Any) -> dict | None:
+        return dict(value) if isinstance(value, dict) and all(isinstance(key, str) for key in value) else None
+
+
 class Values(Setting):
     """A list of `length` values (or at least `min_length`), each allowed by `item`; `ordered`: each at
     least the one before it."""
@@ -290,16 +311,18 @@ class RecipeSpec:
             raise SettingError(f"{where} has unknown settings: {', '.join(unknown)}")
         return {key: self.settings[key].check(value, f"{where}: {key}") for key, value in values.items()}
 
-    def check_relations(self, recipe: dict) -> None:
+    def check_relations(self, recipe: dict, where: str = "") -> None:
+        """The rules between keys hold; where: what the message names first, when given."""
         for relation in self.relations:
             values = [recipe[key] for key in relation.keys]
             if all(v is not None for v in values) and not relation.holds(*values):
                 current = ", ".join(f"{key} {shown(v)}" for key, v in zip(relation.keys, values))
-                raise SettingError(f"{current}: {relation.rule}")
+                raise SettingError(f"{where}: {current}: {relation.rule}" if where else f"{current}: {relation.rule}")
 
-    def check(self, recipe: dict, where: str = "recipe") -> dict:
+    def check(self, recipe: dict, where: str = "recipe", name_relations: bool = False) -> dict:
         """A complete recipe: every key known and allowed (missing keys take their default), and the
-        relations hold. -> the recipe with values in their settings' types."""
+        relations hold. -> the recipe with values in their settings' types. name_relations: a broken
+        rule's message names `where` too (a recipe read back from a file)."""
         checked = {**self.defaults(), **self.check_values(recipe, where)}
-        self.check_relations(checked)
+        self.check_relations(checked, where if name_relations else "")
         return checked

@@ -7,6 +7,7 @@ embedded MNIST-5k trains a HAFA model and its baseline with a short recipe, side
 """
 
 import argparse
+import math
 import os
 
 import torch
@@ -16,14 +17,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
 from timm.utils import accuracy
 
-from ..checkpoint import (
-    Checkpoint,
-    check_model_options,
-    check_task,
-    checkpoint_content,
-    read_checkpoint,
-    read_checkpoint_or_state_dict,
-)
+from ..checkpoint import Checkpoint, check_model_options, check_task, checkpoint_content
 from ..compiled import compile_network
 from ..data.checks import check_image_folder
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
@@ -55,6 +49,7 @@ from .processes import ProcessContext, all_sum
 from .recipes import build_optimizer
 from .run_log import progress_bar
 from .sampling import EpochSampler, evaluation_loader
+from .saved import read_saved, read_saved_or_state_dict
 from .settings import CLASSIFICATION_RECIPE, ClassificationSettings
 from .training import Training, autocast_context, train
 
@@ -157,6 +152,12 @@ def evaluate(
     loss, hits1, hits5, count, skipped = all_sum(sums, processes)
     if count == 0:
         raise UserError("no readable validation images")
+    if not math.isfinite(loss):
+        raise UserError(
+            f"the evaluation's loss is {loss / count}: the model's logits are not finite (NaN or infinity) for "
+            f"some of the {int(count)} images; no accuracy is reported from them"
+            + (" (try --amp none)" if amp != "none" else "")
+        )
     return dict(
         loss=loss / count, top1=100 * hits1 / count, top5=100 * hits5 / count, images=int(count), skipped=int(skipped)
     )
@@ -355,7 +356,7 @@ def _print_metrics(metrics: dict) -> None:
 
 
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
-    source = read_checkpoint_or_state_dict(args.checkpoint)
+    source = read_saved_or_state_dict(args.checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa eval")
         check_model_options(
@@ -393,8 +394,8 @@ def predict_classification(
 ) -> dict:
     """Classify one image with a `hafa train` checkpoint and write it as a PNG titled with the top
     classes. -> dict(output, top: [(class name, probability %)])."""
-    saved = read_checkpoint(checkpoint, "classification", "hafa predict")
-    classes, recipe = saved.classes, ClassificationSettings.from_dict(saved.settings).recipe
+    saved = read_saved(checkpoint, "classification", "hafa predict")
+    classes, recipe = saved.classes, saved.settings["recipe"]
     model = build_model(saved)
     image = read_rgb(image_path)
     if image is None:

@@ -3,21 +3,25 @@ the HAFA model and run options, running a job in one or several processes, train
 list (a HAFA model and, on request, its baseline), resume checks and the summary against baselines."""
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from typing import Any
 
-from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
+from ..checkpoint import TRAINING_STATE_FIELDS, Checkpoint
 from ..errors import UserError
 from ..models._base import HAFA_OPTIONS
 from ..models.table import BASELINE
-from ..spec import RecipeSpec
+from ..spec import Mapping, Number, RecipeSpec, SettingError, Whole
 from .networks import backbone_arguments
 from .options import Device, OutputDir, add_setting, write_json
 from .processes import ProcessContext, barrier, close_processes, init_processes
 from .recipes import load_recipe, override_recipe
 from .run_log import setup_console_logging
+from .saved import read_saved_or_state_dict
 from .settings import RUN_OPTIONS, RunSettings
+from .training import TrainState
 
 # the embedded-data demos of every task: the smallest HAFA model and its baseline
 DEMO_MODELS = ("hafa_pvt_v2_b0", "pvt_v2_b0")
@@ -188,13 +192,44 @@ def models_to_train(names: Sequence[str], with_baselines: bool, demo_models: Seq
     return models
 
 
+# What a last.pth's train_state holds (training.TrainState's fields), each with its setting.
+TRAIN_STATE = dict(
+    epoch=Whole(low=0),
+    step_in_epoch=Whole(low=0),
+    global_step=Whole(low=0),
+    best_score=Number(),
+    best_epoch=Whole(low=-1),
+    epoch_loss_sum=Number(),
+    epoch_steps=Whole(low=0),
+    best_metrics=Mapping(optional=True),
+)
+
+
+def _check_training_state(checkpoint: Checkpoint) -> None:
+    """What a resume reads besides the model: every field of the training state there, its train_state
+    of TrainState's fields and types (best_score -inf before a first finished epoch)."""
+    missing = [key for key in TRAINING_STATE_FIELDS if key not in checkpoint.content]
+    if missing:
+        raise UserError(f"{checkpoint.path} lacks {', '.join(missing)}: it is not a last.pth a run can be resumed from")
+    state = checkpoint.content["train_state"]
+    where = f"{checkpoint.path}: train_state"
+    declared = [f.name for f in fields(TrainState)]
+    if set(state) != set(declared):
+        raise SettingError(f"{where} must hold {', '.join(declared)}, not {', '.join(map(str, state))}")
+    for key, value in state.items():
+        if not (key == "best_score" and value == -math.inf):
+            TRAIN_STATE[key].check(value, f"{where}.{key}")
+
+
 def check_resumable(settings: RunSettings) -> None:
-    """A resumed run must be the same run: same model, data and recipe (epochs may grow)."""
+    """A resumed run must be the same run: same model, data and recipe (epochs may grow); its last.pth
+    read through the checks every checkpoint reader makes, and its training state's."""
     last = os.path.join(settings.run_dir, "last.pth")
     current = settings.as_dict()
-    checkpoint = read_checkpoint_or_state_dict(last)
+    checkpoint = read_saved_or_state_dict(last)
     if not isinstance(checkpoint, Checkpoint):
         raise UserError(f"{last} is not a checkpoint of a hafa run; it cannot be resumed")
+    _check_training_state(checkpoint)
     saved = checkpoint.settings
     differences = [key for key in RESUME_FIXED if saved.get(key) != current.get(key)]
     differences += [

@@ -18,7 +18,7 @@ import torch
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
-from ..checkpoint import Checkpoint, checkpoint_content, read_checkpoint
+from ..checkpoint import Checkpoint, checkpoint_content
 from ..compiled import compile_network
 from ..data.checks import check_coco
 from ..data.coco import CocoInstances, collate_detection, find_split
@@ -50,29 +50,17 @@ from .commands import (
 )
 from .detection_metrics import METRICS, evaluate_detection
 from .drawing import PALETTE, shrink_to_draw
-from .networks import backbone_of, build_model, create_network, detector_arguments
+from .networks import RCNN_OPTIONS, backbone_of, build_model, create_network, detector_arguments
 from .options import add_json_option, add_setting, image_side
 from .processes import ProcessContext
 from .recipes import build_optimizer
 from .run_log import format_metric
 from .sampling import EpochSampler
+from .saved import read_saved
 from .settings import DETECTION_RECIPE, DetectionSettings
 from .training import Training, train
 
 _logger = logging.getLogger("hafa")
-
-# torchvision MaskRCNN settings a recipe may set (the image sizes, proposals and sampled RoIs).
-RCNN_OPTIONS = (
-    "min_size",
-    "max_size",
-    "rpn_pre_nms_top_n_train",
-    "rpn_post_nms_top_n_train",
-    "rpn_pre_nms_top_n_test",
-    "rpn_post_nms_top_n_test",
-    "rpn_batch_size_per_image",
-    "box_batch_size_per_image",
-    "box_detections_per_img",
-)
 
 RECIPE = DETECTION_RECIPE
 RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
@@ -311,12 +299,12 @@ def load_detector(
     """The exact Mask R-CNN of a det-train checkpoint, in eval mode, and the checkpoint; image_sizes:
     min_size / max_size to resize to instead of the recipe's (they change the inputs, not the weights);
     size_buckets: pad batches to size buckets or not (default: as the run that wrote the checkpoint)."""
-    saved = read_checkpoint(path, "detection", command)
+    saved = read_saved(path, "detection", command)
     model = build_model(saved)
     for key, value in (image_sizes or {}).items():
         setattr(model.transform, key, (value,) if key == "min_size" else value)
     if size_buckets is None:
-        size_buckets = DetectionSettings.from_dict(saved.settings).size_buckets
+        size_buckets = saved.settings["size_buckets"]  # checked, its default filled in (check_saved)
     use_size_buckets(model, size_buckets)
     return model, saved
 
@@ -365,7 +353,7 @@ def _print_metrics(metrics: dict) -> None:
 def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
     model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides, args.size_buckets)
-    settings = DetectionSettings.from_dict(saved.settings)
+    settings = DetectionSettings.from_saved(saved.settings, f"{args.checkpoint}: settings")
     RECIPE.check_relations({**settings.recipe, **overrides})
     data = args.data or settings.data
     if args.data is None and not os.path.isdir(data) and data.endswith(os.path.join("scenes", "coco")):

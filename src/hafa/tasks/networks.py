@@ -6,21 +6,81 @@ settings. A checkpoint stores them (model.args), so the same call rebuilds the t
 """
 
 import inspect
+from functools import cache
 
 import timm
 import torch
 from torch import Tensor, nn
 
-from ..checkpoint import Checkpoint, CheckpointError, load_exactly, names_shown
+from ..checkpoint import Checkpoint, CheckpointError, check_finite, load_exactly, names_shown
 from ..errors import UserError, unknown_name
 from ..models._base import HAFA_OPTIONS as MODEL_HAFA_OPTIONS
+from ..models._base import MODEL_ARGUMENTS
 from ..models.mask_rcnn import create_mask_rcnn
 from ..models.semantic_fpn import create_semantic_fpn
 from ..models.table import BASELINE
 from ..pretrained import adapt_state_dict
+from ..spec import Flag, Mapping, Setting, SettingError, Whole, shown
+from .options import image_side
+from .settings import DETECTION_RECIPE, MAX_CHANNELS
 
 # The HAFA constructor options a user may choose (a model takes those its constructor names).
 HAFA_OPTIONS = tuple(MODEL_HAFA_OPTIONS)
+# torchvision MaskRCNN settings a recipe may set (the image sizes, proposals and sampled RoIs).
+RCNN_OPTIONS = (
+    "min_size",
+    "max_size",
+    "rpn_pre_nms_top_n_train",
+    "rpn_post_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_test",
+    "rpn_batch_size_per_image",
+    "box_batch_size_per_image",
+    "box_detections_per_img",
+)
+
+# What a checkpoint's model.args may hold: the keywords the *_arguments functions below write, each with
+# its setting. A backbone takes those of BACKBONE_ARGUMENTS its constructor names, and a HAFA model the
+# HAFA options; nothing else ever reaches timm.create_model (checkpoint_path, pretrained,
+# pretrained_cfg_overlay ... would make a checkpoint decide what other file is read).
+BACKBONE_ARGUMENTS: dict[str, Setting] = dict(
+    num_classes=MODEL_ARGUMENTS["num_classes"],
+    img_size=image_side(),
+    drop_path_rate=MODEL_ARGUMENTS["drop_path_rate"],
+    drop_rate=MODEL_ARGUMENTS["drop_rate"],
+    strict_img_size=Flag(),
+)
+# The backbone of a dense task has no classifier (the task layer writes num_classes=0, or none).
+DENSE_BACKBONE_CLASSES = Whole(0, low=0, high=0, note="a dense task's backbone has no classifier")
+_WIDTH = Whole(low=1, high=MAX_CHANNELS)
+_KEYWORDS = Mapping(describe="a mapping of keyword arguments")
+
+
+class GroupNormWidth(Whole):
+    """A width that GroupNorm's 32 groups divide (Semantic FPN's head)."""
+
+    def _allowed(self) -> str:
+        return super()._allowed() + ", a multiple of 32 (GroupNorm's groups)"
+
+    def _convert(self, value):
+        width = super()._convert(value)
+        return width if width is not None and width % 32 == 0 else None
+
+
+# A task's network's own arguments (classification: the backbone's, at the top level).
+NETWORK_ARGUMENTS: dict[str, dict[str, Setting]] = dict(
+    classification={},
+    segmentation=dict(
+        num_classes=Whole(low=1),
+        backbone=_KEYWORDS,
+        dropout=MODEL_ARGUMENTS["drop_rate"],
+        fpn_channels=_WIDTH,
+        head_channels=GroupNormWidth(low=32, high=MAX_CHANNELS),
+    ),
+    detection=dict(num_classes=Whole(low=1), backbone=_KEYWORDS, fpn_channels=_WIDTH, rcnn=_KEYWORDS),
+)
+REQUIRED_ARGUMENTS = ("num_classes", "backbone")
+RCNN_ARGUMENTS: dict[str, Setting] = {key: DETECTION_RECIPE[key] for key in RCNN_OPTIONS}
 
 
 def _on_meta_device(name: str, **kwargs) -> nn.Module:
@@ -34,14 +94,20 @@ def _on_meta_device(name: str, **kwargs) -> nn.Module:
         raise UserError(f"{name}: {error}") from error
 
 
+@cache
+def constructor_parameters(name: str) -> frozenset[str]:
+    """The keyword arguments the constructor of timm's `name` names (a HAFA model's: its base model's)."""
+    model = _on_meta_device(name)
+    constructor = getattr(model, "base_class", type(model)).__init__
+    return frozenset(inspect.signature(constructor).parameters)
+
+
 def backbone_arguments(name: str, hafa_options: dict, **common) -> dict:
     """Complete timm keywords for `name`: the `common` ones its constructor takes (img_size,
     strict_img_size ... are left out where it does not; a HAFA model passes them to the model it
     converts) and, for a HAFA model, every HAFA option, as chosen or else the model's own value.
     HAFA options are ignored for baselines."""
-    model = _on_meta_device(name)
-    constructor = getattr(model, "base_class", type(model)).__init__
-    parameters = inspect.signature(constructor).parameters
+    parameters = constructor_parameters(name)
     args = {key: value for key, value in common.items() if key in parameters}
     if name not in BASELINE:
         return args
@@ -86,6 +152,58 @@ def detector_arguments(
         name, hafa_options, num_classes=0, drop_path_rate=drop_path_rate, strict_img_size=False
     )
     return dict(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels, rcnn=dict(rcnn))
+
+
+def _check_keywords(args: object, settings: dict[str, Setting], where: str, required: tuple = ()) -> dict:
+    """Keyword arguments read from a file: a mapping of the names `settings` knows, each value allowed by
+    its setting, the `required` ones present. SettingError naming `where`, the name and the value."""
+    args = _KEYWORDS.check(args, where)
+    unknown = [key for key in args if key not in settings]
+    if unknown:
+        known = ", ".join(settings) or "none"
+        raise SettingError(
+            f"{where}: {shown(unknown[0])} is not an argument a hafa checkpoint records here (it records: {known})"
+        )
+    missing = [key for key in required if key in settings and key not in args]
+    if missing:
+        raise SettingError(f"{where} lacks {', '.join(missing)}")
+    return {key: settings[key].check(value, f"{where}.{key}") for key, value in args.items()}
+
+
+def _check_backbone_arguments(name: str, args: object, where: str, dense: bool) -> dict:
+    """A backbone's keywords in a checkpoint: those of BACKBONE_ARGUMENTS its constructor names (no
+    classifier for a dense task's), the HAFA options for a HAFA model, each allowed; then the model built
+    from them on the meta device (no memory, no file), where a combination the model refuses (e.g. SIA
+    before a stage without attention) says so."""
+    parameters = constructor_parameters(name)
+    settings = {key: setting for key, setting in BACKBONE_ARGUMENTS.items() if key in parameters}
+    if dense and "num_classes" in settings:
+        settings["num_classes"] = DENSE_BACKBONE_CLASSES
+    if name in BASELINE:
+        settings.update(MODEL_HAFA_OPTIONS)
+    checked = _check_keywords(args, settings, where)
+    try:
+        _on_meta_device(name, **checked)
+    except UserError as error:
+        raise SettingError(f"{where}: {error}") from None
+    except Exception as error:  # timm asserts on some combinations of otherwise allowed values
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise SettingError(f"{where}: {name} cannot be built with these arguments ({reason})") from None
+    return checked
+
+
+def check_network_arguments(task: str, name: str, args: object, where: str) -> dict:
+    """A checkpoint's model.args (`where`, e.g. 'best.pth: model.args') for a network of `task` on timm's
+    `name`, checked as the command line's options are: only what the *_arguments functions write, each
+    value in its type and range. -> the arguments in their settings' types (3.0 classes as 3); a
+    SettingError (a UserError) naming the argument and the value otherwise."""
+    if task == "classification":
+        return _check_backbone_arguments(name, args, where, dense=False)
+    checked = _check_keywords(args, NETWORK_ARGUMENTS[task], where, REQUIRED_ARGUMENTS)
+    checked["backbone"] = _check_backbone_arguments(name, checked["backbone"], f"{where}.backbone", dense=True)
+    if "rcnn" in checked:
+        checked["rcnn"] = _check_keywords(checked["rcnn"], RCNN_ARGUMENTS, f"{where}.rcnn")
+    return checked
 
 
 def create_network(task: str, name: str, args: dict) -> nn.Module:
@@ -158,5 +276,6 @@ def build_classifier_from_state_dict(
             f"{path} does not hold exactly the weights of {model_name} with {num_classes} classes: "
             f"{'; '.join(problems)}. Nothing is computed from newly initialised weights."
         )
+    check_finite(adapted, path)
     model.load_state_dict(adapted)
     return model.eval()

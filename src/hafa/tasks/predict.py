@@ -5,10 +5,11 @@ import os
 
 from matplotlib import cbook
 
-from ..checkpoint import Checkpoint, read_checkpoint_or_state_dict
+from ..checkpoint import Checkpoint
 from ..errors import UserError
 from ..spec import Number
 from .options import Device, OutputFile, add_setting
+from .saved import read_saved_or_state_dict
 
 
 def add_arguments(parser) -> None:
@@ -34,7 +35,7 @@ def run(args) -> int:
     output = args.output or OutputFile().check(
         f"{os.path.splitext(os.path.basename(image))[0]}_prediction.png", "--output"
     )
-    source = read_checkpoint_or_state_dict(args.checkpoint)
+    source = read_saved_or_state_dict(args.checkpoint)
     if not isinstance(source, Checkpoint):
         raise UserError(
             f"{args.checkpoint} is a plain state dict; hafa predict takes a checkpoint of hafa train, seg-train or "

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 from torch import nn
 
-from ..checkpoint import checkpoint_content, read_checkpoint
+from ..checkpoint import checkpoint_content
 from ..compiled import compile_network
 from ..data.checks import check_segmentation_pairs
 from ..data.folder import read_rgb
@@ -62,6 +62,7 @@ from .options import add_json_option, add_setting
 from .processes import ProcessContext
 from .recipes import build_optimizer
 from .sampling import EpochSampler
+from .saved import read_saved
 from .segmentation_metrics import evaluate_segmentation, infer_logits
 from .settings import SEGMENTATION_RECIPE, SegmentationSettings
 from .training import Training, train
@@ -363,8 +364,8 @@ def train_job(args, processes: ProcessContext) -> int:
 
 def load_segmenter(checkpoint: str, command: str) -> tuple[nn.Module, SegmentationSettings]:
     """A `hafa seg-train` checkpoint -> (its exact SemanticFPN in eval mode on the CPU, its training settings)."""
-    saved = read_checkpoint(checkpoint, "segmentation", command)
-    return build_model(saved), SegmentationSettings.from_dict(saved.settings)
+    saved = read_saved(checkpoint, "segmentation", command)
+    return build_model(saved), SegmentationSettings.from_saved(saved.settings, f"{checkpoint}: settings")
 
 
 # ---------------------------------------------------------------- seg-eval

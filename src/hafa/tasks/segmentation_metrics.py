@@ -89,7 +89,7 @@ def evaluate_segmentation(
     num_classes = len(class_names)
     loader = evaluation_loader(dataset, 1, workers, processes, collate_segmentation)
     matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    images, skipped = 0, 0
+    images, skipped, not_finite = 0, 0, 0
     for batch in progress_bar(loader, processes, desc=desc, leave=False):
         batch.check()
         skipped += batch.skipped
@@ -99,12 +99,18 @@ def evaluate_segmentation(
             logits = infer_logits(model, batch.images.to(processes.device), mode, crop, stride)
         logits = F.interpolate(logits.float(), size=batch.labels.shape[-2:], mode="bilinear", align_corners=False)
         matrix += confusion_matrix(logits.argmax(1), batch.labels.to(processes.device), num_classes)
+        not_finite += int(not torch.isfinite(logits).all())  # the matrix is read on the host anyway
         images += 1
-    summed = all_sum(matrix.flatten().tolist() + [images, skipped], processes)
-    images, skipped = int(summed[-2]), int(summed[-1])
+    summed = all_sum(matrix.flatten().tolist() + [images, skipped, not_finite], processes)
+    images, skipped, not_finite = int(summed[-3]), int(summed[-2]), int(summed[-1])
     if images == 0:
         raise UserError("no readable validation images")
-    matrix = torch.tensor(summed[:-2], dtype=torch.float64).reshape(num_classes, num_classes)
+    if not_finite:
+        raise UserError(
+            f"the model's logits are not finite (NaN or infinity) for {not_finite} of the {images} images: "
+            "no mIoU is reported from them" + (" (try --amp none)" if amp != "none" else "")
+        )
+    matrix = torch.tensor(summed[:-3], dtype=torch.float64).reshape(num_classes, num_classes)
     if matrix.sum() == 0:
         raise UserError(
             f"no pixel of the {images} evaluated masks is labelled (every value is ignore): mIoU is undefined; "

@@ -1,19 +1,38 @@
 """The settings of a training run, one dataclass per task, and each task's recipe: every recipe key with
 its type, range and default (the shipped recipe files and `--set` override them), and the rules
 between keys. A run's settings are built once from the recipe and the options, checked (`check`),
-saved in the checkpoint (as a dict) and read back from it by the commands that evaluate or predict."""
+saved in the checkpoint (as a dict) and read back from it by the commands that evaluate or predict,
+through the same checks (`from_saved`): every field of its type and range, no field unknown."""
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, TypeVar
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar
 
 from timm.optim import list_optimizers
 
 from ..data.segmentation import IGNORE_INDEX
 from ..models._base import HAFA_OPTIONS
-from ..spec import Choice, Flag, Number, RecipeSpec, Relation, Setting, SettingError, Text, Values, Whole
+from ..spec import (
+    Choice,
+    Flag,
+    Mapping,
+    Number,
+    RecipeSpec,
+    Relation,
+    Setting,
+    SettingError,
+    Text,
+    Values,
+    Whole,
+    shown,
+)
 from .options import image_side
 
 Settings = TypeVar("Settings", bound="RunSettings")
+
+
+# The widest neck or head a network takes (channels): wider ones would not fit in memory.
+MAX_CHANNELS = 4096
 
 
 def _optimizer() -> Choice:
@@ -99,7 +118,13 @@ CLASSIFICATION_RECIPE = RecipeSpec(
         drop_path=_rate(0.1),
         drop_rate=_rate(0.0),
     ),
-    [Relation(("warmup_epochs", "epochs"), lambda w, e: w <= e, "the warm-up cannot be longer than the run")],
+    [
+        Relation(
+            ("warmup_epochs", "epochs"),
+            lambda w, e: w <= e,
+            "the warm-up cannot be longer than the run: shorten it with --warmup-epochs (or run longer with --epochs)",
+        )
+    ],
 )
 
 # Semantic segmentation (Semantic FPN, the paper's ADE20K recipe).
@@ -132,7 +157,12 @@ SEGMENTATION_RECIPE = RecipeSpec(
         eval_stride=Values([341, 341], item=Whole(low=1), length=2),
     ),
     [
-        Relation(("warmup_iterations", "iterations"), lambda w, i: w <= i, "the warm-up cannot be longer than the run"),
+        Relation(
+            ("warmup_iterations", "iterations"),
+            lambda w, i: w <= i,
+            "the warm-up cannot be longer than the run: shorten it with --set warmup_iterations=N (or run longer "
+            "with --iterations)",
+        ),
         Relation(
             ("eval_stride", "eval_crop"),
             lambda stride, crop: all(s <= c for s, c in zip(stride, crop)),
@@ -157,7 +187,7 @@ DETECTION_RECIPE = RecipeSpec(
         max_size=image_side(1333),
         hflip=_share(0.5),
         filter_empty=Flag(True),
-        fpn_channels=Whole(256, low=1),
+        fpn_channels=Whole(256, low=1, high=MAX_CHANNELS),
         drop_path=_rate(0.1),
         rpn_pre_nms_top_n_train=Whole(2000, low=1),
         rpn_post_nms_top_n_train=Whole(1000, low=1),
@@ -185,12 +215,58 @@ RUN_OPTIONS = dict(
 )
 
 
+def _text(describe: str, **kwargs) -> Text:
+    return Text(None, describe=describe, **kwargs)
+
+
+class SegmentationData(Setting):
+    """Where segmentation pairs are, as data_pairs takes it: {'layout': 'ade20k', 'root': PATH} or
+    {'layout': 'folders', 'train': [IMAGES, MASKS], 'val': [IMAGES, MASKS]} (a split may be missing)."""
+
+    def _allowed(self) -> str:
+        return (
+            "{'layout': 'ade20k', 'root': PATH} or {'layout': 'folders', 'train': [IMAGES, MASKS], "
+            "'val': [IMAGES, MASKS]}"
+        )
+
+    def _convert(self, value: Any) -> dict | None:
+        if not isinstance(value, dict):
+            return None
+        if value.get("layout") == "ade20k" and set(value) == {"layout", "root"}:
+            return dict(value) if isinstance(value["root"], str) and value["root"] else None
+        pair = Values(item=Text())
+        if value.get("layout") == "folders" and set(value) - {"layout"} and set(value) <= {"layout", "train", "val"}:
+            splits = {split: pair._convert(folders) for split, folders in value.items() if split != "layout"}
+            if all(folders is not None and len(folders) == 2 for folders in splits.values()):
+                return dict(layout="folders", **splits)
+        return None
+
+
+_DEVICE = re.compile(r"cpu|cuda(?::\d+)?")
+
+
+def _split_name(name: str) -> bool:
+    """A COCO split's name: one folder of the data root (ROOT/<split>, ROOT/annotations/instances_<split>.json)."""
+    return re.fullmatch(r"[\w.-]+", name) is not None and name not in (".", "..")
+
+
 @dataclass(kw_only=True)
 class RunSettings:
     """What every training run is: a model on data with a recipe (the task's recipe settings, checked
     against its spec), in a run folder."""
 
     RECIPE = RecipeSpec({})
+    # Every field's type and range (the recipe's keys, the run options and the HAFA options are checked
+    # by `check` against their own specs): what a checkpoint's settings are read back through.
+    FIELDS: ClassVar[dict[str, Setting]] = dict(
+        model=_text("a timm model name"),
+        recipe=Mapping(describe="a mapping of recipe settings"),
+        run_dir=_text("a folder"),
+        resume=Flag(),
+        hafa_options=Mapping(describe="a mapping of HAFA options"),
+        device=_text("cpu, cuda or cuda:N", valid=_DEVICE.fullmatch, optional=True),
+        **RUN_OPTIONS,
+    )
 
     model: str
     recipe: dict[str, Any]
@@ -204,32 +280,62 @@ class RunSettings:
     compile: str | None = None  # torch.compile mode of the network (None: eager)
 
     @classmethod
-    def from_dict(cls: type[Settings], values: dict) -> Settings:
-        """Settings saved in a checkpoint (keys this version does not know are left out; not checked:
-        a checkpoint is read as it was trained)."""
-        known = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
+    def from_saved(cls: type[Settings], values: Any, where: str) -> Settings:
+        """Settings saved in a checkpoint, read through the command line's checks: no field unknown or
+        missing, each of its type and range, then `check` (the recipe, the run options, the HAFA
+        options). A SettingError names `where` (e.g. 'best.pth: settings'), the field and the value."""
+        if not isinstance(values, dict):
+            raise SettingError(f"{where} must be a mapping of settings, not {shown(values)}")
+        declared = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(declared), key=str)
+        if unknown:
+            raise SettingError(f"{where} has unknown fields: {', '.join(map(shown, unknown))}")
+        required = [name for name, f in declared.items() if f.default is MISSING and f.default_factory is MISSING]
+        missing = [name for name in required if name not in values]
+        if missing:
+            raise SettingError(f"{where} lacks {', '.join(missing)}")
+        checked = {name: cls.FIELDS[name].check(value, f"{where}.{name}") for name, value in values.items()}
+        return cls(**checked).check(where)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def check(self: Settings) -> Settings:
+    def check(self: Settings, where: str | None = None) -> Settings:
         """Every setting allowed: the recipe (each key's type and range, and the rules between keys),
-        the run options and the HAFA options. -> self, with values in their settings' types."""
-        self.recipe = self.RECIPE.check(self.recipe, "recipe setting")
+        the run options and the HAFA options. -> self, with values in their settings' types. where:
+        what the messages name (settings read back from a file), else the command line's names."""
+        prefix = "" if where is None else f"{where}."
+        if where is None:
+            self.recipe = self.RECIPE.check(self.recipe, "recipe setting")
+        else:
+            self.recipe = self.RECIPE.check(self.recipe, f"{where}.recipe", name_relations=True)
         for name, setting in RUN_OPTIONS.items():
-            setattr(self, name, setting.check(getattr(self, name), name))
+            setattr(self, name, setting.check(getattr(self, name), prefix + name))
+        options = "" if where is None else f"{where}.hafa_options"
         unknown = sorted(set(self.hafa_options) - set(HAFA_OPTIONS))
         if unknown:
-            raise SettingError(f"unknown HAFA options: {', '.join(unknown)} (known: {', '.join(HAFA_OPTIONS)})")
+            raise SettingError(
+                f"{options + ': ' if options else ''}unknown HAFA options: {', '.join(unknown)} "
+                f"(known: {', '.join(HAFA_OPTIONS)})"
+            )
         for name, value in self.hafa_options.items():
-            HAFA_OPTIONS[name].check(list(value) if isinstance(value, tuple) else value, name)
+            HAFA_OPTIONS[name].check(
+                list(value) if isinstance(value, tuple) else value, f"{options}.{name}".lstrip(".")
+            )
         return self
 
 
 @dataclass(kw_only=True)
 class ClassificationSettings(RunSettings):
     RECIPE = CLASSIFICATION_RECIPE
+    FIELDS: ClassVar[dict[str, Setting]] = dict(
+        RunSettings.FIELDS,
+        data=_text("a folder"),
+        init_from=_text("a checkpoint file", optional=True),
+        num_classes=Whole(None, low=1, optional=True),
+        grad_checkpointing=Flag(),
+        sync_bn=Flag(),
+    )
 
     data: str  # ROOT with ROOT/{train,val}/<class>/<image>
     init_from: str | None = None
@@ -241,6 +347,17 @@ class ClassificationSettings(RunSettings):
 @dataclass(kw_only=True)
 class SegmentationSettings(RunSettings):
     RECIPE = SEGMENTATION_RECIPE
+    FIELDS: ClassVar[dict[str, Setting]] = dict(
+        RunSettings.FIELDS,
+        data=SegmentationData(),
+        num_classes=Whole(None, low=1),
+        reduce_zero_label=Flag(),
+        class_names=Values(None, item=Text(), min_length=1),
+        ignore_index=Whole(IGNORE_INDEX, low=0, high=65535, note="a mask value"),
+        backbone_checkpoint=_text("a checkpoint file", optional=True),
+        sync_bn=Flag(),
+        norm_eval=Flag(),
+    )
 
     data: dict[str, Any]  # as hafa.data.segmentation.data_pairs takes it: the ADE20K layout or folder pairs
     num_classes: int
@@ -255,6 +372,17 @@ class SegmentationSettings(RunSettings):
 @dataclass(kw_only=True)
 class DetectionSettings(RunSettings):
     RECIPE = DETECTION_RECIPE
+    FIELDS: ClassVar[dict[str, Setting]] = dict(
+        RunSettings.FIELDS,
+        data=_text("a folder"),
+        train_split=_text("a split name (a folder's name: letters, digits, '.', '_', '-')", valid=_split_name),
+        val_split=_text("a split name (a folder's name: letters, digits, '.', '_', '-')", valid=_split_name),
+        init_from=_text("a checkpoint file", optional=True),
+        sync_bn=Flag(),
+        norm_eval=Flag(),
+        size_buckets=Flag(),
+        category_ids=Values(None, item=Whole()),
+    )
 
     data: str  # COCO ROOT
     train_split: str
@@ -266,3 +394,9 @@ class DetectionSettings(RunSettings):
     # compiled backbone needs (one graph per size); on for runs started with --compile
     size_buckets: bool = False
     category_ids: list[int] = field(default_factory=list)  # the training json's, in class order
+
+
+# Each task's settings, as a checkpoint's task names them.
+TASK_SETTINGS: dict[str, type[RunSettings]] = dict(
+    classification=ClassificationSettings, segmentation=SegmentationSettings, detection=DetectionSettings
+)

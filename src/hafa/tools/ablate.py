@@ -31,7 +31,6 @@ from functools import partial
 
 import torch
 
-from ..checkpoint import read_checkpoint
 from ..errors import UserError, unknown_name
 from ..models._base import BASELINE_AGGREGATION
 from ..models.registry import BASE_NAMES, BASELINE
@@ -41,6 +40,7 @@ from ..tasks.networks import sized_model
 from ..tasks.options import OutputDir
 from ..tasks.processes import ProcessContext, barrier
 from ..tasks.run_log import format_metric
+from ..tasks.saved import read_saved
 from ..tasks.training import RESULT_FILE, NonFiniteLoss, NothingLeftToDo
 from .bench.timing import interleaved_timings
 
@@ -499,7 +499,7 @@ def _input_side(results: list[RunResult], task: str) -> int:
     """The input side the runs trained at (the latency is timed there): from a finished run's recipe."""
     for r in results:
         if r.checkpoint and os.path.isfile(r.checkpoint):
-            recipe = read_checkpoint(r.checkpoint, task, "hafa ablate").settings["recipe"]
+            recipe = read_saved(r.checkpoint, task, "hafa ablate").settings["recipe"]
             for key in ("img_size", "crop_size", "min_size"):
                 if key in recipe:
                     side = recipe[key]

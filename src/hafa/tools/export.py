@@ -27,13 +27,14 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import Checkpoint, check_model_options, check_task, read_checkpoint_or_state_dict
+from ..checkpoint import Checkpoint, check_model_options, check_task
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
 from ..spec import Values, Whole
 from ..tasks.networks import build_classifier_from_state_dict, sized_model
 from ..tasks.networks import build_model as build_model_of
 from ..tasks.options import OutputFile, add_setting, image_side
+from ..tasks.saved import read_saved_or_state_dict
 
 OPSET = 18
 DEFAULT_MODEL = "hafa_pvt_v2_b0"
@@ -82,7 +83,7 @@ def build_model(
             raise unknown_name("model", name, sorted(known))
         torch.manual_seed(0)
         return sized_model(name, img_size, num_classes=1000 if num_classes is None else num_classes).eval()
-    source = read_checkpoint_or_state_dict(checkpoint)
+    source = read_saved_or_state_dict(checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa export")
         check_model_options(source, model_name=name, num_classes=num_classes)

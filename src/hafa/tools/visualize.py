@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..checkpoint import Checkpoint, check_model_options, check_task, read_checkpoint_or_state_dict
+from ..checkpoint import Checkpoint, check_model_options, check_task
 from ..errors import UserError, unknown_name
 from ..layers import LAA, SIA, DeformableConv2d, LAAPatchMerging, SIAOutput
 from ..layers.laa import sampling_positions
@@ -28,6 +28,7 @@ from ..spec import Values, Whole
 from ..tasks.networks import build_classifier_from_state_dict
 from ..tasks.networks import build_model as build_model_of
 from ..tasks.options import OutputFile, add_setting, image_side
+from ..tasks.saved import read_saved_or_state_dict
 
 DEFAULT_MODEL = "hafa_pvt_v2_b1"
 SHORT_SIDE, LONG_SIDE = 224, 1024  # default model input of an image
@@ -231,7 +232,7 @@ def build_model(args) -> tuple[torch.nn.Module, str]:
             raise unknown_name("HAFA model", name, sorted(BASELINE))
         torch.manual_seed(args.seed)
         return timm.create_model(name, **options).eval(), "random weights"
-    source = read_checkpoint_or_state_dict(args.checkpoint)
+    source = read_saved_or_state_dict(args.checkpoint)
     if isinstance(source, Checkpoint):
         check_task(source, "classification", "hafa visualize")
         check_model_options(source, model_name=args.model, num_classes=args.num_classes)
