@@ -7,10 +7,11 @@
 #   bash benchmarks/gpu_check.sh [--quick] [OUT_DIR]          (default: gpu_check/)
 #
 # --quick: at most 300 s on an H100 / H200 (the step limits add up to 300 s): a fast subset of the cuda
-# tests, bench eager in fp32 and bf16 at batch 1 and 64 with the training step, bench under CUDA graphs
-# in bf16, Triton against PyTorch for each kernel, and one epoch of torchrun --nproc_per_node=1 -m hafa
-# train (NCCL, SyncBatchNorm). One lent machine can measure, change and measure again within 15 minutes.
-# Without --quick: everything, about 10 minutes.
+# tests, bench eager in bf16 at batch 1 and 64 with the training step, bench compiled by inductor in bf16 at
+# batch 64 (inference and the training step, one step per pair so that a slow compile loses one pair only),
+# Triton against PyTorch for each kernel, and one epoch of torchrun --nproc_per_node=1 -m hafa train (NCCL,
+# SyncBatchNorm). One lent machine can measure, change and measure again within 15 minutes.
+# Without --quick: everything, about 12 minutes.
 #
 # It uses the python3 on PATH and the CUDA build of torch already there; hafa is used from src/ without
 # touching torch. On a machine without internet, put wheels of what is missing (e.g. pycocotools,
@@ -53,14 +54,15 @@ step environment 15 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_ver
 torchvision.__version__, timm.__version__, triton.__version__, torch.cuda.get_device_name())'"
 if [ "$QUICK" -eq 1 ]; then
     rm -rf /tmp/hafa-gpu-torchrun
-    step cuda-tests 90 "$PY" -m pytest -q -m cuda tests/test_kernels.py tests/test_cuda.py -p no:cacheprovider \
+    step cuda-tests 50 "$PY" -m pytest -q -m cuda tests/test_kernels.py tests/test_cuda.py -p no:cacheprovider \
         -k "not trains_on_cuda and not export" --durations=5
-    step bench-fp32 40 "${BENCH[@]}" --reps 5 --warmup 2 --json "$OUT/bench_fp32.json"
-    step bench-bf16 40 "${BENCH[@]}" --amp bf16 --reps 5 --warmup 2 --json "$OUT/bench_bf16.json"
-    step bench-cudagraphs-bf16 40 "${BENCH[@]}" --amp bf16 --compile cudagraphs --no-train --reps 5 --warmup 2 \
-        --json "$OUT/bench_cudagraphs_bf16.json"
-    step kernels 30 "$PY" benchmarks/bench_kernels.py --reps 10 --warmup 3 --json "$OUT/kernels.json"
-    step torchrun-nccl 45 "${TORCHRUN[@]}"
+    step bench-bf16 35 "${BENCH[@]}" --amp bf16 --reps 5 --warmup 2 --json "$OUT/bench_bf16.json"
+    for pair in "${PAIRS[@]}"; do
+        step "bench-inductor-bf16-$pair" 50 "$PY" -m hafa bench --device cuda --models "$pair" --batch-sizes 64 64 \
+            --no-memory --amp bf16 --compile default --reps 5 --warmup 1 --json "$OUT/bench_inductor_bf16_$pair.json"
+    done
+    step kernels 20 "$PY" benchmarks/bench_kernels.py --reps 10 --warmup 3 --json "$OUT/kernels.json"
+    step torchrun-nccl 30 "${TORCHRUN[@]}"
 else
     rm -rf /tmp/hafa-gpu-runs /tmp/hafa-gpu-torchrun
     step cuda-tests 300 "$PY" -m pytest -q -m cuda tests/test_kernels.py tests/test_cuda.py -p no:cacheprovider \
@@ -69,6 +71,8 @@ else
     step bench-bf16 75 "${BENCH[@]}" --amp bf16 --reps 10 --warmup 3 --json "$OUT/bench_bf16.json"
     step bench-cudagraphs 120 "$PY" -m hafa bench --device cuda --compile cudagraphs --models hafa_pvt_tiny \
         hafa_pvt_v2_b1 --batch-sizes 1 64 --reps 10 --warmup 3 --no-train --json "$OUT/bench_cudagraphs.json"
+    step bench-inductor-bf16 240 "${BENCH[@]}" --amp bf16 --compile default --reps 10 --warmup 1 \
+        --json "$OUT/bench_inductor_bf16.json"
     step kernels 60 "$PY" benchmarks/bench_kernels.py --json "$OUT/kernels.json"
     step bench-modules 45 "$PY" -m hafa bench --device cuda --modules --models hafa_pvt_v2_b1 --reps 10 --warmup 3 \
         --json "$OUT/bench_modules.json"

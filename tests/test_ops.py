@@ -310,3 +310,13 @@ def test_layout_composes_dictionaries():
     assert second.index.tolist() == [[0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]]
     assert second.grid_size == (4, 4)
     assert second.num_tokens == 4
+
+
+def test_dictionary_sizes_must_be_whole_numbers():
+    tokens, index = torch.randn(1, 3, 4), torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(
+        ValueError, match=r"token2map: out_size must be \(H, W\), two whole numbers >= 1, got \(2.0, 2\)"
+    ):
+        token2map(tokens, index, (2, 2), (2.0, 2))
+    with pytest.raises(ValueError, match="grid_size"):
+        map2token(torch.randn(1, 4, 2, 2), index, (2.0, 2.0), 3)

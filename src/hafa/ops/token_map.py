@@ -122,19 +122,28 @@ def _read(feature_map: Tensor, plan: ReadPlan, num_tokens: int) -> Tensor:
     return tokens.view(B, num_tokens, C)
 
 
+def _whole_numbers(size: Size) -> bool:
+    return all(isinstance(s, (int, torch.SymInt)) and not isinstance(s, bool) for s in size)
+
+
 def _check_dictionary(function: str, index: Tensor, grid_size: Size, batch: int, size: Size, size_name: str) -> None:
     """Shapes and types of a dictionary call (no device synchronisation: the index values are not read)."""
     if index.dim() != 2 or index.dtype != torch.long or index.shape[0] != batch:
         raise ValueError(
             f"{function}: index must be long B x (H*W) with B = {batch}, got {index.dtype} {tuple(index.shape)}"
         )
-    if len(grid_size) != 2 or min(grid_size) < 1 or grid_size[0] * grid_size[1] != index.shape[1]:
+    if (
+        len(grid_size) != 2
+        or not _whole_numbers(grid_size)
+        or min(grid_size) < 1
+        or grid_size[0] * grid_size[1] != index.shape[1]
+    ):
         raise ValueError(
             f"{function}: grid_size {tuple(grid_size)} must be (H, W) >= 1 with H*W = "
             f"{index.shape[1]} cells, as the index has"
         )
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"{function}: {size_name} must be (H, W) with H, W >= 1, got {tuple(size)}")
+    if len(size) != 2 or not _whole_numbers(size) or min(size) < 1:
+        raise ValueError(f"{function}: {size_name} must be (H, W), two whole numbers >= 1, got {tuple(size)}")
 
 
 def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) -> Tensor:
@@ -142,7 +151,9 @@ def token2map(tokens: Tensor, index: Tensor, grid_size: Size, out_size: Size) ->
 
     Args:
         tokens: B x M x C.
-        index: B x (H*W) long, the token of every cell of the H x W grid (raster order).
+        index: B x (H*W) long, the token of every cell of the H x W grid (raster order). Its values are not
+            checked (that would make the host wait for a GPU): one >= M is an index error on a CPU and
+            undefined on a GPU.
         grid_size: (H, W).
         out_size: (Ho, Wo) of the map to make; an output pixel covering several cells averages them.
 
