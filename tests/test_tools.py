@@ -9,7 +9,7 @@ from PIL import Image
 
 from hafa.cli import main
 from hafa.tools import bench, export, visualize
-from hafa.tools.bench import report
+from hafa.tools.bench import report, timing
 
 SMALLEST = "hafa_pvt_v2_b0"
 
@@ -242,3 +242,12 @@ def test_export_refuses_a_batch_of_one_that_would_fix_the_batch_axis(tmp_path, c
 def test_bench_refuses_fp16_on_cpu(capsys):
     assert main(["bench", "--device", "cpu", "--amp", "fp16", "--models", SMALLEST]) == 2
     assert "--amp fp16 needs a GPU" in capsys.readouterr().err
+
+
+def test_bench_knows_a_baseline_built_for_one_size():
+    swin = timm.create_model("swin_tiny_patch4_window7_224", img_size=64, window_size=2, num_classes=3)
+    assert timing.takes_size(swin, torch.randn(1, 3, 64, 64))
+    assert not timing.takes_size(swin, torch.randn(1, 3, 96, 96))
+    assert timing.takes_size(
+        timm.create_model("hafa_swin_tiny_patch4_window7_224", num_classes=3), torch.randn(1, 3, 96, 96)
+    )

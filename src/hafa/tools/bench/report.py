@@ -158,7 +158,11 @@ def compile_markdown(rows: list[dict], config: BenchConfig) -> str:
     for row in rows:
         compiled = row["compile"]
         cells = [row["model"]] + [f"{compiled[kind]['seconds']:.1f}" for kind, _ in kinds]
-        cells += [str(compiled["new_size"]["graphs"]), f"{compiled['new_size']['seconds']:.1f}"]
+        new_size = compiled["new_size"]
+        if new_size["graphs"] is None:
+            cells += ["- (one size only)", "-"]
+        else:
+            cells += [str(new_size["graphs"]), f"{new_size['seconds']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

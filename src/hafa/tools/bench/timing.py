@@ -252,6 +252,18 @@ def first_call(call: Callable[[], object], device: torch.device) -> dict:
     return dict(seconds=round(time.perf_counter() - start, 2), graphs=graphs_compiled() - graphs)
 
 
+def takes_size(model: nn.Module, images: torch.Tensor) -> bool:
+    """Whether the model (eager) takes images of this size: timm builds some baselines for one size only
+    (Swin's patch embedding asserts it)."""
+    model.eval()
+    try:
+        with torch.inference_mode():
+            model(images)
+    except AssertionError:
+        return False
+    return True
+
+
 def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
     """One row per model, in the order given; timings interleaved across all of them. Compiled models:
     each kind's first run (compiling) is timed on its own and left out of the timings, and after them one
@@ -285,8 +297,10 @@ def measure_models(names: list[str], config: BenchConfig) -> list[dict]:
         side = config.img_size + 32
         for n, s in progress(subjects.items(), desc=f"a new size, {side}"):
             images = torch.randn(small, 3, side, side, device=config.device)
-            rows[n]["compile"]["new_size"] = dict(first_call(partial(s.infer, small, images=images), config.device))
-            rows[n]["compile"]["new_size"]["img_size"] = side
+            new_size = dict(img_size=side, seconds=None, graphs=None)  # None: the model takes one size only
+            if takes_size(s.model, images):
+                new_size.update(first_call(partial(s.infer, small, images=images), config.device))
+            rows[n]["compile"]["new_size"] = new_size
     for n, s in progress(subjects.items(), desc="params, MACs, memory"):
         row = rows[n]
         # 6 places, so that the table's 2 are one rounding (at 3, 14.645324 M printed as 14.64)
