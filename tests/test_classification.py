@@ -542,3 +542,18 @@ def test_sigterm_while_compiling_stops_the_run_within_seconds(tmp_path):
     assert "SIGTERM received while compiling: stopping now" in err
     assert "before any step had finished; no epoch had finished, so nothing was saved" in err
     assert not (tmp_path / "runs" / "hafa_pvt_v2_b0" / "last.pth").exists()
+
+
+def test_compiled_eval_at_another_resolution_than_training_gives_eager_numbers(tmp_path):
+    data = write_dataset(tmp_path / "data", per_class=(4, 2))
+    _train_losses(data, tmp_path / "runs", [])  # trained at 32 x 32
+    best = str(tmp_path / "runs" / "hafa_pvt_v2_b0" / "best.pth")
+    results = []
+    for extra in ([], ["--compile", "aot_eager"]):
+        path = tmp_path / f"m{len(extra)}.json"
+        assert (
+            main(["eval", "--checkpoint", best, "--workers", "0", "--img-size", "48", "--json", str(path), *extra]) == 0
+        )
+        results.append(json.loads(path.read_text()))
+    assert results[1]["top1"] == results[0]["top1"]
+    assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
