@@ -16,7 +16,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 import hafa  # noqa: F401  (registers the models)
 from hafa.cli import main
-from hafa.layers import LAA
+from hafa.layers import LAA, laa
 from hafa.ops import cluster_dpc_knn, clustering, use_kernels
 from hafa.tools.bench import cost, count_operators, report
 from hafa.tools.flops import count_macs
@@ -66,6 +66,7 @@ def _eager_gpu_path_forward(name: str, monkeypatch) -> tuple[int, int]:
     """Launches (OperatorCounter, decomposed) and FLOPs of a warm forward on real CPU tensors, on the GPU's
     path for DPC-KNN."""
     monkeypatch.setattr(clustering, "_scans_every_token", lambda x: True)
+    monkeypatch.setattr(laa, "_bags_rows", lambda x: False)
     model = timm.create_model(name).eval()
     images = torch.randn(BATCH, 3, SIZE, SIZE)
     with torch.inference_mode():
@@ -85,8 +86,10 @@ def test_fake_cuda_forward_counts_what_the_eager_counter_counts_on_the_gpu_path(
 
 
 def test_the_replayed_backward_runs_what_the_autograd_engine_runs(monkeypatch):
-    # The engine runs on fake CPU tensors (not on fake CUDA ones without a GPU): same operators, same bytes.
+    # The engine runs on fake CPU tensors (not on fake CUDA ones without a GPU), on the GPU's paths: same
+    # operators, same bytes.
     monkeypatch.setattr(clustering, "_scans_every_token", lambda x: True)
+    monkeypatch.setattr(laa, "_bags_rows", lambda x: False)
     parts = cost.SourceParts()
 
     def train_step(backward):
