@@ -44,8 +44,6 @@ def test_compiling_scans_every_token(monkeypatch):
     assert seen == [False]
 
 
-
-
 @pytest.mark.parametrize("name", FAMILIES)
 def test_every_family_exports_with_a_dynamic_batch_axis(name):
     # The ONNX export's first step: no guard may pin the batch size (hafa export's slow test goes on to ONNX).
