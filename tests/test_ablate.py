@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from hafa.cli import main
-from hafa.tasks.commands import finish_training
+from hafa.tasks.job import finish_training
 from hafa.tasks.processes import ProcessContext
 from hafa.tools import ablate
 from hafa.tools.ablate import study_rows

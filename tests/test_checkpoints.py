@@ -19,7 +19,8 @@ from hafa.checkpoint import FORMAT, VERSION, CheckpointError, as_checkpoint, rea
 from hafa.cli import main
 from hafa.data.folder import ImageFolderDataset
 from hafa.errors import UserError
-from hafa.tasks.classification import eval_transform, evaluate
+from hafa.tasks.classification import eval_transform
+from hafa.tasks.classification_metrics import evaluate_classification
 from hafa.tasks.networks import build_classifier_from_state_dict, build_model
 from hafa.tasks.processes import ProcessContext
 from hafa.tasks.saved import check_saved
@@ -402,7 +403,7 @@ def test_non_finite_weights_are_refused_and_so_is_an_evaluation_that_is_not_fini
     model.head.bias.data[0] = math.inf  # finite weights can still give non-finite logits: the evaluation says so
     data = ImageFolderDataset(runs["images"], "val", eval_transform(saved["settings"]["recipe"]))
     with pytest.raises(UserError, match="the evaluation's loss is nan: the model's logits are not finite"):
-        evaluate(model, data, 4, 0, ProcessContext())
+        evaluate_classification(model, data, 4, 0, ProcessContext())
 
 
 # (task, the fields the fuzz changes: all for classification; for the dense tasks their own)

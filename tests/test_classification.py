@@ -19,7 +19,8 @@ from hafa.cli import main
 from hafa.compiled import SizedCompile
 from hafa.errors import UserError
 from hafa.tasks import classification as cls
-from hafa.tasks.recipes import load_recipe, override_recipe
+from hafa.tasks.job import build_optimizer
+from hafa.tasks.run_settings import CLASSIFICATION_RECIPE, load_recipe, override_recipe
 from hafa.tasks.training import StopRequested
 
 QUICK = [
@@ -131,13 +132,13 @@ def test_train_then_eval_reproduces_the_accuracy(tmp_path, capsys):
 
 
 def test_set_reads_numbers_as_numbers_and_refuses_unknown_keys():
-    defaults = cls.RECIPE.defaults()
-    recipe = override_recipe(defaults, {}, ["lr=1e-3", "epochs=5", "auto_augment=None"], cls.RECIPE)
+    defaults = CLASSIFICATION_RECIPE.defaults()
+    recipe = override_recipe(defaults, {}, ["lr=1e-3", "epochs=5", "auto_augment=None"], CLASSIFICATION_RECIPE)
     assert (recipe["lr"], recipe["epochs"], recipe["auto_augment"]) == (1e-3, 5, None)
     with pytest.raises(UserError, match="--set lr must be a number > 0"):
-        override_recipe(defaults, {}, ["lr=fast"], cls.RECIPE)
+        override_recipe(defaults, {}, ["lr=fast"], CLASSIFICATION_RECIPE)
     with pytest.raises(UserError, match="KEY one of auto_augment"):
-        override_recipe(defaults, {}, ["learning_rate=1"], cls.RECIPE)
+        override_recipe(defaults, {}, ["learning_rate=1"], CLASSIFICATION_RECIPE)
 
 
 def test_grayscale_rgba_and_corrupt_images(tmp_path, caplog):
@@ -297,16 +298,16 @@ def test_init_from_a_baseline_checkpoint(tmp_path):
 
 
 def test_recipe_file_gives_the_papers_settings():
-    recipe = load_recipe("imagenet_hafa", cls.RECIPE)
+    recipe = load_recipe("imagenet_hafa", CLASSIFICATION_RECIPE)
     model = timm.create_model("hafa_pvt_v2_b0", num_classes=10)
-    optimizer = cls.build_optimizer(model, recipe, global_batch=256)
+    optimizer = build_optimizer(model, recipe, global_batch=256)
     assert type(optimizer).__name__ == "AdamW"
     group = optimizer.param_groups[0]
     assert group["betas"] == (0.9, 0.999)
     assert group["lr"] == pytest.approx(2e-3)
     decays = {g["weight_decay"] for g in optimizer.param_groups}
     assert decays == {0.0, 0.05}
-    scheduler = cls.build_scheduler(optimizer, recipe, updates_per_epoch=100)
+    scheduler = cls.TASK.scheduler(optimizer, recipe, updates_per_epoch=100, epochs=recipe["epochs"])
     assert type(scheduler).__name__ == "CosineLRScheduler"
     assert scheduler.warmup_t == 500
     assert scheduler.t_initial == 30000
@@ -377,20 +378,20 @@ def test_resume_after_a_kill_is_exact(tmp_path, sig):
 
 DDP_SCRIPT = textwrap.dedent("""
     import sys, torch
-    from hafa.tasks import classification as cls
+    from hafa.tasks.classification import TASK
+    from hafa.tasks.job import train_model
     from hafa.tasks.processes import close_processes, init_processes
-    from hafa.tasks.recipes import load_recipe
-    from hafa.tasks.settings import ClassificationSettings
+    from hafa.tasks.run_settings import CLASSIFICATION_RECIPE, ClassificationSettings, load_recipe
     data, out, batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     processes = init_processes("cpu")
-    recipe = load_recipe("mnist_demo", cls.RECIPE)
+    recipe = load_recipe("mnist_demo", CLASSIFICATION_RECIPE)
     recipe.update(img_size=32, batch_size=batch, epochs=2, warmup_epochs=0)
     # LAA's BatchNorm normalises over each process's own batch on CPU (torch has no SyncBatchNorm there):
     # with the baseline's norm one process and two compute the same steps
     settings = ClassificationSettings(
         model="hafa_pvt_v2_b0", data=data, recipe=recipe, run_dir=out, workers=0, hafa_options=dict(laa_norm="baseline")
     )
-    result = cls.train_one_model(settings, processes)
+    result = train_model(TASK, settings, processes)
     torch.save(result["network"].state_dict(), f"{out}/rank{processes.rank}.pth")
     close_processes()
 """)

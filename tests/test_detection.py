@@ -23,7 +23,7 @@ from hafa.errors import UserError
 from hafa.layers import SIA
 from hafa.models.mask_rcnn import batch_padding_mask, pad_to_buckets, side_buckets
 from hafa.pretrained import load_pretrained
-from hafa.tasks.detection import build_step_scheduler, predict_detection
+from hafa.tasks.detection import TASK, predict_detection
 from hafa.tasks.detection_metrics import coco_metrics, detections_to_coco
 from hafa.tasks.networks import backbone_of, create_network, detector_arguments
 
@@ -154,9 +154,8 @@ def test_backbone_initialised_from_an_imagenet_baseline_checkpoint(tmp_path):
 
 def test_step_schedule_warms_up_then_steps_after_the_milestone_epochs():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_step_scheduler(
-        optimizer, dict(lr_steps=[2, 3], lr_step_rate=0.1, warmup_iters=4, warmup_ratio=0.001), updates_per_epoch=5
-    )
+    recipe = dict(lr_steps=[2, 3], lr_step_rate=0.1, warmup_iters=4, warmup_ratio=0.001)
+    scheduler = TASK.scheduler(optimizer, recipe, updates_per_epoch=5, epochs=4)
     lrs = []
     for update in range(1, 21):  # the lr of update u, then the training loop's step_update(num_updates=u)
         lrs.append(optimizer.param_groups[0]["lr"])

@@ -26,9 +26,10 @@ from hafa.data.segmentation import (
     rescale_size,
 )
 from hafa.tasks import segmentation as seg
+from hafa.tasks.job import build_optimizer
 from hafa.tasks.networks import create_network, segmenter_arguments
 from hafa.tasks.processes import ProcessContext
-from hafa.tasks.recipes import build_optimizer, load_recipe
+from hafa.tasks.run_settings import SEGMENTATION_RECIPE, load_recipe
 from hafa.tasks.segmentation_metrics import confusion_matrix, evaluate_segmentation, segmentation_metrics
 
 SIZES = [(70, 101), (90, 75), (67, 118), (100, 83)]  # (height, width): non-square, none a multiple of 32
@@ -176,7 +177,7 @@ class ColourOracle(torch.nn.Module):
 @pytest.mark.parametrize("mode", ["whole", "slide"])
 def test_evaluation_of_an_exact_prediction_gives_miou_100(tmp_path, mode):
     root = write_ade(tmp_path / "ade", val_sizes=[(70, 101), (70, 101)], image_ext=".png")
-    recipe = dict(seg.RECIPE.defaults(), scale=[101, 70])  # no resizing, so the oracle is exact at every pixel
+    recipe = dict(SEGMENTATION_RECIPE.defaults(), scale=[101, 70])  # no resizing, so the oracle is exact at every pixel
     dataset = SegmentationDataset(ade20k_pairs(str(root), "val"), EvalTransform(recipe), LabelMapping(3, True))
     metrics = evaluate_segmentation(
         ColourOracle(),
@@ -195,7 +196,7 @@ def test_evaluation_of_an_exact_prediction_gives_miou_100(tmp_path, mode):
 
 
 def test_transforms_keep_classes_crop_pad_and_resize():
-    recipe = dict(seg.RECIPE.defaults(), scale=[160, 80], crop_size=[72, 100])
+    recipe = dict(SEGMENTATION_RECIPE.defaults(), scale=[160, 80], crop_size=[72, 100])
     rng = np.random.default_rng(0)
     classes, unlabelled = draw(67, 118, rng)
     labels = np.where(unlabelled, IGNORE_INDEX, classes)
@@ -213,7 +214,11 @@ def test_transforms_keep_classes_crop_pad_and_resize():
     assert (padded_image[:, -10:] == 0).all()
     assert rescale_size(512, 683, [2048, 512]) == (512, 683)
     assert rescale_size(100, 1000, [2048, 512]) == (205, 2048)
-    assert EvalTransform(seg.RECIPE.defaults()).image_tensor(image).shape == (3, 512, 902)  # 118 * 512 / 67 = 901.7
+    assert EvalTransform(SEGMENTATION_RECIPE.defaults()).image_tensor(image).shape == (
+        3,
+        512,
+        902,
+    )  # 118 * 512 / 67 = 901.7
 
 
 def test_label_mapping_ade20k_and_plain():
@@ -408,8 +413,8 @@ def test_data_option_mistakes(tmp_path, capsys):
 
 
 def test_recipe_file_gives_the_papers_settings():
-    recipe = load_recipe("ade20k_semantic_fpn", seg.RECIPE)
-    assert recipe == seg.RECIPE.defaults()  # the defaults are the paper's recipe
+    recipe = load_recipe("ade20k_semantic_fpn", SEGMENTATION_RECIPE)
+    assert recipe == SEGMENTATION_RECIPE.defaults()  # the defaults are the paper's recipe
     assert (recipe["lr"], recipe["weight_decay"], recipe["poly_power"], recipe["iterations"]) == (
         1e-4,
         1e-4,
@@ -421,12 +426,12 @@ def test_recipe_file_gives_the_papers_settings():
     optimizer = build_optimizer(model, recipe, global_batch=16)
     assert type(optimizer).__name__ == "AdamW"
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
-    scheduler = seg.build_scheduler(optimizer, recipe, total_iterations=1000)
+    scheduler = seg.TASK.scheduler(optimizer, recipe, updates_per_epoch=100, epochs=10)
     scheduler.step_update(num_updates=500)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-4 * 0.5**0.9)
     scheduler.step_update(num_updates=1000)
     assert optimizer.param_groups[0]["lr"] == 0.0
-    assert load_recipe("scenes_semantic_fpn", seg.RECIPE)["crop_size"] == [128, 128]
+    assert load_recipe("scenes_semantic_fpn", SEGMENTATION_RECIPE)["crop_size"] == [128, 128]
 
 
 def test_backbone_from_an_imagenet_checkpoint(tmp_path, capsys):

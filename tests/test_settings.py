@@ -18,17 +18,16 @@ from hafa.cli import COMMANDS, CommandParser, _load, main
 from hafa.layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
 from hafa.models._base import HAFA_OPTIONS, MODEL_ARGUMENTS
 from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, token2map
-from hafa.spec import Choice, Flag, Number, RecipeSpec, Relation, SettingError, Text, Values, Whole
-from hafa.tasks.commands import TRAIN_STATE
-from hafa.tasks.options import CheckedOption
-from hafa.tasks.recipes import override_recipe
-from hafa.tasks.settings import (
+from hafa.spec import CheckedOption, Choice, Flag, Number, RecipeSpec, Relation, SettingError, Text, Values, Whole
+from hafa.tasks.job import TRAIN_STATE
+from hafa.tasks.run_settings import (
     CLASSIFICATION_RECIPE,
     DETECTION_RECIPE,
     SEGMENTATION_RECIPE,
     ClassificationSettings,
     DetectionSettings,
     SegmentationSettings,
+    override_recipe,
 )
 from hafa.tasks.training import TrainState
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from functools import partial
 
 from .errors import UserError, message_of
-from .tasks.options import check_defaults
+from .spec import check_defaults
 
 # command -> ("module" with add_arguments(parser) and run(args), or "module:name" with add_<name>_arguments
 # and run_<name>, one-line help).

@@ -7,71 +7,162 @@ embedded MNIST-5k trains a HAFA model and its baseline with a short recipe, side
 """
 
 import argparse
-import math
 import os
 
 import torch
-import torch.nn.functional as F
 from timm.data import Mixup, create_transform
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.scheduler import create_scheduler_v2
-from timm.utils import accuracy
 
-from ..checkpoint import Checkpoint, check_model_options, check_task, checkpoint_content
+from ..checkpoint import Checkpoint, check_model_options, check_task
 from ..compiled import compile_network
 from ..data.checks import check_image_folder
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError
 from ..pretrained import load_pretrained
-from ..spec import Whole
-from .commands import (
-    DEMO_MODELS,
-    add_batchnorm_options,
+from ..spec import Whole, add_json_option, add_setting
+from .arguments import (
     add_model_options,
-    add_recipe_option,
-    add_recipe_overrides,
+    add_recipe_and_run_options,
+    add_recipe_file_option,
     add_run_options,
     add_training_options,
-    evaluate_and_report,
-    finish_training,
     hafa_options_of,
-    models_to_train,
-    prepare_on_main,
-    print_best_scores,
-    recipe_from_args,
-    run_in_processes,
-    train_models,
 )
-from .networks import build_classifier_from_state_dict, build_model, classifier_arguments, create_network
-from .options import add_json_option, add_setting, image_side
-from .processes import ProcessContext, all_sum
-from .recipes import build_optimizer
-from .run_log import progress_bar
-from .sampling import EpochSampler, evaluation_loader
+from .classification_metrics import evaluate_classification
+from .job import evaluate_and_report, prepare_on_main, train_command
+from .networks import build_classifier_from_state_dict, build_model, classifier_arguments
+from .processes import ProcessContext
+from .run_settings import CLASSIFICATION_RECIPE, ClassificationSettings, image_side
 from .saved import read_saved, read_saved_or_state_dict
-from .settings import CLASSIFICATION_RECIPE, ClassificationSettings
-from .training import Training, autocast_context, train
+from .task import Task, TrainingData
 
-RECIPE = CLASSIFICATION_RECIPE
-
-
-# ---------------------------------------------------------------- building blocks
+NUM_CLASSES = Whole(None, low=1, optional=True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int):
-    """Cosine decay to min_lr after a linear warm-up, stepped every update."""
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched="cosine",
-        num_epochs=recipe["epochs"],
-        warmup_epochs=recipe["warmup_epochs"],
-        warmup_lr=recipe["warmup_lr"],
-        min_lr=recipe["min_lr"],
-        step_on_epochs=False,
-        updates_per_epoch=updates_per_epoch,
-    )
-    return scheduler
+class Classification(Task):
+    """A classifier on an image folder (ROOT/{train,val}/<class>/<image>), trained with the paper's recipe."""
+
+    name = "classification"
+    settings_class = ClassificationSettings
+    recipe_for_own_data = "imagenet_hafa"
+    recipe_for_embedded_data = "mnist_demo"
+    recipe_options = ("epochs", "img_size", "warmup_epochs", "drop_path", "clip_grad")
+    network_kind = "model"
+    dense = False
+    score = "top1"
+    score_name = "top-1"
+    curves = {"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]}
+
+    def settings_from_options(self, args) -> dict:
+        return dict(
+            data=args.data,
+            init_from=args.init_from,
+            num_classes=args.num_classes,
+            grad_checkpointing=args.grad_checkpointing,
+            sync_bn=args.sync_bn,
+        )
+
+    def uses_embedded_data(self, chosen: dict) -> bool:
+        return chosen["data"] is None
+
+    def prepare_data(self, chosen: dict, processes: ProcessContext, check_files: bool) -> dict:
+        data = chosen["data"]
+        if data is None:
+            data = prepare_on_main(prepare_mnist5k, processes)
+            if processes.is_main:
+                print(f"data: the embedded MNIST-5k (4,000 train / 1,000 val real digits) in {data}")
+        if check_files:
+            check_image_folder(data, progress=processes.is_main)
+        return dict(chosen, data=os.path.abspath(data))
+
+    def datasets(self, settings: ClassificationSettings, processes: ProcessContext) -> TrainingData:
+        recipe = settings.recipe
+        train_set = ImageFolderDataset(
+            settings.data, "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
+        )
+        val_set = ImageFolderDataset(settings.data, "val", eval_transform(recipe), classes=train_set.classes)
+        classes = train_set.classes
+        if settings.num_classes is not None and settings.num_classes != len(classes):
+            raise UserError(f"--num-classes {settings.num_classes} but {settings.data} has {len(classes)} classes")
+        return TrainingData(
+            train=train_set,
+            val=val_set,
+            collate=collate_skipping,
+            classes=classes,
+            sample_names=[path for path, _ in train_set.samples],
+        )
+
+    def network_arguments(self, settings: ClassificationSettings, data: TrainingData) -> dict:
+        return classifier_arguments(
+            settings.model,
+            num_classes=len(data.classes),
+            hafa_options=settings.hafa_options,
+            img_size=settings.recipe["img_size"],
+            drop_path_rate=settings.recipe["drop_path"],
+            drop_rate=settings.recipe["drop_rate"],
+        )
+
+    def prepare_network(self, network, settings: ClassificationSettings, processes: ProcessContext) -> None:
+        """Start from --init-from (hafa.load_pretrained, the classifier re-initialised); --grad-checkpointing."""
+        if settings.init_from:
+            load_pretrained(network, settings.init_from, verbose=processes.is_main)
+        if settings.grad_checkpointing:
+            network.set_grad_checkpointing(True)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, recipe: dict, *, updates_per_epoch: int, epochs: int):
+        """Cosine decay to min_lr after a linear warm-up, stepped every update."""
+        scheduler, _ = create_scheduler_v2(
+            optimizer,
+            sched="cosine",
+            num_epochs=epochs,
+            warmup_epochs=recipe["warmup_epochs"],
+            warmup_lr=recipe["warmup_lr"],
+            min_lr=recipe["min_lr"],
+            step_on_epochs=False,
+            updates_per_epoch=updates_per_epoch,
+        )
+        return scheduler
+
+    def loss(self, settings: ClassificationSettings, data: TrainingData, device: torch.device):
+        """The criterion of the recipe (label smoothing, Mixup / CutMix targets) on images [B, 3, H, W]."""
+        recipe = settings.recipe
+        mixup = build_mixup(recipe, len(data.classes))
+        if mixup is not None and recipe["batch_size"] % 2:
+            raise UserError("mixup/cutmix need an even --batch-size per process")
+        criterion = build_criterion(recipe, mixup)
+
+        def loss(network, batch):
+            images, targets, skipped = batch
+            images = images.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            return criterion(network(images), targets), images.shape[0], skipped
+
+        return loss
+
+    def evaluate(self, network, data: TrainingData, settings: ClassificationSettings, processes: ProcessContext):
+        return evaluate_classification(
+            network, data.val, settings.recipe["batch_size"], settings.workers, processes, settings.amp
+        )
+
+    def curves_note(self, recipe: dict) -> str:
+        """Why the training loss is not the validation loss (it often sits above it)."""
+        extras = []
+        if recipe["smoothing"] > 0:
+            extras.append(f"label smoothing {recipe['smoothing']:g}")
+        if recipe["mixup"] > 0 or recipe["cutmix"] > 0:
+            extras.append("Mixup / CutMix targets")
+        return (
+            "train loss: on augmented training images"
+            + (f", with {' and '.join(extras)}" if extras else "")
+            + "; val loss: plain cross-entropy on the unaugmented validation images"
+        )
+
+
+TASK = Classification()
 
 
 def build_mixup(recipe: dict, num_classes: int) -> Mixup | None:
@@ -124,151 +215,12 @@ def eval_transform(recipe: dict):
     )
 
 
-# ---------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def evaluate(
-    model, dataset, batch_size: int, workers: int, processes: ProcessContext, amp: str = "none", desc: str = "eval"
-) -> dict:
-    """Loss, top-1 and top-5 (%) over the dataset, shared among the processes."""
-    model.eval()
-    loader = evaluation_loader(dataset, batch_size, workers, processes, collate_skipping)
-    sums = [0.0, 0.0, 0.0, 0.0, 0.0]  # loss, top-1 hits, top-5 hits, images, skipped files
-    for images, targets, skipped in progress_bar(loader, processes, desc=desc, leave=False):
-        sums[4] += skipped
-        if images is None:
-            continue
-        images, targets = images.to(processes.device), targets.to(processes.device)
-        with autocast_context(amp, processes.device):
-            logits = model(images)
-        logits = logits.float()
-        top1, top5 = accuracy(logits, targets, topk=(1, min(5, logits.shape[1])))
-        n = targets.shape[0]
-        sums[0] += F.cross_entropy(logits, targets, reduction="sum").item()
-        sums[1] += top1.item() * n / 100
-        sums[2] += top5.item() * n / 100
-        sums[3] += n
-    loss, hits1, hits5, count, skipped = all_sum(sums, processes)
-    if count == 0:
-        raise UserError("no readable validation images")
-    if not math.isfinite(loss):
-        raise UserError(
-            f"the evaluation's loss is {loss / count}: the model's logits are not finite (NaN or infinity) for "
-            f"some of the {int(count)} images; no accuracy is reported from them"
-            + (" (try --amp none)" if amp != "none" else "")
-        )
-    return dict(
-        loss=loss / count, top1=100 * hits1 / count, top5=100 * hits5 / count, images=int(count), skipped=int(skipped)
-    )
-
-
-# ---------------------------------------------------------------- training
-
-
-def train_one_model(settings: ClassificationSettings, processes: ProcessContext) -> dict:
-    """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
-    recipe = settings.check().recipe
-    torch.manual_seed(recipe["seed"])
-    train_set = ImageFolderDataset(
-        settings.data, "train", train_transform(recipe), replace_unreadable=True, seed=recipe["seed"]
-    )
-    val_set = ImageFolderDataset(settings.data, "val", eval_transform(recipe), classes=train_set.classes)
-    classes = train_set.classes
-    if settings.num_classes is not None and settings.num_classes != len(classes):
-        raise UserError(f"--num-classes {settings.num_classes} but {settings.data} has {len(classes)} classes")
-    model_args = classifier_arguments(
-        settings.model,
-        num_classes=len(classes),
-        hafa_options=settings.hafa_options,
-        img_size=recipe["img_size"],
-        drop_path_rate=recipe["drop_path"],
-        drop_rate=recipe["drop_rate"],
-    )
-    model = create_network("classification", settings.model, model_args)
-    if settings.init_from:
-        load_pretrained(model, settings.init_from, verbose=processes.is_main)
-    if settings.grad_checkpointing:
-        model.set_grad_checkpointing(True)
-    model.to(processes.device)
-    compile_network(model, settings.compile, name=settings.model)
-
-    sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
-    optimizer = build_optimizer(model, recipe, sampler.global_batch)
-    mixup = build_mixup(recipe, len(classes))
-    if mixup is not None and recipe["batch_size"] % 2:
-        raise UserError("mixup/cutmix need an even --batch-size per process")
-    criterion = build_criterion(recipe, mixup)
-
-    def loss(network, batch):
-        images, targets, skipped = batch
-        images = images.to(processes.device, non_blocking=True)
-        targets = targets.to(processes.device, non_blocking=True)
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        return criterion(network(images), targets), images.shape[0], skipped
-
-    training = Training(
-        name=settings.model,
-        run_dir=settings.run_dir,
-        model=model,
-        train_set=train_set,
-        collate_fn=collate_skipping,
-        sampler=sampler,
-        workers=settings.workers,
-        epochs=recipe["epochs"],
-        optimizer=optimizer,
-        scheduler=build_scheduler(optimizer, recipe, sampler.batches_per_epoch()),
-        loss=loss,
-        evaluate=lambda network: evaluate(
-            network, val_set, recipe["batch_size"], settings.workers, processes, settings.amp
-        ),
-        score="top1",
-        resume=settings.resume,
-        amp=settings.amp,
-        clip_grad=recipe["clip_grad"],
-        sample_names=[path for path, _ in train_set.samples],
-        header=checkpoint_content(
-            task="classification",
-            model_name=settings.model,
-            model_args=model_args,
-            classes=classes,
-            settings=settings.as_dict(),
-        ),
-        curves={"loss": ["train_loss", "val_loss"], "accuracy (%)": ["val_top1", "val_top5"]},
-        curves_note=_curves_note(recipe),
-        keep=settings.keep,
-        compiled=settings.compile,
-        sync_batchnorm=settings.sync_bn,
-    )
-    return dict(train(training, processes), model=settings.model)
-
-
-def _curves_note(recipe: dict) -> str:
-    """Why the training loss is not the validation loss (it often sits above it)."""
-    extras = []
-    if recipe["smoothing"] > 0:
-        extras.append(f"label smoothing {recipe['smoothing']:g}")
-    if recipe["mixup"] > 0 or recipe["cutmix"] > 0:
-        extras.append("Mixup / CutMix targets")
-    return (
-        "train loss: on augmented training images"
-        + (f", with {' and '.join(extras)}" if extras else "")
-        + "; val loss: plain cross-entropy on the unaugmented validation images"
-    )
-
-
-# ---------------------------------------------------------------- commands
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_options(parser, __doc__, "model", "classification")
+    add_training_options(parser, __doc__, TASK)
     parser.add_argument(
         "--data", help="ROOT with ROOT/train/<class>/* and ROOT/val/<class>/* (default: the embedded MNIST-5k)"
     )
-    parser.add_argument(
-        "--recipe", help="a recipe file or shipped name (default: imagenet_hafa with --data, mnist_demo without)"
-    )
+    add_recipe_file_option(parser, TASK)
     parser.add_argument(
         "--init-from",
         metavar="CKPT",
@@ -276,55 +228,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add_setting(parser, "--num-classes", setting=NUM_CLASSES, help="check that the data has this many classes")
     parser.add_argument("--grad-checkpointing", action="store_true", help="trade compute for memory")
-    recipe = add_recipe_overrides(parser, RECIPE, "mixup=0 smoothing=0.0")
-    for key in ("epochs", "img_size", "warmup_epochs", "drop_path", "clip_grad"):
-        add_recipe_option(recipe, RECIPE, key)
-    add_model_options(parser)
-    add_run_options(parser)
-    add_batchnorm_options(parser, dense=False)
+    add_recipe_and_run_options(parser, TASK, "mixup=0 smoothing=0.0")
 
 
 def run_train(args) -> int:
-    return run_in_processes(train_job, args)
-
-
-RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "img_size", "warmup_epochs", "drop_path", "clip_grad", "seed")
-NUM_CLASSES = Whole(None, low=1, optional=True)
-
-
-def train_job(args, processes: ProcessContext) -> int:
-    default_recipe = "mnist_demo" if args.data is None else "imagenet_hafa"
-    recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
-    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
-    data = args.data
-    if data is None:
-        data = prepare_on_main(prepare_mnist5k, processes)
-        if processes.is_main:
-            print(f"data: the embedded MNIST-5k (4,000 train / 1,000 val real digits) in {data}")
-    if not args.skip_data_check:
-        check_image_folder(data, progress=processes.is_main)
-
-    def settings_for(name: str) -> ClassificationSettings:
-        return ClassificationSettings(
-            model=name,
-            data=os.path.abspath(data),
-            recipe=recipe,
-            run_dir=os.path.join(args.output, name),
-            resume=args.resume,
-            init_from=args.init_from,
-            num_classes=args.num_classes,
-            hafa_options=hafa_options_of(args),
-            grad_checkpointing=args.grad_checkpointing,
-            sync_bn=args.sync_bn,
-            amp=args.amp,
-            keep=args.keep,
-            compile=args.compile,
-            workers=args.workers,
-            device=args.device,
-        )
-
-    results = train_models(models, settings_for, train_one_model, processes)
-    return finish_training(results, processes, lambda done: print_best_scores(done, "top-1"), args.continue_with)
+    return train_command(TASK, args)
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -364,7 +272,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
         )
         recipe, classes, data = dict(source.settings["recipe"]), source.classes, args.data or source.settings["data"]
     else:
-        recipe, classes, data = RECIPE.defaults(), None, args.data
+        recipe, classes, data = CLASSIFICATION_RECIPE.defaults(), None, args.data
     if args.img_size:
         recipe["img_size"] = args.img_size
     if data is None:
@@ -384,7 +292,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
         name = args.model
     model.to(processes.device)
     compile_network(model, args.compile, name=name)
-    metrics = evaluate(model, dataset, args.batch_size, args.workers, processes, args.amp)
+    metrics = evaluate_classification(model, dataset, args.batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=name, data=data, checkpoint=args.checkpoint)
 
 

@@ -18,7 +18,7 @@ import torch
 from timm.scheduler import MultiStepLRScheduler
 from torch import nn
 
-from ..checkpoint import Checkpoint, checkpoint_content
+from ..checkpoint import Checkpoint
 from ..compiled import compile_network
 from ..data.checks import check_coco
 from ..data.coco import CocoInstances, collate_detection, find_split
@@ -28,176 +28,196 @@ from ..errors import UserError
 from ..models._base import SMALLEST_INPUT
 from ..models.mask_rcnn import side_buckets
 from ..pretrained import load_pretrained
-from ..spec import Whole
-from .commands import (
-    DEMO_MODELS,
-    add_batchnorm_options,
-    add_model_options,
-    add_recipe_option,
-    add_recipe_overrides,
+from ..spec import Whole, add_json_option, add_setting
+from .arguments import (
+    add_recipe_and_run_options,
+    add_recipe_file_option,
     add_run_options,
     add_training_options,
-    baseline_pairs,
-    evaluate_and_report,
-    finish_training,
-    hafa_options_of,
-    models_to_train,
     norm_eval,
-    prepare_on_main,
-    recipe_from_args,
-    run_in_processes,
-    train_models,
 )
 from .detection_metrics import METRICS, evaluate_detection
 from .drawing import PALETTE, shrink_to_draw
-from .networks import RCNN_OPTIONS, backbone_of, build_model, create_network, detector_arguments
-from .options import add_json_option, add_setting, image_side
+from .job import evaluate_and_report, prepare_on_main, train_command
+from .networks import RCNN_OPTIONS, backbone_of, build_model, detector_arguments
 from .processes import ProcessContext
-from .recipes import build_optimizer
-from .run_log import format_metric
-from .sampling import EpochSampler
+from .run_log import baseline_pairs, format_metric
+from .run_settings import DETECTION_RECIPE, DetectionSettings, image_side
 from .saved import read_saved
-from .settings import DETECTION_RECIPE, DetectionSettings
-from .training import Training, train
+from .task import Task, TrainingData
 
 _logger = logging.getLogger("hafa")
 
-RECIPE = DETECTION_RECIPE
-RECIPE_OPTIONS = ("epochs", "batch_size", "lr", "min_size", "max_size", "warmup_iters", "clip_grad", "seed")
+
+class Detection(Task):
+    """A Mask R-CNN on COCO json, trained with mmdetection's step schedule."""
+
+    name = "detection"
+    settings_class = DetectionSettings
+    recipe_for_own_data = "coco_mask_rcnn_1x"
+    recipe_for_embedded_data = "scenes_mask_rcnn"
+    recipe_options = ("epochs", "min_size", "max_size", "warmup_iters", "clip_grad")
+    network_kind = "backbone"
+    dense = True
+    score = "bbox_AP"
+    curves = {
+        "loss": ["train_loss"],
+        "box AP (%)": ["val_bbox_AP", "val_bbox_AP50", "val_bbox_AP75"],
+        "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"],
+    }
+
+    def settings_from_options(self, args) -> dict:
+        return dict(
+            data=args.data,
+            train_split=args.train_split,
+            val_split=args.val_split,
+            init_from=args.init_from,
+            sync_bn=args.sync_bn,
+            norm_eval=norm_eval(args, args.init_from),
+            size_buckets=args.compile is not None,
+        )
+
+    def uses_embedded_data(self, chosen: dict) -> bool:
+        return chosen["data"] is None
+
+    def prepare_data(self, chosen: dict, processes: ProcessContext, check_files: bool) -> dict:
+        """The data and its splits (--train-split / --val-split, else train and val, or train2017 and val2017)."""
+        data = chosen["data"]
+        if data is None:
+            data = prepare_on_main(default_data, processes)
+            if processes.is_main:
+                print(f"data: the embedded scenes (48 train / 16 val images, COCO json) in {data}")
+        data = os.path.abspath(data)
+        splits = dict(
+            train_split=chosen["train_split"] or find_split(data, "train"),
+            val_split=chosen["val_split"] or find_split(data, "val"),
+        )
+        if check_files:
+            check_coco(data, [splits["train_split"], splits["val_split"]], progress=processes.is_main)
+        return dict(chosen, data=data, **splits)
+
+    def datasets(self, settings: DetectionSettings, processes: ProcessContext) -> TrainingData:
+        """The COCO splits (the training images without annotations left out unless filter_empty is off),
+        and the category ids the checkpoint records in class order."""
+        recipe = settings.recipe
+        train_set = CocoInstances(
+            settings.data,
+            settings.train_split,
+            train=True,
+            hflip=recipe["hflip"],
+            filter_empty=recipe["filter_empty"],
+            seed=recipe["seed"],
+        )
+        val_set = CocoInstances(settings.data, settings.val_split, train=False, categories=train_set.categories)
+        if processes.is_main:
+            for message in train_set.dropped.messages(recipe["filter_empty"]):
+                _logger.warning("%s: %s", train_set.path, message)
+        return TrainingData(
+            train=train_set,
+            val=val_set,
+            collate=collate_detection,
+            classes=train_set.class_names,
+            sample_names=[train_set.coco.imgs[i]["file_name"] for i in train_set.image_ids],
+            found_settings=dict(category_ids=train_set.category_ids),
+        )
+
+    def network_arguments(self, settings: DetectionSettings, data: TrainingData) -> dict:
+        recipe = settings.recipe
+        return detector_arguments(
+            settings.model,
+            num_classes=len(data.classes),
+            hafa_options=settings.hafa_options,
+            drop_path_rate=recipe["drop_path"],
+            fpn_channels=recipe["fpn_channels"],
+            rcnn={k: recipe[k] for k in RCNN_OPTIONS},
+        )
+
+    def prepare_network(self, network, settings: DetectionSettings, processes: ProcessContext) -> None:
+        """Batches padded as the settings say; the backbone started from --init-from (hafa.load_pretrained)."""
+        use_size_buckets(network, settings.size_buckets)
+        if settings.init_from:
+            load_pretrained(backbone_of(self.name, network), settings.init_from, verbose=processes.is_main)
+
+    def compiled_part(self, network: nn.Module) -> nn.Module:
+        return network.backbone
+
+    def scheduler(
+        self, optimizer: torch.optim.Optimizer, recipe: dict, *, updates_per_epoch: int, epochs: int
+    ) -> MultiStepLRScheduler:
+        """mmdetection's step schedule, stepped every update: lr rises linearly from warmup_ratio * lr over
+        the first warmup_iters updates, then is multiplied by lr_step_rate after each epoch in lr_steps."""
+        lr = optimizer.param_groups[0]["lr"]
+        # timm applies milestone m from schedule index m - 1, and index u - 1 sets the lr of update u:
+        # the first update of epoch e + 1 is update e * updates_per_epoch + 1.
+        return MultiStepLRScheduler(
+            optimizer,
+            decay_t=[e * updates_per_epoch + 1 for e in recipe["lr_steps"]],
+            decay_rate=recipe["lr_step_rate"],
+            warmup_t=recipe["warmup_iters"],
+            warmup_lr_init=lr * recipe["warmup_ratio"],
+            warmup_prefix=False,
+            t_in_epochs=False,
+        )
+
+    def loss(self, settings: DetectionSettings, data: TrainingData, device: torch.device):
+        """The sum of Mask R-CNN's losses on a batch of images of any sizes and their targets."""
+
+        def loss(network, batch):
+            images, targets, skipped = batch
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [
+                {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets
+            ]
+            return sum(network(images, targets).values()), len(images), skipped
+
+        return loss
+
+    def evaluate(self, network, data: TrainingData, settings: DetectionSettings, processes: ProcessContext):
+        return evaluate_detection(
+            network, data.val, settings.recipe["eval_batch_size"], settings.workers, processes, settings.amp
+        )
+
+    def curves_note(self, recipe: dict) -> str:
+        return (
+            "train loss: the sum of Mask R-CNN's losses (proposals, classes, boxes, masks) on the training "
+            "images; validation: COCO box and mask AP"
+        )
+
+    def print_summary(self, results: list[dict]) -> None:
+        """The best epoch's box and mask AP of each model, and each HAFA model against its baseline."""
+        print(
+            "\n| model | box AP | AP50 | AP75 | APs | APm | APl | mask AP | AP50 | AP75 | APs | APm | APl | at epoch |"
+        )
+        print("|---|" + "---:|" * 13)
+        best = {r["model"]: r["best_metrics"] for r in results if r["best_epoch"] > 0}
+        for r in results:
+            if r["model"] in best:
+                cells = " | ".join(
+                    format_metric(key, best[r["model"]][key] if best[r["model"]][key] is not None else math.nan).rstrip(
+                        "%"
+                    )
+                    for key in (f"{kind}_{name}" for kind in ("bbox", "segm") for name in METRICS)
+                )
+                print(f"| {r['model']} | {cells} | {r['best_epoch']} |")
+        for hafa, base in baseline_pairs(results):
+            ours, theirs = best[hafa["model"]], best[base["model"]]
+            print(
+                f"{hafa['model']} vs {base['model']}: {ours['bbox_AP'] - theirs['bbox_AP']:+.1f} box AP, "
+                f"{ours['segm_AP'] - theirs['segm_AP']:+.1f} mask AP"
+            )
+        for r in results:
+            print(f"{r['model']}: best checkpoint {r['best_checkpoint'] or '(not kept)'}, curves {r['curves']}")
 
 
-# ---------------------------------------------------------------- building blocks
-
-
-def build_step_scheduler(
-    optimizer: torch.optim.Optimizer, recipe: dict, updates_per_epoch: int
-) -> MultiStepLRScheduler:
-    """mmdetection's step schedule, stepped every update: lr rises linearly from warmup_ratio * lr over
-    the first warmup_iters updates, then is multiplied by lr_step_rate after each epoch in lr_steps."""
-    lr = optimizer.param_groups[0]["lr"]
-    # timm applies milestone m from schedule index m - 1, and index u - 1 sets the lr of update u:
-    # the first update of epoch e + 1 is update e * updates_per_epoch + 1.
-    return MultiStepLRScheduler(
-        optimizer,
-        decay_t=[e * updates_per_epoch + 1 for e in recipe["lr_steps"]],
-        decay_rate=recipe["lr_step_rate"],
-        warmup_t=recipe["warmup_iters"],
-        warmup_lr_init=lr * recipe["warmup_ratio"],
-        warmup_prefix=False,
-        t_in_epochs=False,
-    )
-
-
-def detector_arguments_for(settings: DetectionSettings, num_classes: int) -> dict:
-    recipe = settings.recipe
-    return detector_arguments(
-        settings.model,
-        num_classes=num_classes,
-        hafa_options=settings.hafa_options,
-        drop_path_rate=recipe["drop_path"],
-        fpn_channels=recipe["fpn_channels"],
-        rcnn={k: recipe[k] for k in RCNN_OPTIONS},
-    )
+TASK = Detection()
 
 
 def default_data() -> str:
     return os.path.join(prepare_scenes(), "coco")
 
 
-# ---------------------------------------------------------------- training
-
-
-def train_one_model(settings: DetectionSettings, processes: ProcessContext) -> dict:
-    """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
-    recipe = settings.check().recipe
-    torch.manual_seed(recipe["seed"])
-    train_set = CocoInstances(
-        settings.data,
-        settings.train_split,
-        train=True,
-        hflip=recipe["hflip"],
-        filter_empty=recipe["filter_empty"],
-        seed=recipe["seed"],
-    )
-    val_set = CocoInstances(settings.data, settings.val_split, train=False, categories=train_set.categories)
-    if processes.is_main:
-        for message in train_set.dropped.messages(recipe["filter_empty"]):
-            _logger.warning("%s: %s", train_set.path, message)
-    model_args = detector_arguments_for(settings, len(train_set.class_names))
-    model = create_network("detection", settings.model, model_args)
-    use_size_buckets(model, settings.size_buckets)
-    if settings.init_from:
-        load_pretrained(backbone_of("detection", model), settings.init_from, verbose=processes.is_main)
-    model.to(processes.device)
-    compile_network(model.backbone, settings.compile, name=settings.model)
-    sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
-    optimizer = build_optimizer(model, recipe, sampler.global_batch)
-
-    def loss(network, batch):
-        images, targets, skipped = batch
-        images = [image.to(processes.device, non_blocking=True) for image in images]
-        targets = [
-            {k: v.to(processes.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in t.items()}
-            for t in targets
-        ]
-        return sum(network(images, targets).values()), len(images), skipped
-
-    training = Training(
-        name=settings.model,
-        run_dir=settings.run_dir,
-        model=model,
-        train_set=train_set,
-        collate_fn=collate_detection,
-        sampler=sampler,
-        workers=settings.workers,
-        epochs=recipe["epochs"],
-        optimizer=optimizer,
-        scheduler=build_step_scheduler(optimizer, recipe, sampler.batches_per_epoch()),
-        loss=loss,
-        evaluate=lambda network: evaluate_detection(
-            network, val_set, recipe["eval_batch_size"], settings.workers, processes, settings.amp
-        ),
-        score="bbox_AP",
-        resume=settings.resume,
-        amp=settings.amp,
-        clip_grad=recipe["clip_grad"],
-        sync_batchnorm=settings.sync_bn,
-        frozen_norms=backbone_of("detection", model) if settings.norm_eval else None,
-        sample_names=[train_set.coco.imgs[i]["file_name"] for i in train_set.image_ids],
-        header=checkpoint_content(
-            task="detection",
-            model_name=settings.model,
-            model_args=model_args,
-            classes=train_set.class_names,
-            settings=dict(settings.as_dict(), category_ids=train_set.category_ids),
-        ),
-        curves={
-            "loss": ["train_loss"],
-            "box AP (%)": ["val_bbox_AP", "val_bbox_AP50", "val_bbox_AP75"],
-            "mask AP (%)": ["val_segm_AP", "val_segm_AP50", "val_segm_AP75"],
-        },
-        curves_note="train loss: the sum of Mask R-CNN's losses (proposals, classes, boxes, masks) on the "
-        "training images; validation: COCO box and mask AP",
-        keep=settings.keep,
-        compiled=settings.compile,
-    )
-    return dict(train(training, processes), model=settings.model)
-
-
-# ---------------------------------------------------------------- commands
-
-
-def _add_recipe_options(parser) -> None:
-    recipe = add_recipe_overrides(parser, RECIPE, "lr_steps=[16,22] filter_empty=false")
-    add_recipe_option(recipe, RECIPE, "epochs")
-    add_recipe_option(recipe, RECIPE, "min_size", help="shorter image side")
-    add_recipe_option(recipe, RECIPE, "max_size", help="longest image side")
-    add_recipe_option(recipe, RECIPE, "warmup_iters")
-    add_recipe_option(recipe, RECIPE, "clip_grad")
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_options(parser, __doc__, "backbone", "detection")
+    add_training_options(parser, __doc__, TASK)
     parser.add_argument(
         "--data",
         help="COCO ROOT with ROOT/annotations/instances_{train,val}[2017].json and "
@@ -205,84 +225,23 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--train-split", help="default: train, else train2017")
     parser.add_argument("--val-split", help="default: val, else val2017")
-    parser.add_argument(
-        "--recipe",
-        help="a recipe file or shipped name (default: coco_mask_rcnn_1x with --data, scenes_mask_rcnn without)",
-    )
+    add_recipe_file_option(parser, TASK)
     parser.add_argument(
         "--init-from",
         metavar="CKPT",
         help="backbone weights from an ImageNet checkpoint (baseline or HAFA; hafa.load_pretrained)",
     )
-    _add_recipe_options(parser)
-    add_model_options(parser)
-    add_run_options(parser)
-    add_batchnorm_options(parser)
+    add_recipe_and_run_options(
+        parser,
+        TASK,
+        "lr_steps=[16,22] filter_empty=false",
+        min_size=dict(help="shorter image side"),
+        max_size=dict(help="longest image side"),
+    )
 
 
 def run_train(args) -> int:
-    return run_in_processes(train_job, args)
-
-
-def train_job(args, processes: ProcessContext) -> int:
-    default_recipe = "scenes_mask_rcnn" if args.data is None else "coco_mask_rcnn_1x"
-    recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
-    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data=args.data is not None)
-    data = args.data
-    if data is None:
-        data = prepare_on_main(default_data, processes)
-        if processes.is_main:
-            print(f"data: the embedded scenes (48 train / 16 val images, COCO json) in {data}")
-    data = os.path.abspath(data)
-    splits = dict(
-        train_split=args.train_split or find_split(data, "train"), val_split=args.val_split or find_split(data, "val")
-    )
-    if not args.skip_data_check:
-        check_coco(data, [splits["train_split"], splits["val_split"]], progress=processes.is_main)
-
-    def settings_for(name: str) -> DetectionSettings:
-        return DetectionSettings(
-            model=name,
-            data=data,
-            **splits,
-            recipe=recipe,
-            run_dir=os.path.join(args.output, name),
-            resume=args.resume,
-            init_from=args.init_from,
-            hafa_options=hafa_options_of(args),
-            amp=args.amp,
-            keep=args.keep,
-            compile=args.compile,
-            workers=args.workers,
-            device=args.device,
-            sync_bn=args.sync_bn,
-            norm_eval=norm_eval(args, args.init_from),
-            size_buckets=args.compile is not None,
-        )
-
-    results = train_models(models, settings_for, train_one_model, processes)
-    return finish_training(results, processes, _print_summary, args.continue_with)
-
-
-def _print_summary(results) -> None:
-    print("\n| model | box AP | AP50 | AP75 | APs | APm | APl | mask AP | AP50 | AP75 | APs | APm | APl | at epoch |")
-    print("|---|" + "---:|" * 13)
-    best = {r["model"]: r["best_metrics"] for r in results if r["best_epoch"] > 0}
-    for r in results:
-        if r["model"] in best:
-            cells = " | ".join(
-                format_metric(key, best[r["model"]][key] if best[r["model"]][key] is not None else math.nan).rstrip("%")
-                for key in (f"{kind}_{name}" for kind in ("bbox", "segm") for name in METRICS)
-            )
-            print(f"| {r['model']} | {cells} | {r['best_epoch']} |")
-    for hafa, base in baseline_pairs(results):
-        ours, theirs = best[hafa["model"]], best[base["model"]]
-        print(
-            f"{hafa['model']} vs {base['model']}: {ours['bbox_AP'] - theirs['bbox_AP']:+.1f} box AP, "
-            f"{ours['segm_AP'] - theirs['segm_AP']:+.1f} mask AP"
-        )
-    for r in results:
-        print(f"{r['model']}: best checkpoint {r['best_checkpoint'] or '(not kept)'}, curves {r['curves']}")
+    return train_command(TASK, args)
 
 
 def use_size_buckets(model: nn.Module, enabled: bool) -> None:
@@ -354,7 +313,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     overrides = {k: getattr(args, k) for k in ("min_size", "max_size") if getattr(args, k) is not None}
     model, saved = load_detector(args.checkpoint, "hafa det-eval", overrides, args.size_buckets)
     settings = DetectionSettings.from_saved(saved.settings, f"{args.checkpoint}: settings")
-    RECIPE.check_relations({**settings.recipe, **overrides})
+    DETECTION_RECIPE.check_relations({**settings.recipe, **overrides})
     data = args.data or settings.data
     if args.data is None and not os.path.isdir(data) and data.endswith(os.path.join("scenes", "coco")):
         data = default_data()  # the embedded scenes, written again after the cache was cleared
@@ -366,9 +325,6 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
     batch_size = args.batch_size or settings.recipe["eval_batch_size"]
     metrics = evaluate_detection(model, dataset, batch_size, args.workers, processes, args.amp)
     return dict(metrics, model=saved.model_name, data=data, split=split, checkpoint=args.checkpoint)
-
-
-# ---------------------------------------------------------------- one image
 
 
 @torch.no_grad()

@@ -21,8 +21,7 @@ from ..models.semantic_fpn import create_semantic_fpn
 from ..models.table import BASELINE
 from ..pretrained import adapt_state_dict
 from ..spec import Flag, Mapping, Setting, SettingError, Whole, shown
-from .options import image_side
-from .settings import DETECTION_RECIPE, MAX_CHANNELS
+from .run_settings import DETECTION_RECIPE, MAX_CHANNELS, image_side
 
 # The HAFA constructor options a user may choose (a model takes those its constructor names).
 HAFA_OPTIONS = tuple(MODEL_HAFA_OPTIONS)

@@ -7,8 +7,7 @@ from matplotlib import cbook
 
 from ..checkpoint import Checkpoint
 from ..errors import UserError
-from ..spec import Number
-from .options import Device, OutputFile, add_setting
+from ..spec import Device, Number, OutputFile, add_setting
 from .saved import read_saved_or_state_dict
 
 

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .options import Device
+from ..spec import Device
 
 
 @dataclass

@@ -1,5 +1,5 @@
 """What a training run reports: the console (progress bars, log lines), log.csv, TensorBoard, a log
-file and a picture of the curves; on the main process only."""
+file and a picture of the curves, on the main process only; and the summary of a command's runs."""
 
 import csv
 import logging
@@ -7,6 +7,7 @@ import math
 import os
 import sys
 
+from ..models.table import BASELINE
 from ..progress import progress
 from .processes import ProcessContext
 
@@ -115,6 +116,23 @@ def format_metric(name: str, value: float) -> str:
 def format_metrics(metrics: dict) -> str:
     """The numbers of a metrics dict (counts and per-class tables left out), e.g. 'loss 0.0712  top1 98.50%'."""
     return "  ".join(f"{k} {format_metric(k, v)}" for k, v in metrics.items() if isinstance(v, float))
+
+
+def baseline_pairs(results: list[dict]) -> list[tuple[dict, dict]]:
+    """(HAFA result, its baseline's result) for the pairs that both trained at least one epoch."""
+    trained = {r["model"]: r for r in results if r["best_epoch"] > 0}
+    return [(r, trained[BASELINE[r["model"]]]) for r in trained.values() if BASELINE.get(r["model"]) in trained]
+
+
+def print_best_scores(results: list[dict], score: str) -> None:
+    """The best validation score of each model, and each HAFA model against its baseline."""
+    print(f"\n| model | best val {score} (%) | at epoch | best checkpoint | curves |")
+    print("|---|---:|---:|---|---|")
+    for r in results:
+        checkpoint = r["best_checkpoint"] or f"(not kept; last epoch: {r['last_checkpoint']})"
+        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {checkpoint} | {r['curves']} |")
+    for hafa, base in baseline_pairs(results):
+        print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
 
 
 def setup_console_logging() -> None:

@@ -3,7 +3,7 @@
 hafa.checkpoint checks the file's fields and their types; here their values: model.name must be a
 model timm knows; model.args only what the task layer writes itself (networks.check_network_arguments:
 the backbone's size and rates its constructor names, the HAFA options, the head's widths), each in
-its range; settings re-checked with the settings specs (settings.RunSettings.from_saved); the class
+its range; settings re-checked with the settings specs (run_settings.RunSettings.from_saved); the class
 count the same in model.args, settings and classes. Anything else is one line naming the field and
 the value (a UserError). A checkpoint is data: it never decides what other file is read or which
 keyword reaches timm.create_model.
@@ -13,7 +13,7 @@ import timm
 
 from ..checkpoint import Checkpoint, CheckpointError, read_checkpoint, read_checkpoint_or_state_dict
 from .networks import check_network_arguments
-from .settings import TASK_SETTINGS
+from .run_settings import TASK_SETTINGS
 
 
 def _class_counts(checkpoint: Checkpoint, settings) -> dict[str, int]:

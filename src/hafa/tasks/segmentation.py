@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from timm.scheduler import PolyLRScheduler
 from torch import nn
 
-from ..checkpoint import checkpoint_content
 from ..compiled import compile_network
 from ..data.checks import check_segmentation_pairs
 from ..data.folder import read_rgb
@@ -36,66 +35,153 @@ from ..data.segmentation import (
 )
 from ..errors import UserError
 from ..pretrained import load_pretrained
-from ..spec import Choice, Whole
-from .commands import (
-    DEMO_MODELS,
-    add_batchnorm_options,
-    add_model_options,
-    add_recipe_option,
-    add_recipe_overrides,
+from ..spec import Choice, Whole, add_json_option, add_setting
+from .arguments import (
+    add_recipe_and_run_options,
+    add_recipe_file_option,
     add_run_options,
     add_training_options,
-    evaluate_and_report,
-    finish_training,
-    hafa_options_of,
-    models_to_train,
     norm_eval,
-    prepare_on_main,
-    print_best_scores,
-    recipe_from_args,
-    run_in_processes,
-    train_models,
 )
 from .drawing import draw_segmentation, shrink_to_draw
-from .networks import backbone_of, build_model, create_network, segmenter_arguments
-from .options import add_json_option, add_setting
+from .job import evaluate_and_report, prepare_on_main, train_command
+from .networks import backbone_of, build_model, segmenter_arguments
 from .processes import ProcessContext
-from .recipes import build_optimizer
+from .run_settings import SegmentationSettings
 from .sampling import EpochSampler
 from .saved import read_saved
 from .segmentation_metrics import evaluate_segmentation, infer_logits
-from .settings import SEGMENTATION_RECIPE, SegmentationSettings
-from .training import Training, train
+from .task import Task, TrainingData
 
 ADE20K_CLASSES = 150
-
-RECIPE = SEGMENTATION_RECIPE
-RECIPE_OPTIONS = ("iterations", "batch_size", "lr", "crop_size", "eval_mode", "seed")
 NUM_CLASSES = Whole(None, low=1, high=IGNORE_INDEX, optional=True)
 EVAL_MODE = Choice(None, choices=("whole", "slide"), optional=True)
 
 
-# ---------------------------------------------------------------- training
+class Segmentation(Task):
+    """A Semantic FPN on masks in the ADE20K layout or in image / mask folder pairs, trained for a number
+    of iterations (rounded to whole epochs)."""
+
+    name = "segmentation"
+    settings_class = SegmentationSettings
+    recipe_for_own_data = "ade20k_semantic_fpn"
+    recipe_for_embedded_data = "scenes_semantic_fpn"
+    recipe_options = ("iterations", "crop_size", "eval_mode")
+    network_kind = "backbone"
+    dense = True
+    score = "mIoU"
+    score_name = "mIoU"
+    curves = {"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]}
+    length_option = "--iterations"
+
+    def settings_from_options(self, args) -> dict:
+        return dict(
+            **_data_from_args(args),
+            backbone_checkpoint=args.backbone_checkpoint,
+            sync_bn=args.sync_bn,
+            norm_eval=norm_eval(args, args.backbone_checkpoint),
+        )
+
+    def uses_embedded_data(self, chosen: dict) -> bool:
+        return _is_scenes(chosen["data"])
+
+    def prepare_data(self, chosen: dict, processes: ProcessContext, check_files: bool) -> dict:
+        _ensure_scenes(chosen["data"], processes)
+        if processes.is_main and self.uses_embedded_data(chosen):
+            print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {chosen['data']['root']}")
+        if check_files:
+            check_segmentation_pairs(
+                chosen["data"], chosen["num_classes"], chosen["reduce_zero_label"], progress=processes.is_main
+            )
+        return chosen
+
+    def epochs(self, recipe: dict, batches_per_epoch: int) -> int:
+        return max(1, round(recipe["iterations"] / batches_per_epoch))
+
+    def datasets(self, settings: SegmentationSettings, processes: ProcessContext) -> TrainingData:
+        recipe = settings.recipe
+        labels = LabelMapping(settings.num_classes, settings.reduce_zero_label)
+        train_set = SegmentationDataset(
+            data_pairs(settings.data, "train"),
+            TrainTransform(recipe),
+            labels,
+            replace_unreadable=True,
+            seed=recipe["seed"],
+        )
+        val_set = SegmentationDataset(data_pairs(settings.data, "val"), EvalTransform(recipe), labels)
+        return TrainingData(
+            train=train_set,
+            val=val_set,
+            collate=collate_segmentation,
+            classes=settings.class_names,
+            sample_names=[image for image, _ in train_set.pairs],
+        )
+
+    def network_arguments(self, settings: SegmentationSettings, data: TrainingData) -> dict:
+        return segmenter_arguments(
+            settings.model,
+            num_classes=settings.num_classes,
+            hafa_options=settings.hafa_options,
+            drop_path_rate=settings.recipe["drop_path"],
+            dropout=settings.recipe["head_dropout"],
+        )
+
+    def prepare_network(self, network, settings: SegmentationSettings, processes: ProcessContext) -> None:
+        """Start the backbone from --backbone-checkpoint (hafa.load_pretrained)."""
+        if settings.backbone_checkpoint:
+            load_pretrained(backbone_of(self.name, network), settings.backbone_checkpoint, verbose=processes.is_main)
+
+    def scheduler(
+        self, optimizer: torch.optim.Optimizer, recipe: dict, *, updates_per_epoch: int, epochs: int
+    ) -> PolyLRScheduler:
+        """Poly decay over the run's iterations, lr = min_lr + (lr - min_lr) * (1 - t / total) ** poly_power,
+        stepped every iteration (after a linear warm-up from warmup_lr over warmup_iterations, when there
+        is one)."""
+        return PolyLRScheduler(
+            optimizer,
+            t_initial=epochs * updates_per_epoch,
+            power=recipe["poly_power"],
+            lr_min=recipe["min_lr"],
+            warmup_t=recipe["warmup_iterations"],
+            warmup_lr_init=recipe["warmup_lr"],
+            t_in_epochs=False,
+        )
+
+    def loss(self, settings: SegmentationSettings, data: TrainingData, device: torch.device):
+        def loss(network, batch):
+            batch.check()
+            images = batch.images.to(device, non_blocking=True)
+            targets = batch.labels.to(device, non_blocking=True)
+            return segmentation_loss(network(images), targets), images.shape[0], batch.skipped
+
+        return loss
+
+    def evaluate(self, network, data: TrainingData, settings: SegmentationSettings, processes: ProcessContext):
+        return evaluate_with_recipe(
+            network, data.val, settings.class_names, settings.recipe, processes, settings.workers, settings.amp
+        )
+
+    def curves_note(self, recipe: dict) -> str:
+        return (
+            "train loss: cross-entropy on random crops of the training images; validation: mIoU, mean class "
+            "accuracy and pixel accuracy on the validation images"
+        )
+
+    def start_message(self, settings: SegmentationSettings, data: TrainingData, sampler: EpochSampler, epochs: int):
+        """What the recipe's iterations became."""
+        return (
+            f"{settings.model}: {len(data.train)} training / {len(data.val)} validation images, "
+            f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}"
+        )
+
+
+TASK = Segmentation()
 
 
 def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Cross-entropy averaged over the labelled pixels; 0 (with gradients) when a batch has none."""
     labelled = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labelled
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, recipe: dict, total_iterations: int) -> PolyLRScheduler:
-    """Poly decay, lr = min_lr + (lr - min_lr) * (1 - t / total) ** poly_power, stepped every iteration
-    (after a linear warm-up from warmup_lr over warmup_iterations, when there is one)."""
-    return PolyLRScheduler(
-        optimizer,
-        t_initial=total_iterations,
-        power=recipe["poly_power"],
-        lr_min=recipe["min_lr"],
-        warmup_t=recipe["warmup_iterations"],
-        warmup_lr_init=recipe["warmup_lr"],
-        t_in_epochs=False,
-    )
 
 
 def evaluate_with_recipe(
@@ -113,90 +199,6 @@ def evaluate_with_recipe(
         recipe["eval_crop"],
         recipe["eval_stride"],
     )
-
-
-def train_one_model(settings: SegmentationSettings, processes: ProcessContext) -> dict:
-    """Train settings.model on settings.data into settings.run_dir. -> metrics, paths and the trained network."""
-    recipe = settings.check().recipe
-    torch.manual_seed(recipe["seed"])
-    labels = LabelMapping(settings.num_classes, settings.reduce_zero_label)
-    train_set = SegmentationDataset(
-        data_pairs(settings.data, "train"),
-        TrainTransform(recipe),
-        labels,
-        replace_unreadable=True,
-        seed=recipe["seed"],
-    )
-    val_set = SegmentationDataset(data_pairs(settings.data, "val"), EvalTransform(recipe), labels)
-    model_args = segmenter_arguments(
-        settings.model,
-        num_classes=settings.num_classes,
-        hafa_options=settings.hafa_options,
-        drop_path_rate=recipe["drop_path"],
-        dropout=recipe["head_dropout"],
-    )
-    model = create_network("segmentation", settings.model, model_args)
-    if settings.backbone_checkpoint:
-        load_pretrained(backbone_of("segmentation", model), settings.backbone_checkpoint, verbose=processes.is_main)
-    model.to(processes.device)
-    compile_network(model, settings.compile, name=settings.model)
-
-    sampler = EpochSampler(len(train_set), recipe["batch_size"], processes, seed=recipe["seed"])
-    epochs = max(1, round(recipe["iterations"] / sampler.batches_per_epoch()))
-    optimizer = build_optimizer(model, recipe, sampler.global_batch)
-    scheduler = build_scheduler(optimizer, recipe, epochs * sampler.batches_per_epoch())
-
-    def loss(network, batch):
-        batch.check()
-        images = batch.images.to(processes.device, non_blocking=True)
-        targets = batch.labels.to(processes.device, non_blocking=True)
-        return segmentation_loss(network(images), targets), images.shape[0], batch.skipped
-
-    training = Training(
-        name=settings.model,
-        run_dir=settings.run_dir,
-        model=model,
-        train_set=train_set,
-        collate_fn=collate_segmentation,
-        sampler=sampler,
-        workers=settings.workers,
-        epochs=epochs,
-        optimizer=optimizer,
-        scheduler=scheduler,
-        loss=loss,
-        evaluate=lambda network: evaluate_with_recipe(
-            network, val_set, settings.class_names, recipe, processes, settings.workers, settings.amp
-        ),
-        score="mIoU",
-        resume=settings.resume,
-        amp=settings.amp,
-        clip_grad=recipe["clip_grad"],
-        sync_batchnorm=settings.sync_bn,
-        frozen_norms=backbone_of("segmentation", model) if settings.norm_eval else None,
-        sample_names=[image for image, _ in train_set.pairs],
-        header=checkpoint_content(
-            task="segmentation",
-            model_name=settings.model,
-            model_args=model_args,
-            classes=settings.class_names,
-            settings=settings.as_dict(),
-        ),
-        curves={"loss": ["train_loss"], "validation (%)": ["val_mIoU", "val_mAcc", "val_aAcc"]},
-        curves_note="train loss: cross-entropy on random crops of the training images; validation: mIoU, mean "
-        "class accuracy and pixel accuracy on the validation images",
-        keep=settings.keep,
-        compiled=settings.compile,
-        length_option="--iterations",
-    )
-    if processes.is_main and not settings.resume:
-        print(
-            f"{settings.model}: {len(train_set)} training / {len(val_set)} validation images, "
-            f"{epochs} epochs of {sampler.batches_per_epoch()} iterations at a global batch of {sampler.global_batch}"
-        )
-    return dict(train(training, processes), model=settings.model)
-
-
-# ---------------------------------------------------------------- data options
 
 
 def _add_data_options(parser, training: bool) -> None:
@@ -292,17 +294,10 @@ def _ensure_scenes(data: dict, processes: ProcessContext) -> None:
         prepare_on_main(prepare_scenes, processes)
 
 
-# ---------------------------------------------------------------- seg-train
-
-
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    add_training_options(parser, __doc__, "backbone", "segmentation")
+    add_training_options(parser, __doc__, TASK)
     _add_data_options(parser, training=True)
-    parser.add_argument(
-        "--recipe",
-        help="a recipe file or shipped name (default: ade20k_semantic_fpn with "
-        "data options, scenes_semantic_fpn without)",
-    )
+    add_recipe_file_option(parser, TASK, "data options")
     parser.add_argument(
         "--backbone-checkpoint",
         "--init-from",
@@ -310,65 +305,17 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="start the backbone from an ImageNet checkpoint (timm / official / hafa train)",
     )
-    recipe = add_recipe_overrides(parser, RECIPE, "scale=[1024,256]")
-    add_recipe_option(recipe, RECIPE, "iterations")
-    add_recipe_option(recipe, RECIPE, "crop_size", metavar=("H", "W"))
-    add_recipe_option(recipe, RECIPE, "eval_mode")
-    add_model_options(parser)
-    add_run_options(parser)
-    add_batchnorm_options(parser)
+    add_recipe_and_run_options(parser, TASK, "scale=[1024,256]", crop_size=dict(metavar=("H", "W")))
 
 
 def run_train(args) -> int:
-    return run_in_processes(train_job, args)
-
-
-def train_job(args, processes: ProcessContext) -> int:
-    data = _data_from_args(args)
-    own_data = not _is_scenes(data["data"])
-    models = models_to_train(args.model, args.baseline, DEMO_MODELS, own_data)
-    default_recipe = "ade20k_semantic_fpn" if own_data else "scenes_semantic_fpn"
-    recipe = recipe_from_args(args, RECIPE, default_recipe, RECIPE_OPTIONS)
-    _ensure_scenes(data["data"], processes)
-    if processes.is_main and not own_data:
-        print(f"data: the embedded scenes ({', '.join(SEGMENTATION_CLASSES)}) in {data['data']['root']}")
-    if not args.skip_data_check:
-        check_segmentation_pairs(
-            data["data"], data["num_classes"], data["reduce_zero_label"], progress=processes.is_main
-        )
-
-    def settings_for(name: str) -> SegmentationSettings:
-        return SegmentationSettings(
-            **data,
-            model=name,
-            recipe=recipe,
-            run_dir=os.path.join(args.output, name),
-            resume=args.resume,
-            backbone_checkpoint=args.backbone_checkpoint,
-            hafa_options=hafa_options_of(args),
-            amp=args.amp,
-            keep=args.keep,
-            compile=args.compile,
-            workers=args.workers,
-            device=args.device,
-            sync_bn=args.sync_bn,
-            norm_eval=norm_eval(args, args.backbone_checkpoint),
-        )
-
-    results = train_models(models, settings_for, train_one_model, processes)
-    return finish_training(results, processes, lambda done: print_best_scores(done, "mIoU"), args.continue_with)
-
-
-# ---------------------------------------------------------------- checkpoints -> models
+    return train_command(TASK, args)
 
 
 def load_segmenter(checkpoint: str, command: str) -> tuple[nn.Module, SegmentationSettings]:
     """A `hafa seg-train` checkpoint -> (its exact SemanticFPN in eval mode on the CPU, its training settings)."""
     saved = read_saved(checkpoint, "segmentation", command)
     return build_model(saved), SegmentationSettings.from_saved(saved.settings, f"{checkpoint}: settings")
-
-
-# ---------------------------------------------------------------- seg-eval
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -446,9 +393,6 @@ def _print_metrics(metrics: dict) -> None:
     print("| class | IoU (%) |\n|---|---:|")
     for name, iou in metrics["per_class_IoU"].items():
         print(f"| {name} | {'-' if np.isnan(iou) else f'{iou:.2f}'} |")
-
-
-# ---------------------------------------------------------------- one image
 
 
 @torch.no_grad()

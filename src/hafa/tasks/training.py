@@ -24,7 +24,7 @@ from ..compiled import close_compile_window, compiling
 from ..errors import UserError, message_of
 from ..models import freeze_batch_norm_statistics
 from ..progress import format_rate
-from .options import write_json
+from ..spec import write_json
 from .processes import ProcessContext, all_sum, any_process, gather_objects
 from .run_log import RunLog, format_metrics, progress_bar
 from .sampling import EpochSampler

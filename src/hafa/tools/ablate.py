@@ -34,21 +34,21 @@ import torch
 from ..errors import UserError, unknown_name
 from ..models._base import BASELINE_AGGREGATION
 from ..models.registry import BASE_NAMES, BASELINE
-from ..spec import Number, Values, Whole
-from ..tasks.commands import run_in_processes
+from ..spec import Number, OutputDir, Values, Whole
+from ..tasks.arguments import DEMO_MODELS
+from ..tasks.job import run_in_processes, train_job
 from ..tasks.networks import sized_model
-from ..tasks.options import OutputDir
 from ..tasks.processes import ProcessContext, barrier
 from ..tasks.run_log import format_metric
 from ..tasks.saved import read_saved
 from ..tasks.training import RESULT_FILE, NonFiniteLoss, NothingLeftToDo
 from .bench.timing import interleaved_timings
 
-# task -> (its module, the metric a row is judged by, the other metrics the table shows)
+# task -> (its module, whose TASK's score a row is judged by; the other metrics the table shows)
 TASKS = {
-    "classification": ("hafa.tasks.classification", "top1", ()),
-    "segmentation": ("hafa.tasks.segmentation", "mIoU", ()),
-    "detection": ("hafa.tasks.detection", "bbox_AP", ("segm_AP",)),
+    "classification": ("hafa.tasks.classification", ()),
+    "segmentation": ("hafa.tasks.segmentation", ()),
+    "detection": ("hafa.tasks.detection", ("segm_AP",)),
 }
 BASELINE_ROW = "CONV-CONV-CONV"
 COLLAPSED_FILE = "collapsed.json"
@@ -233,7 +233,7 @@ def _read(path: str) -> dict:
         return json.load(f)
 
 
-def run_one(train_job: Callable, run_args, processes: ProcessContext, row: Row, seed: int) -> RunResult:
+def run_one(train: Callable, run_args, processes: ProcessContext, row: Row, seed: int) -> RunResult:
     """A row's run with one seed: reused when finished, resumed when interrupted, recorded when it collapses."""
     run_dir = _run_dir(run_args.output, run_args.model[0])
     collapsed = os.path.join(run_dir, COLLAPSED_FILE)
@@ -242,7 +242,7 @@ def run_one(train_job: Callable, run_args, processes: ProcessContext, row: Row, 
     started = os.path.isfile(os.path.join(run_dir, "last.pth"))
     run_args.resume = started
     try:
-        train_job(run_args, processes)
+        train(run_args, processes)
     except NothingLeftToDo:
         pass  # finished by an earlier call, with the same settings (checked as --resume checks them)
     except NonFiniteLoss as error:
@@ -453,12 +453,13 @@ def claim_output(output: str, study: str, task: str, model: str, processes: Proc
 
 
 def _job(args, processes: ProcessContext) -> int:
-    module = importlib.import_module(TASKS[args.task][0])
-    _, metric, extra = TASKS[args.task]
+    module_name, extra = TASKS[args.task]
+    task = importlib.import_module(module_name).TASK
+    metric = task.score
     rows = [row for row in study_rows(args.study, args.values) if args.rows is None or row.name in args.rows]
     seeds = _check(args, rows)
-    model = args.model[0] if args.model else module.DEMO_MODELS[0]
-    default = f"{args.study}-{args.task}" + ("" if model == module.DEMO_MODELS[0] else f"-{model}")
+    model = args.model[0] if args.model else DEMO_MODELS[0]
+    default = f"{args.study}-{args.task}" + ("" if model == DEMO_MODELS[0] else f"-{model}")
     output = args.output or OutputDir().check(os.path.join("runs", "ablate", default), "--output")
     claim_output(output, args.study, args.task, model, processes)
     results = []
@@ -467,7 +468,7 @@ def _job(args, processes: ProcessContext) -> int:
         for seed in seeds:
             run_output = os.path.join(output, row.name, f"seed{seed}")
             run_args = _run_args(args, row, seed, run_output, model, first)
-            results.append(run_one(module.train_job, run_args, processes, row, seed))
+            results.append(run_one(partial(train_job, task), run_args, processes, row, seed))
             first = False
     if not processes.is_main:
         return 0

@@ -30,10 +30,10 @@ import torch
 from ..checkpoint import Checkpoint, check_model_options, check_task
 from ..errors import UserError, unknown_name
 from ..models.table import BASELINE
-from ..spec import Values, Whole
+from ..spec import OutputFile, Values, Whole, add_setting
 from ..tasks.networks import build_classifier_from_state_dict, sized_model
 from ..tasks.networks import build_model as build_model_of
-from ..tasks.options import OutputFile, add_setting, image_side
+from ..tasks.run_settings import image_side
 from ..tasks.saved import read_saved_or_state_dict
 
 OPSET = 18

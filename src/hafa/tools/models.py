@@ -8,8 +8,9 @@ import torch
 from ..errors import unknown_name
 from ..models.table import BASELINE, OFFICIAL, PAPER, PARAMS
 from ..progress import progress
+from ..spec import add_json_option, add_setting, write_json
 from ..tasks.networks import sized_model
-from ..tasks.options import add_json_option, add_setting, image_side, write_json
+from ..tasks.run_settings import image_side
 from .flops import count_macs
 
 # The paper's families (PVT v1, PVT v2, Swin); every other hafa_<name> with --models.

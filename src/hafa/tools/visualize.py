@@ -24,10 +24,10 @@ from ..layers import LAA, SIA, DeformableConv2d, LAAPatchMerging, SIAOutput
 from ..layers.laa import sampling_positions
 from ..models._base import HAFA_OPTIONS, SMALLEST_INPUT
 from ..models.table import BASELINE
-from ..spec import Values, Whole
+from ..spec import OutputFile, Values, Whole, add_setting
 from ..tasks.networks import build_classifier_from_state_dict
 from ..tasks.networks import build_model as build_model_of
-from ..tasks.options import OutputFile, add_setting, image_side
+from ..tasks.run_settings import image_side
 from ..tasks.saved import read_saved_or_state_dict
 
 DEFAULT_MODEL = "hafa_pvt_v2_b1"

@@ -1,17 +1,22 @@
-"""The settings of a training run, one dataclass per task, and each task's recipe: every recipe key with
-its type, range and default (the shipped recipe files and `--set` override them), and the rules
-between keys. A run's settings are built once from the recipe and the options, checked (`check`),
-saved in the checkpoint (as a dict) and read back from it by the commands that evaluate or predict,
-through the same checks (`from_saved`): every field of its type and range, no field unknown."""
+"""What a training run's settings are: each task's recipe (every recipe key with its type, range and
+default, and the rules between keys), the recipe files and `--set` that override it, and the
+settings of a run, one dataclass per task. A run's settings are built once from the recipe and the
+options, checked (`check`), saved in the checkpoint (as a dict) and read back from it by the
+commands that evaluate or predict, through the same checks (`from_saved`): every field of its type
+and range, no field unknown."""
 
+import os
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from importlib.resources import files
 from typing import Any, ClassVar, TypeVar
 
+import yaml
 from timm.optim import list_optimizers
 
 from ..data.segmentation import IGNORE_INDEX
-from ..models._base import HAFA_OPTIONS
+from ..errors import UserError
+from ..models._base import HAFA_OPTIONS, SMALLEST_INPUT
 from ..spec import (
     Choice,
     Flag,
@@ -26,13 +31,19 @@ from ..spec import (
     Whole,
     shown,
 )
-from .options import image_side
 
 Settings = TypeVar("Settings", bound="RunSettings")
 
 
 # The widest neck or head a network takes (channels): wider ones would not fit in memory.
 MAX_CHANNELS = 4096
+# The largest image side the tools take for one picture or one count (a larger one costs minutes and GBs).
+LARGEST_INPUT = 4096
+
+
+def image_side(default: int | None = None, *, optional: bool = False, largest: int = LARGEST_INPUT) -> Whole:
+    """An image side the models take: at least SMALLEST_INPUT pixels (their coarsest stride)."""
+    return Whole(default, low=SMALLEST_INPUT, high=largest, optional=optional, note="the models end at stride 32")
 
 
 def _optimizer() -> Choice:
@@ -200,6 +211,46 @@ DETECTION_RECIPE = RecipeSpec(
     ),
     [Relation(("min_size", "max_size"), lambda low, high: low <= high, "min_size must be at most max_size")],
 )
+
+
+def recipe_path(name_or_path: str) -> str:
+    """A recipe file: a path, or the name of one shipped in hafa/configs (e.g. 'imagenet_hafa')."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    shipped = files("hafa") / "configs" / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return str(shipped)
+    known = sorted(p.name[:-5] for p in (files("hafa") / "configs").iterdir() if p.name.endswith(".yaml"))
+    raise UserError(f"recipe {name_or_path!r} is neither a file nor a shipped recipe ({', '.join(known)})")
+
+
+def load_recipe(name_or_path: str, spec: RecipeSpec) -> dict:
+    """A recipe file's values over the spec's defaults, each checked (an unknown key is an error: a typo
+    would silently do nothing)."""
+    path = recipe_path(name_or_path)
+    with open(path) as f:
+        try:
+            values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as error:
+            raise UserError(f"recipe {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise UserError(f"recipe {path} must be a mapping of settings (key: value), not a {type(values).__name__}")
+    return {**spec.defaults(), **spec.check_values(values, f"recipe {path}")}
+
+
+def override_recipe(recipe: dict, options: dict[str, Any], settings: list[str], spec: RecipeSpec) -> dict:
+    """The recipe with command-line values (already checked; None: not given) and `--set KEY=VALUE` items
+    (YAML values, each checked against its setting; a key given twice takes the last), then the rules
+    between settings."""
+    recipe = {**recipe, **{k: v for k, v in options.items() if v is not None}}
+    for item in settings:
+        key, sep, value = item.partition("=")
+        if not sep or key not in spec:
+            raise UserError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(spec.settings))}")
+        recipe[key] = spec[key].parse(value, f"--set {key}")
+    spec.check_relations(recipe)
+    return recipe
+
 
 # Run options every task has.
 RUN_OPTIONS = dict(
