@@ -244,8 +244,8 @@ LAYERS = [
     {"errors", "spec", "progress", "compiled"},
     {"ops"},
     {"layers"},
-    {"checkpoint", "pretrained"},
-    {"models"},
+    {"checkpoint"},
+    {"models", "pretrained"},  # pretrained.py reads checkpoints into a family's models
     {"data"},
     {"tasks"},
     {"tools"},
