@@ -558,3 +558,33 @@ def test_compiled_eval_at_another_resolution_than_training_gives_eager_numbers(t
         results.append(json.loads(path.read_text()))
     assert results[1]["top1"] == results[0]["top1"]
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
+
+
+def test_a_run_from_weights_logs_them_as_epoch_0_beside_the_source_model(tmp_path, capsys):
+    data = write_dataset(tmp_path / "data")
+    out = tmp_path / "runs"
+    assert (
+        main(["train", "--model", "pvt_v2_b0", "--data", str(data), "--epochs", "1", "--output", str(out), *QUICK]) == 0
+    )
+    source = out / "pvt_v2_b0" / "best.pth"
+    assert main(["eval", "--checkpoint", str(source), "--workers", "0", "--json", str(tmp_path / "m.json")]) == 0
+    evaluated = json.loads((tmp_path / "m.json").read_text())
+    capsys.readouterr()
+    again = tmp_path / "again"
+    command = ["train", "--model", "pvt_v2_b0", "hafa_pvt_v2_b0", "--data", str(data), "--epochs", "1"]
+    assert main([*command, "--init-from", str(source), "--output", str(again), *QUICK]) == 0
+    printed = capsys.readouterr().out
+    assert "| model | before training top-1 (%) | best val top-1 (%) |" in printed
+    for name in ("pvt_v2_b0", "hafa_pvt_v2_b0"):
+        rows = read_log(again / name)
+        assert [int(r["epoch"]) for r in rows] == [0, 1]
+        assert rows[0]["train_loss"] == ""
+        result = json.loads((again / name / "result.json").read_text())
+        assert result["source_metrics"]["top1"] == pytest.approx(evaluated["top1"])
+        assert float(rows[0]["val_top1"]) == pytest.approx(result["start_metrics"]["top1"], abs=1e-4)
+    # the same network with the same weights: epoch 0 is the separate evaluation
+    same = json.loads((again / "pvt_v2_b0" / "result.json").read_text())["start_metrics"]
+    assert same["top1"] == pytest.approx(evaluated["top1"])
+    assert same["loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
+    # a run from scratch has no epoch 0
+    assert [int(r["epoch"]) for r in read_log(out / "pvt_v2_b0")] == [1]

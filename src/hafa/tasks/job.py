@@ -24,14 +24,14 @@ from ..errors import UserError
 from ..models.table import BASELINE
 from ..spec import Mapping, Number, SettingError, Whole, write_json
 from .arguments import DEMO_MODELS, hafa_options_of, recipe_from_args
-from .networks import backbone_arguments, backbone_of, create_network
+from .networks import backbone_arguments, backbone_of, build_model, create_network
 from .processes import ProcessContext, barrier, close_processes, init_processes
 from .run_log import setup_console_logging
 from .run_settings import RunSettings
 from .sampling import EpochSampler
 from .saved import read_saved_or_state_dict
 from .task import Task
-from .training import Training, TrainState, train
+from .training import Training, TrainState, plain_numbers, train
 
 # recipe settings that may change on --resume without breaking exactness
 RESUME_FREE = ("workers", "device", "keep", "compile", "epochs", "iterations")
@@ -142,6 +142,7 @@ TRAIN_STATE = dict(
     epoch_loss_sum=Number(),
     epoch_steps=Whole(low=0),
     best_metrics=Mapping(optional=True),
+    start_metrics=Mapping(optional=True),
 )
 
 
@@ -198,6 +199,7 @@ def train_model(task: Task, settings: RunSettings, processes: ProcessContext) ->
     model_args = task.network_arguments(settings, data)
     model = create_network(task.name, settings.model, model_args)
     task.prepare_network(model, settings, processes)
+    start = task.starting_checkpoint(settings)
     model.to(processes.device)
     compile_network(task.compiled_part(model), settings.compile, name=settings.model)
     sampler = EpochSampler(len(data.train), recipe["batch_size"], processes, seed=recipe["seed"])
@@ -235,11 +237,25 @@ def train_model(task: Task, settings: RunSettings, processes: ProcessContext) ->
         keep=settings.keep,
         compiled=settings.compile,
         length_option=task.length_option,
+        evaluate_at_start=start is not None,
+        source_metrics=None
+        if start is None or settings.resume
+        else source_metrics(task, start, data, settings, processes),
     )
     message = task.start_message(settings, data, sampler, epochs)
     if message and processes.is_main and not settings.resume:
         print(message)
     return dict(train(training, processes), model=settings.model)
+
+
+def source_metrics(task: Task, path: str, data, settings: RunSettings, processes: ProcessContext) -> dict | None:
+    """The validation metrics of the network a run's weights come from, when `path` is a checkpoint of the
+    same task and classes (None otherwise: a backbone of another task, a plain state dict)."""
+    source = read_saved_or_state_dict(path)
+    if not isinstance(source, Checkpoint) or source.task != task.name or source.classes != data.classes:
+        return None
+    network = build_model(source).to(processes.device)
+    return plain_numbers(task.evaluate(network, data, settings, processes))
 
 
 def finish_training(

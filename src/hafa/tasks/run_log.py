@@ -49,7 +49,7 @@ class RunLog:
             writer.writeheader()
             writer.writerows(rows)
         os.replace(self.csv_path + ".partial", self.csv_path)
-        self.scalars(row["epoch"], {f"epoch/{k}": v for k, v in row.items() if k != "epoch"})
+        self.scalars(row["epoch"], {f"epoch/{k}": v for k, v in row.items() if k != "epoch" and v is not None})
 
     def rows(self) -> list[dict]:
         if not os.path.exists(self.csv_path):
@@ -125,12 +125,19 @@ def baseline_pairs(results: list[dict]) -> list[tuple[dict, dict]]:
 
 
 def print_best_scores(results: list[dict], score: str) -> None:
-    """The best validation score of each model, and each HAFA model against its baseline."""
-    print(f"\n| model | best val {score} (%) | at epoch | best checkpoint | curves |")
-    print("|---|---:|---:|---|---|")
+    """The best validation score of each model (and its score before training, for runs that started
+    from weights), and each HAFA model against its baseline."""
+    started = any(r.get("start_metrics") for r in results)
+    start_header, start_rule = (f" before training {score} (%) |", "---:|") if started else ("", "")
+    print(f"\n| model |{start_header} best val {score} (%) | at epoch | best checkpoint | curves |")
+    print(f"|---|{start_rule}---:|---:|---|---|")
     for r in results:
         checkpoint = r["best_checkpoint"] or f"(not kept; last epoch: {r['last_checkpoint']})"
-        print(f"| {r['model']} | {r['best_score']:.2f} | {r['best_epoch']} | {checkpoint} | {r['curves']} |")
+        start = ""
+        if started:
+            value = (r.get("start_metrics") or {}).get(r["score"])
+            start = f" {'-' if value is None else f'{value:.2f}'} |"
+        print(f"| {r['model']} |{start} {r['best_score']:.2f} | {r['best_epoch']} | {checkpoint} | {r['curves']} |")
     for hafa, base in baseline_pairs(results):
         print(f"{hafa['model']} vs {base['model']}: {hafa['best_score'] - base['best_score']:+.2f} points {score}")
 

@@ -126,6 +126,9 @@ class Segmentation(Task):
             dropout=settings.recipe["head_dropout"],
         )
 
+    def starting_checkpoint(self, settings: SegmentationSettings) -> str | None:
+        return settings.backbone_checkpoint
+
     def prepare_network(self, network, settings: SegmentationSettings, processes: ProcessContext) -> None:
         """Start the backbone from --backbone-checkpoint (hafa.load_pretrained)."""
         if settings.backbone_checkpoint:

@@ -83,6 +83,10 @@ class Task(ABC):
     def prepare_network(self, network: nn.Module, settings: RunSettings, processes: ProcessContext) -> None:
         """What a run does to its new network before it trains (loading the checkpoint it starts from ...)."""
 
+    def starting_checkpoint(self, settings: RunSettings) -> str | None:
+        """The checkpoint a run's network starts from (--init-from), None for a start from scratch."""
+        return settings.init_from
+
     def compiled_part(self, network: nn.Module) -> nn.Module:
         """The part of the network that --compile compiles."""
         return network

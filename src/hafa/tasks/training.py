@@ -163,6 +163,9 @@ class Training:
     keep: str = "both"  # what a finished run keeps: "both", "best" (best.pth) or "last" (last.pth)
     length_option: str = "--epochs"  # the option that sets the run's length (seg-train: --iterations)
     compiled: str | None = None  # the network's torch.compile mode: the first step's time (compiling) is logged
+    # the model starts from weights: a new run evaluates it before the first step (epoch 0 of the log)
+    evaluate_at_start: bool = False
+    source_metrics: dict | None = None  # the model those weights came from, on the same data (result.json)
 
 
 @dataclass
@@ -177,6 +180,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_steps: int = 0
     best_metrics: dict | None = None  # the validation metrics of the best epoch
+    start_metrics: dict | None = None  # the validation metrics before the first step (evaluate_at_start)
 
 
 @dataclass
@@ -243,6 +247,8 @@ def train(t: Training, processes: ProcessContext) -> dict:
     status = "finished"
     try:
         with StopOnSignal(at_once_while_compiling=not processes.distributed) as stopper:
+            if t.evaluate_at_start and not t.resume:
+                _evaluate_start(t, state, log, processes)
             while state.epoch < t.epochs:
                 epoch = _train_epoch(t, model, scaler, state, processes, stopper, first_step)
                 if not epoch.stopped:
@@ -268,11 +274,7 @@ def train(t: Training, processes: ProcessContext) -> dict:
                 is_best = metrics[t.score] > state.best_score
                 if is_best:
                     state.best_score, state.best_epoch = metrics[t.score], state.epoch
-                    state.best_metrics = {  # plain numbers, None where undefined (NaN would not compare)
-                        k: None if isinstance(v, float) and math.isnan(v) else v
-                        for k, v in metrics.items()
-                        if isinstance(v, (int, float))
-                    }
+                    state.best_metrics = plain_numbers(metrics)
                 saved = checkpoint(metrics)
                 if processes.is_main:
                     write_file(last_path, saved)
@@ -312,6 +314,8 @@ def train(t: Training, processes: ProcessContext) -> dict:
         best_score=state.best_score,
         best_epoch=state.best_epoch,
         best_metrics=state.best_metrics,
+        start_metrics=state.start_metrics,
+        source_metrics=t.source_metrics,
         epochs_done=state.epoch,
         epochs=t.epochs,
         run_dir=t.run_dir,
@@ -326,6 +330,30 @@ def train(t: Training, processes: ProcessContext) -> dict:
 
 
 RESULT_FILE = "result.json"
+
+
+def plain_numbers(metrics: dict) -> dict:
+    """The numbers of a metrics dict, None where undefined (NaN would not compare)."""
+    return {
+        k: None if isinstance(v, float) and math.isnan(v) else v
+        for k, v in metrics.items()
+        if isinstance(v, (int, float))
+    }
+
+
+def _evaluate_start(t: Training, state: TrainState, log: RunLog, processes: ProcessContext) -> None:
+    """The starting weights evaluated before the first step: epoch 0 of the log (no training columns)."""
+    try:
+        metrics = t.evaluate(t.model)
+        close_compile_window()
+    except StopRequested:
+        raise UserError("stopped while evaluating the starting weights, before any step") from None
+    state.start_metrics = plain_numbers(metrics)
+    if processes.is_main:
+        row = dict(epoch=0, train_loss=None, lr=None, images_per_s=None, skipped_images=None)
+        log.epoch(dict(row, **{f"val_{k}": round(v, 5) for k, v in metrics.items() if isinstance(v, float)}))
+        source = f"; the model the weights came from: {format_metrics(t.source_metrics)}" if t.source_metrics else ""
+        _logger.info("%s before training (epoch 0): val %s%s", t.name, format_metrics(metrics), source)
 
 
 def _keep(keep: str, best_path: str, last_path: str) -> dict:
