@@ -82,8 +82,25 @@ def test_default_hafa_model_from_a_baseline_reports_its_new_batch_norms():
     assert "stages.1.downsample.norm" in report.new_layers
     assert "stages.1.downsample.norm.weight" in report.newly_initialised
     assert "stages.1.downsample.norm.weight" in report.unused  # the baseline's LayerNorm is not a BatchNorm
-    assert "laa_norm='baseline' would" in report.summary()
+    assert report.sia_stages == [3]
+    assert len(report.function_changes) == 2  # LAA's BatchNorm + GELU, SIA before stage 4
+    assert "at step 0 the model computes another function than the checkpoint" in report.summary()
+    assert "'baseline' keeps the transition's norm" in report.summary()
     _assert_first_stages_equal(reference, model, stages=1)
+
+
+def test_a_conversion_says_whether_it_keeps_the_function_at_step_0():
+    model = timm.create_model("pvt_v2_b0").eval()
+    kept = hafa.convert(model, laa_norm="baseline", stage_aggregation=("laa", "laa", "conv"))
+    assert kept.conversion_report.function_changes == []
+    assert "at step 0 the model computes what the model it was converted from computes" in (
+        kept.conversion_report.summary()
+    )
+    images = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(kept.eval()(images), model(images), rtol=1e-5, atol=1e-5)
+    changed = hafa.convert(model, laa_norm="baseline").conversion_report
+    assert changed.sia_stages == [3]
+    assert [change.split(":")[0] for change in changed.function_changes] == ["SIA before stage 4"]
 
 
 def test_a_batch_norm_checkpoint_refuses_the_baseline_laa_mode(tmp_path):

@@ -374,8 +374,10 @@ NAMES_SHOWN = 12
 @dataclass
 class LoadReport:
     """What a load did: tensor names copied, newly initialised (the model's own init) and unused (the
-    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA); source:
-    where the tensors came from, as the summary names it."""
+    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA);
+    sia_stages: the stages (1-3) that start with SIA; source: where the tensors came from, as the summary
+    names it. `function_changes` says what makes the model compute something else than the source at
+    step 0."""
 
     copied: list[str] = field(default_factory=list)
     newly_initialised: list[str] = field(default_factory=list)
@@ -384,7 +386,23 @@ class LoadReport:
     left_outside_prefix: int = 0
     laa_norm: str | None = None
     laa_batch_norms_new: bool = False
+    sia_stages: list[int] = field(default_factory=list)
     source: str = "the checkpoint"
+
+    @property
+    def function_changes(self) -> list[str]:
+        """What changes the source's function at step 0 (LAA's offsets start at zero and keep it; LAA's new
+        BatchNorm + GELU and SIA's merged tokens change it); [] when the model computes what it computed."""
+        changes = []
+        if self.laa_batch_norms_new:
+            changes.append("LAA's new BatchNorm + GELU (laa_norm='batch'; 'baseline' keeps the transition's norm)")
+        if self.sia_stages:
+            stages = ", ".join(str(index + 1) for index in self.sia_stages)
+            changes.append(
+                f"SIA before stage {stages}: the stage attends from merged tokens to SIA's conv-encoded keys / "
+                "values, with SIA's new layers"
+            )
+        return changes
 
     @property
     def new_layers(self) -> list[str]:
@@ -396,21 +414,20 @@ class LoadReport:
         if self.source_prefix:
             lines[0] += f" (its keys under '{self.source_prefix}'; {self.left_outside_prefix} others left out)"
         if self.laa_norm == "batch":
-            lines.append(
-                "LAA mode: laa_norm='batch' (BatchNorm + GELU, the paper's network)"
-                + (
-                    f"; its BatchNorms are new, so the model does not compute the function of {self.source} "
-                    "(laa_norm='baseline' would)"
-                    if self.laa_batch_norms_new
-                    else ""
-                )
-            )
+            lines.append("LAA mode: laa_norm='batch' (BatchNorm + GELU, the paper's network)")
         elif self.laa_norm == "baseline":
             lines.append("LAA mode: laa_norm='baseline' (the baseline's norm; with zero offsets LAA is its conv)")
         if self.newly_initialised:
             lines.append(f"new layers ({len(self.new_layers)}): {shorten(self.new_layers)}")
         if self.unused:
             lines.append(f"unused from {self.source} ({len(self.unused)}): {shorten(self.unused)}")
+        if self.function_changes:
+            lines.append(f"at step 0 the model computes another function than {self.source}:")
+            lines += [f"  - {change}" for change in self.function_changes]
+        elif self.laa_norm is not None:
+            lines.append(
+                f"at step 0 the model computes what {self.source} computes (LAA starts as the conv it replaces)"
+            )
         return "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .checkpoint import CheckpointError, LoadReport, read_file, shorten, state_dict_of
 from .layers import LAA_LAYERS, SIA
 from .layers.laa import BATCH_NORMS
-from .models.convert import family_of
+from .models.convert import HafaModel, family_of, sia_stages
 
 _logger = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple[d
     prefix = _backbone_prefix(state_dict, model, targets)
     inside = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
     report = LoadReport(source_prefix=prefix, left_outside_prefix=len(state_dict) - len(inside))
+    if isinstance(model, HafaModel):
+        report.sia_stages = sia_stages(model.stage_aggregation)
     state_dict = _normalise_names(inside, model, targets)
     laa = _laa_modules(model)
     report.laa_norm = next(iter(set(laa.values())), None) if len(set(laa.values())) == 1 else None

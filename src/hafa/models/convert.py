@@ -288,6 +288,11 @@ def _storage(tensor: Tensor) -> int:
     return tensor.untyped_storage().data_ptr()
 
 
+def sia_stages(stage_aggregation: Sequence[str]) -> list[int]:
+    """The stages (1-3) that start with SIA."""
+    return [transition + 1 for transition, kind in enumerate(stage_aggregation) if kind == "sia"]
+
+
 def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadReport:
     """What a conversion kept (tensors of the model, possibly under new names, e.g. a fused qkv as q and
     kv), made new (LAA's offsets and BatchNorm, SIA's own layers) and left out (e.g. Swin's relative
@@ -302,6 +307,7 @@ def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadRe
         unused=[name for name, t in before.items() if _storage(t) not in used],
         laa_norm=laa_norm,
         laa_batch_norms_new=laa_norm == "batch",
+        sia_stages=sia_stages(converted.stage_aggregation),
         source="the model it was converted from",
     )
 
