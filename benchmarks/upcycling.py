@@ -2,14 +2,14 @@
 step 0, and what fine-tuning it gives against fine-tuning the baseline itself.
 
     python benchmarks/upcycling.py [--models pvt_v2_b0 pvt_tiny] [--seeds 0 1 2]
-        [--tasks classification segmentation] [--pretrain-epochs 5] [--finetune-epochs 2]
+        [--tasks classification segmentation] [--pretrain-epochs 5] [--finetune-epochs 2] [--finetune-lr 3e-4]
         [--output runs/upcycling] [-- extra options for every fine-tuning run]
 
 For each baseline: `hafa train` pretrains it on the embedded digits (seed 100, --pretrain-epochs);
 then, for each seed, the same fine-tuning recipe starts from those weights (`--init-from`):
 the baseline itself, and its HAFA model with each `--laa-norm` (baseline: LAA keeps the
 transition's norm; batch: the paper's BatchNorm + GELU). Classification fine-tunes on the same
-digits (--finetune-epochs); segmentation puts the pretrained backbone into Semantic FPN
+digits (--finetune-epochs at --finetune-lr, no warm-up); segmentation puts the pretrained backbone into Semantic FPN
 (`hafa seg-train --backbone-checkpoint`, the demo's iterations). Step 0 is the evaluation a run
 makes before its first step (epoch 0 of its log; for segmentation the FPN head is new, so step 0
 is left out). Every run is an ordinary command in OUTPUT/; a finished one is reused. Writes
@@ -68,7 +68,9 @@ def finetune(task: str, baseline: str, weights: str, seed: int, args, extra: lis
     for arm, model_options in arms(baseline).items():
         folder = os.path.join(args.output, task, _slug(arm), f"seed{seed}")
         start = ["--init-from", weights] if task == "classification" else ["--backbone-checkpoint", weights]
-        length = ["--epochs", str(args.finetune_epochs)] if task == "classification" else []
+        length = []
+        if task == "classification":  # a fine-tune: a lower rate, no warm-up
+            length = ["--epochs", str(args.finetune_epochs), "--lr", str(args.finetune_lr), "--warmup-epochs", "0"]
         command = [hafa_command(), COMMANDS[task], *model_options, *start, *length, "--seed", str(seed)]
         results[arm] = run([*command, "--output", folder, *extra], os.path.join(folder, model_options[1]))
     return results
@@ -107,6 +109,7 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--pretrain-epochs", type=int, default=5)
     parser.add_argument("--finetune-epochs", type=int, default=2)
+    parser.add_argument("--finetune-lr", type=float, default=3e-4, help="classification fine-tuning's lr")
     parser.add_argument("--output", default=os.path.join("runs", "upcycling"))
     args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
     report = [

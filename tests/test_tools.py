@@ -251,3 +251,16 @@ def test_bench_knows_a_baseline_built_for_one_size():
     assert timing.takes_size(
         timm.create_model("hafa_swin_tiny_patch4_window7_224", num_classes=3), torch.randn(1, 3, 96, 96)
     )
+
+
+def test_models_families_lists_every_family_and_every_registered_model(capsys, tmp_path):
+    from hafa.models import FAMILIES
+
+    assert main(["models", "--families", "--json", str(tmp_path / "f.json")]) == 0
+    printed = capsys.readouterr().out
+    rows = json.loads((tmp_path / "f.json").read_text())
+    assert [r["family"] for r in rows] == [f.name for f in FAMILIES]
+    assert sum(r["models"] for r in rows) == len(timm.list_models("hafa_*"))
+    convnext = next(r for r in rows if r["family"] == "convnext")
+    assert convnext["default"] == ["laa", "laa", "laa"] and convnext["sia_stages"] == []
+    assert f"{len(FAMILIES)} families, {len(timm.list_models('hafa_*'))} registered models" in printed

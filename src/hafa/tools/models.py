@@ -1,11 +1,12 @@
 """`hafa models`: every HAFA model beside its baseline: parameters (ours, the official code's where it
-exists, the paper's), GMACs, and the paper's top-1."""
+exists, the paper's), GMACs, and the paper's top-1; `--families`: the families hafa.convert takes."""
 
 import sys
 
 import torch
 
 from ..errors import unknown_name
+from ..models import FAMILIES
 from ..models.table import BASELINE, OFFICIAL, PAPER, PARAMS
 from ..progress import progress
 from ..spec import add_json_option, add_setting, write_json
@@ -24,6 +25,11 @@ def add_arguments(parser):
         default=DEFAULT_MODELS,
         help="HAFA models, each shown with its baseline (default: the paper's PVT v1, PVT v2 and Swin models; any "
         "hafa_<timm name> of the families hafa.convert takes)",
+    )
+    parser.add_argument(
+        "--families",
+        action="store_true",
+        help="list the families instead: the models each registers, its default transitions, the stages SIA can start",
     )
     add_setting(parser, "--img-size", setting=image_side(224), help="input size for the MACs")
     add_json_option(parser, "the rows")
@@ -61,7 +67,39 @@ def markdown(rows, img_size: int) -> str:
     return "\n".join(lines)
 
 
+def family_row(family) -> dict:
+    """A family's registered models, and its default transitions and SIA's stages on its first model."""
+    with torch.device("meta"):
+        model = family.create(family.model_names[0])
+    attending = sorted(family.attention_stages(model))
+    return dict(
+        family=family.name,
+        models=len(family.model_names),
+        first=f"hafa_{family.model_names[0]}",
+        default=list(family.default_stage_aggregation(model)),
+        sia_stages=[stage + 1 for stage in attending if stage > 0],
+    )
+
+
+def families_markdown(rows: list[dict]) -> str:
+    lines = [
+        "| family | registered models | e.g. | default transitions | stages SIA can start (of the first model) |",
+        "|---|---:|---|---|---|",
+    ]
+    for r in rows:
+        sia = ", ".join(map(str, r["sia_stages"])) or "none"
+        lines.append(f"| {r['family']} | {r['models']} | {r['first']} | {', '.join(r['default']).upper()} | {sia} |")
+    total = sum(r["models"] for r in rows)
+    return "\n".join([*lines, f"\n{len(rows)} families, {total} registered models (hafa_<timm name>)"])
+
+
 def run(args) -> int:
+    if args.families:
+        rows = [family_row(f) for f in progress(FAMILIES, desc="families", unit="family")]
+        print(families_markdown(rows))
+        if args.json:
+            write_json(args.json, rows)
+        return 0
     for name in args.models:
         if name not in BASELINE:
             raise unknown_name("HAFA model", name, sorted(BASELINE))
