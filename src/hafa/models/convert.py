@@ -142,6 +142,11 @@ class Family:
         """Keep stages 0..max_index only."""
         setattr(model, self.stages_name, self.stages(model)[: max_index + 1])
 
+    def drop_head(self, model: nn.Module) -> None:
+        """Remove the classifier and pooling (prune_intermediate_layers, features_only); a family whose
+        head reset needs more (timm's MLP heads: reset_other, a pool type they take) does it its own way."""
+        model.reset_classifier(0, "")
+
 
 # timm's features_only wrappers: they hold the model's stages, not the model.
 FEATURE_WRAPPERS = (FeatureDictNet, FeatureGetterNet, FeatureHookNet)
@@ -470,7 +475,7 @@ class HafaModel(nn.Module):
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, "")
+            self.family.drop_head(self)
         return take
 
     @torch.jit.ignore

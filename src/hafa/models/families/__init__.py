@@ -15,6 +15,7 @@ FAMILY_MODULES = (
     "pvt",
     "metaformer",
     "convnext",
+    "inception_next",
 )
 
 TIMM_MODULES: dict[str, str] = {}

@@ -1,0 +1,182 @@
+"""hafa.convert on timm's hierarchical families whose stages have no attention (LAA transitions only):
+InceptionNeXt, MambaOut, FocalNet. One row per model: the named variant with one block per stage
+(and narrower where timm takes it), so that each test runs in seconds on two cores; the registered
+hafa_<name> models are the full ones.
+
+Each row is checked for: exactness without SIA (LAA in baseline mode), a training step of the default
+conversion, the four strides at an odd size, a timm state dict adapting to what the conversion keeps,
+features_only, fullgraph compile, bf16, and "sia" refused with the family's stages named."""
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+import hafa
+from hafa.data.mnist import prepare_mnist5k
+from hafa.layers import DeformableConv2d
+from hafa.models import HafaModel
+
+NUM_CLASSES = 10
+LAA_ONLY = ("laa", "laa", "laa")
+ODD_SIZE = (70, 90)
+
+
+@dataclass(frozen=True)
+class Row:
+    """A small model of one family: timm's `name` built with `small` arguments. stride32: its last map's
+    size at ODD_SIZE (how its convs round); deformed: the convs LAA reads at offsets."""
+
+    family: str
+    name: str
+    small: dict = field(default_factory=dict)
+    stride32: tuple = (2, 2)
+    deformed: int = 3
+
+    def build(self, seed: int = 0, **kwargs) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return timm.create_model(self.name, num_classes=NUM_CLASSES, **{**self.small, **kwargs}).eval()
+
+
+ROWS = [
+    Row("inception_next", "inception_next_atto", dict(depths=(1, 1, 1, 1))),
+]
+BY_ID = pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
+
+
+def default_conversion(row: Row, seed: int = 0) -> HafaModel:
+    return hafa.convert(row.build(seed), stage_aggregation=LAA_ONLY)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """The first training image of each of the digits 0-7 of MNIST-5k, 3 x 32 x 32 in [-1, 1], and the digits."""
+    root = prepare_mnist5k()
+    images = []
+    for digit in range(8):
+        folder = os.path.join(root, "train", str(digit))
+        with Image.open(os.path.join(folder, sorted(os.listdir(folder))[0])) as image:
+            pixels = np.asarray(image.convert("L").resize((32, 32), Image.BILINEAR), dtype=np.float32) / 255
+        images.append(torch.from_numpy(pixels))
+    images = torch.stack(images).unsqueeze(1).expand(-1, 3, -1, -1) * 2 - 1
+    return images.contiguous(), torch.arange(8)
+
+
+@BY_ID
+def test_without_sia_the_conversion_computes_the_model(row):
+    model = row.build()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+        conv = hafa.convert(model, stage_aggregation=("conv", "conv", "conv"), laa_norm="baseline").eval()
+        assert torch.equal(conv(x), expected)
+        laa = hafa.convert(model, stage_aggregation=LAA_ONLY, laa_norm="baseline").eval()
+        # LAA's matmul sums in another order than the conv: equal up to float rounding
+        torch.testing.assert_close(laa(x), expected, atol=1e-5, rtol=1e-5)
+    assert sum(isinstance(m, DeformableConv2d) for m in laa.modules()) == row.deformed
+    assert laa.state_dict().keys() >= model.state_dict().keys()  # timm's names, the offsets added
+    assert laa.conversion_report.unused == []
+
+
+@BY_ID
+def test_the_default_conversion_trains_on_mnist(row, digits):
+    torch.manual_seed(0)
+    converted = default_conversion(row).train()
+    images, labels = digits
+    optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = torch.nn.functional.cross_entropy(converted(images), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+@BY_ID
+def test_intermediates_have_strides_4_to_32_at_an_odd_size(row):
+    converted = default_conversion(row).eval()
+    with torch.no_grad():
+        final, maps = converted.forward_intermediates(torch.randn(2, 3, *ODD_SIZE))
+    assert [m.shape[1] for m in maps] == [info["num_chs"] for info in converted.feature_info]
+    for feature_map, stride in zip(maps, (4, 8, 16, 32), strict=True):  # sizes rounded up or down
+        assert feature_map.dim() == 4
+        assert feature_map.shape[0] == 2
+        assert all(abs(n - s / stride) < 1 for n, s in zip(feature_map.shape[-2:], ODD_SIZE)), (
+            stride,
+            feature_map.shape,
+        )
+    assert tuple(maps[-1].shape[-2:]) == row.stride32
+    assert converted.forward_head(final).shape == (2, NUM_CLASSES)
+
+
+@BY_ID
+def test_a_saved_timm_state_dict_loads_as_the_conversion_keeps_it(row, tmp_path):
+    model = row.build(seed=3)
+    path = tmp_path / "baseline.pth"
+    torch.save(model.state_dict(), path)
+    converted = hafa.convert(model, stage_aggregation=LAA_ONLY)
+    fresh = default_conversion(row, seed=4)
+    report = hafa.load_pretrained(fresh, str(path), verbose=False)
+    kept = converted.conversion_report.copied
+    assert set(kept) == set(report.copied)
+    expected, got = converted.state_dict(), fresh.state_dict()
+    for name in kept:
+        assert torch.equal(got[name], expected[name]), name
+    assert set(report.newly_initialised) == set(converted.conversion_report.newly_initialised)
+    assert set(report.unused) == set(converted.conversion_report.unused)
+
+
+@BY_ID
+def test_the_registered_model_and_features_only(row):
+    model = timm.create_model(f"hafa_{row.name}", **row.small)
+    assert isinstance(model, HafaModel)
+    assert model.stage_aggregation == LAA_ONLY
+    features = timm.create_model(f"hafa_{row.name}", features_only=True, **row.small).eval()
+    with torch.no_grad():
+        maps = features(torch.randn(1, 3, *ODD_SIZE))
+    assert [m.shape[1] for m in maps] == features.feature_info.channels()
+    assert features.feature_info.reduction() == [4, 8, 16, 32]
+    assert tuple(maps[-1].shape[-2:]) == row.stride32
+
+
+@pytest.mark.slow
+@BY_ID
+def test_the_default_conversion_compiles_as_one_graph(row):
+    torch._dynamo.reset()
+    model = default_conversion(row).eval()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(images)
+        got = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+    torch._dynamo.reset()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@BY_ID
+def test_the_default_conversion_runs_in_bfloat16(row):
+    model = default_conversion(row).eval()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(images)
+        got = model.to(torch.bfloat16)(images.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, rtol=0.1, atol=0.1)
+
+
+@BY_ID
+def test_sia_is_refused_where_no_stage_attends(row):
+    with pytest.raises(ValueError, match=r"stage 4 has no attention \(its stages with attention: none\)"):
+        hafa.convert(row.build(), stage_aggregation=("laa", "laa", "sia"))
+
+
+def test_inception_next_refuses_laa_on_a_dilated_transition():
+    model = ROWS[0].build(output_stride=16)
+    with pytest.raises(ValueError, match=r"inception_next's stages.3.downsample does not downsample .*output_stride"):
+        hafa.convert(model, stage_aggregation=LAA_ONLY)
+    hafa.convert(model, stage_aggregation=("laa", "laa", "conv"))
