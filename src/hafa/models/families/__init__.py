@@ -16,6 +16,7 @@ FAMILY_MODULES = (
     "metaformer",
     "convnext",
     "inception_next",
+    "mambaout",
 )
 
 TIMM_MODULES: dict[str, str] = {}
