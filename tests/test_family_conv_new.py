@@ -1,5 +1,5 @@
 """hafa.convert on timm's hierarchical families whose stages have no attention (LAA transitions only):
-InceptionNeXt, MambaOut. One row per model form: a named variant's configuration with one
+InceptionNeXt, MambaOut, FocalNet. One row per model form: a named variant's configuration with one
 block per stage (narrower where timm takes it), so that each test runs in seconds on two cores; the
 registered hafa_<name> models are the full ones.
 
@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.models.focalnet import FocalNet
 
 import hafa
 from hafa.data.mnist import prepare_mnist5k
@@ -55,6 +56,14 @@ ROWS = [
     Row("inception_next_atto", ONE_BLOCK, (2, 2)),
     Row("mambaout_femto", ONE_BLOCK, (3, 3)),  # a LayerNorm after each transition's conv
     Row("test_mambaout", ONE_BLOCK, (3, 3)),  # the _rw models' LayerNorm before the conv
+    Row("focalnet_tiny_srf", dict(embed_dim=16, **ONE_BLOCK), (2, 2), model_class=FocalNet),
+    Row(  # the *_fl3 / *_fl4 models: overlapped 3x3/s2/p1 transitions, post-norm blocks, an MLP head
+        "focalnet_large_fl3",
+        dict(embed_dim=16, use_overlap_down=True, use_post_norm=True, head_hidden_size=32, **ONE_BLOCK),
+        (3, 3),
+        model_class=FocalNet,
+        registered=False,
+    ),
 ]
 BY_ID = pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 

@@ -17,6 +17,7 @@ FAMILY_MODULES = (
     "convnext",
     "inception_next",
     "mambaout",
+    "focalnet",
 )
 
 TIMM_MODULES: dict[str, str] = {}
