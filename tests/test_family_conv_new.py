@@ -5,7 +5,7 @@ registered hafa_<name> models are the full ones.
 
 Each row is checked for: exactness without SIA (LAA in baseline mode), a training step of the default
 conversion, the four strides at an odd size, a timm state dict adapting to what the conversion keeps,
-features_only, fullgraph compile, bf16, and "sia" refused with the family's stages named."""
+features_only, fullgraph compile, export, bf16, and "sia" refused with the family's stages named."""
 
 import os
 from dataclasses import dataclass
@@ -182,6 +182,17 @@ def test_the_default_conversion_compiles_as_one_graph(row):
         got = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
     torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@BY_ID
+def test_the_default_conversion_exports_with_a_dynamic_batch_axis(row):
+    model = default_conversion(row).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(2, 3, 64, 64),), dynamic_shapes=({0: batch},))
+        images = torch.randn(3, 3, 64, 64)
+        torch.testing.assert_close(program.module()(images), model(images), rtol=1e-5, atol=1e-5)
 
 
 @BY_ID
