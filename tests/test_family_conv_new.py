@@ -155,7 +155,12 @@ def test_a_saved_timm_state_dict_loads_as_the_conversion_keeps_it(row, tmp_path)
     assert set(report.unused) == set(converted.conversion_report.unused)
 
 
-@pytest.mark.parametrize("row", [r for r in ROWS if r.registered], ids=[r.name for r in ROWS if r.registered])
+@pytest.mark.parametrize(
+    "row",
+    [  # a registered model at full size builds and runs for many seconds on two cores
+        pytest.param(r, id=r.name, marks=[pytest.mark.slow] if r.model_class else []) for r in ROWS if r.registered
+    ],
+)
 def test_the_registered_model_and_features_only(row):
     model = timm.create_model(f"hafa_{row.name}", **row.registered_args())
     assert isinstance(model, HafaModel)
