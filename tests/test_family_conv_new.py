@@ -1,6 +1,7 @@
-"""hafa.convert on timm's hierarchical families whose stages have no attention (LAA transitions only):
-InceptionNeXt, MambaOut, FocalNet. One row per model form: a named variant's configuration with one
-block per stage (narrower where timm takes it), so that each test runs in seconds on two cores; the
+"""hafa.convert on timm's hierarchical families whose stages have no attention across tokens (LAA
+transitions only): InceptionNeXt, MambaOut, FocalNet, EdgeNeXt. One row per model form: a named
+variant's configuration with one block per stage (narrower where timm takes it; two in EdgeNeXt's
+second stage, a ConvBlock and an SDTA block), so that each test runs in seconds on two cores; the
 registered hafa_<name> models are the full ones.
 
 Each row is checked for: exactness without SIA (LAA in baseline mode), a training step of the default
@@ -64,6 +65,8 @@ ROWS = [
         model_class=FocalNet,
         registered=False,
     ),
+    # SDTA blocks (channel attention, a position encoding in stage 2) after a ConvBlock in stage 2
+    Row("edgenext_xx_small", dict(depths=(1, 2, 1, 1)), (2, 2)),
 ]
 BY_ID = pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
 
@@ -215,6 +218,16 @@ def test_the_default_conversion_runs_in_bfloat16(row):
 def test_sia_is_refused_where_no_stage_attends(row):
     with pytest.raises(ValueError, match=r"stage 4 has no attention \(its stages with attention: none\)"):
         hafa.convert(row.build(), stage_aggregation=("laa", "laa", "sia"))
+
+
+def test_edgenext_small_rw_refuses_laa_where_a_block_downsamples():
+    model = timm.create_model("edgenext_small_rw", depths=(1, 2, 2, 2), num_classes=NUM_CLASSES).eval()
+    with pytest.raises(ValueError, match=r"edgenext's stages.1.downsample is Identity: .*downsample_block=True"):
+        hafa.convert(model, stage_aggregation=LAA_ONLY)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(hafa.convert(model, stage_aggregation=("conv", "conv", "conv"))(x), model(x))
+    assert "hafa_edgenext_small_rw" not in timm.list_models("hafa_edgenext*")
 
 
 def test_inception_next_refuses_laa_on_a_dilated_transition():

@@ -39,6 +39,9 @@ class Family:
     stages_name = "stages"
     transition_name = "downsample"  # the name of the layer that opens a stage
     final_norm_name: str | None = None  # the model's norm after the last stage, if it has one
+    # timm models of the family's modules whose registered (default) conversion the family refuses: not
+    # registered as hafa_<name>
+    refused_models: tuple[str, ...] = ()
 
     def matches(self, model: nn.Module) -> bool:
         return isinstance(model, self.model_classes)

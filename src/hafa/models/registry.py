@@ -15,9 +15,13 @@ from ._base import FROM_BASELINE_TAG, HAFA_AGGREGATION, HAFA_OPTIONS, MODEL_ARGU
 from .convert import HafaModel, family_of
 from .families import FAMILIES, TIMM_MODULES
 
-# The families' models as timm (or hafa.models.pvt) names them.
+# The families' models as timm (or hafa.models.pvt) names them, but those their family refuses.
+_REFUSED = {name for family in FAMILIES for name in family.refused_models}
 BASE_NAMES = {
-    **{family: timm.list_models(module=module) for family, module in TIMM_MODULES.items()},
+    **{
+        family: [name for name in timm.list_models(module=module) if name not in _REFUSED]
+        for family, module in TIMM_MODULES.items()
+    },
     "pvt": ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"],
 }
 # Each HAFA model's baseline.

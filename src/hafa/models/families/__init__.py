@@ -18,6 +18,7 @@ FAMILY_MODULES = (
     "inception_next",
     "mambaout",
     "focalnet",
+    "edgenext",
 )
 
 TIMM_MODULES: dict[str, str] = {}
