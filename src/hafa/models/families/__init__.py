@@ -15,6 +15,7 @@ FAMILY_MODULES = (
     "pvt",
     "metaformer",
     "convnext",
+    "davit",
 )
 
 TIMM_MODULES: dict[str, str] = {}
