@@ -21,7 +21,7 @@ from hafa.data.folder import ImageFolderDataset
 from hafa.data.mnist import prepare_mnist5k
 from hafa.layers import SIA
 from hafa.models import HafaModel
-from hafa.models.families import davit
+from hafa.models.families import davit, tiny_vit
 from hafa.ops import TokenLayout
 
 NUM_CLASSES = 8
@@ -47,6 +47,15 @@ FAMILIES = {
         kwargs=dict(depths=(1, 1, 1, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), window_size=4),
         timm_module="davit",
         converts=8,
+    ),
+    "tiny_vit": Row(
+        timm_name="tiny_vit_5m_224",
+        kwargs=dict(
+            depths=(1, 1, 2, 1), embed_dims=(32, 64, 96, 128), num_heads=(1, 2, 3, 4), window_sizes=(4, 4, 4, 2)
+        ),
+        timm_module="tiny_vit",
+        left_out=r"stages\.3\.blocks\.\d+\.attn\.attention_biases",
+        converts=5,
     ),
 }
 
@@ -255,3 +264,16 @@ def _davit_one_window(model: torch.nn.Module) -> None:
 
 
 FAMILIES["davit"].extra["one_window"] = _davit_one_window
+
+
+def _tiny_vit_one_window(model: torch.nn.Module) -> None:
+    block = model.stages[3].blocks[0]  # 2 x 2 windows
+    x = torch.randn(2, 2, 2, model.feature_info[3]["num_chs"])
+    with torch.no_grad():
+        block.attn.attention_biases.zero_()
+        expected = block(x).flatten(1, 2)
+        got = tiny_vit.ClusteredBlock(block=block)(x.flatten(1, 2), TokenLayout((2, 2)))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+FAMILIES["tiny_vit"].extra["one_window"] = _tiny_vit_one_window

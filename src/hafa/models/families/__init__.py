@@ -16,6 +16,7 @@ FAMILY_MODULES = (
     "metaformer",
     "convnext",
     "davit",
+    "tiny_vit",
 )
 
 TIMM_MODULES: dict[str, str] = {}

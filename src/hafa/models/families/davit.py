@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from ...layers import SIA, Attention, DeformableConv2d
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
-from ..convert import ClusteredStage, Family, split_qkv
+from ..convert import ClusteredStage, Family, map_head_on_tokens, split_qkv, tokens_as_map
 
 
 class DictionaryPosConv(nn.Module):
@@ -104,11 +104,6 @@ def downsample(model: nn.Module, index: int) -> Downsample:
     return transition
 
 
-def tokens_as_map(tokens: Tensor) -> Tensor:
-    """B x N x C tokens as a B x C x N x 1 map, whose positions channels-first layers treat as a map's."""
-    return tokens.transpose(1, 2).unsqueeze(-1)
-
-
 class DaViTFamily(Family):
     name = "davit"
     final_norm_name = "norm_pre"
@@ -126,8 +121,7 @@ class DaViTFamily(Family):
     token_pools = None  # the head's own pooling layer pools the tokens, whatever its pool type
 
     def token_head(self, model: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
-        x = model.head(tokens_as_map(tokens), pre_logits=pre_logits)
-        return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x  # no pooling: a prediction per token
+        return map_head_on_tokens(model.head, tokens, pre_logits)
 
     def attention_stages(self, model: nn.Module) -> set[int]:
         return set(range(len(model.stages)))
