@@ -21,7 +21,7 @@ from hafa.data.folder import ImageFolderDataset
 from hafa.data.mnist import prepare_mnist5k
 from hafa.layers import SIA
 from hafa.models import HafaModel
-from hafa.models.families import davit, tiny_vit
+from hafa.models.families import davit, gcvit, tiny_vit
 from hafa.ops import TokenLayout
 
 NUM_CLASSES = 8
@@ -34,9 +34,12 @@ class Row:
     timm_module: str
     # what the default conversion (LAA with BatchNorm, SIA before stage 4) leaves out of the timm model
     left_out: str | None = None
+    # an input size the models take (GCViT: only the size it is built for, as timm's)
+    size: int = 64
     odd_size: tuple[int, int] = (70, 90)
     # the number of timm models of the module that convert with the defaults (the others are refused)
     converts: int | None = None
+    # the pool types whose head on a map timm computes as the head's pooling of the map's positions
     pools: tuple[str, ...] = ("avg", "max", "")
     extra: dict = field(default_factory=dict)
 
@@ -56,6 +59,18 @@ FAMILIES = {
         timm_module="tiny_vit",
         left_out=r"stages\.3\.blocks\.\d+\.attn\.attention_biases",
         converts=5,
+    ),
+    # gcvit_* fix the depths and heads; 96 px with these windows gives stage maps 24, 12, 6, 3, each a
+    # multiple of its window, global queries pooled to it (stages 1, 2), one 3 x 3 window in stage 4
+    "gcvit": Row(
+        timm_name="gcvit_xxtiny",
+        kwargs=dict(img_size=96, embed_dim=16, window_size=(6, 6, 6, 3), mlp_ratio=2),
+        timm_module="gcvit",
+        left_out=r"stages\.[12]\.downsample\.norm2\.|stages\.3\.blocks\.\d+\.attn\.rel_pos\.",
+        size=96,
+        odd_size=(96, 96),
+        converts=5,
+        pools=("avg", "max"),
     ),
 }
 
@@ -94,7 +109,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_without_sia_the_conversion_computes_the_model(family):
     model = base_model(family)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, FAMILIES[family].size, FAMILIES[family].size)
     with torch.no_grad():
         expected = model(x)
         conv = hafa.convert(model, stage_aggregation=("conv", "conv", "conv"), laa_norm="baseline").eval()
@@ -114,6 +129,7 @@ def test_the_default_conversion_trains_on_mnist(family, digits):
     assert converted.stage_aggregation == ("laa", "laa", "sia")
     assert sum(isinstance(m, SIA) for m in converted.modules()) == 1
     images, labels = digits
+    images = torch.nn.functional.interpolate(images, size=FAMILIES[family].size, mode="bilinear")
     optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-3)
     losses = []
     for _ in range(8):
@@ -174,7 +190,8 @@ def test_the_registered_model_converts_and_gives_features(family):
     with torch.no_grad():
         maps = features(torch.randn(1, 3, *row.odd_size))
     assert [m.shape[1] for m in maps] == features.feature_info.channels()
-    assert [m.shape[-1] for m in maps] in ([23, 12, 6, 3], [22, 11, 5, 3], [22, 11, 6, 3])
+    for feature_map, stride in zip(maps, (4, 8, 16, 32), strict=True):
+        assert all(abs(n - s / stride) < 1 for n, s in zip(feature_map.shape[-2:], row.odd_size)), feature_map.shape
 
 
 @pytest.fixture
@@ -188,7 +205,7 @@ def fresh_compiler():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_default_conversion_compiles_as_one_graph(family, fresh_compiler):
     converted = hafa.convert(base_model(family)).eval()
-    images = torch.randn(2, 3, 64, 64)
+    images = torch.randn(2, 3, FAMILIES[family].size, FAMILIES[family].size)
     with torch.no_grad():
         expected = converted(images)
         got = torch.compile(converted, fullgraph=True, backend="aot_eager")(images)
@@ -201,7 +218,7 @@ def test_a_bfloat16_conversion_runs_in_bfloat16(family):
     converted = hafa.convert(base_model(family).to(torch.bfloat16)).eval()
     assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
     with torch.no_grad():
-        logits = converted(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16))
+        logits = converted(torch.randn(2, 3, FAMILIES[family].size, FAMILIES[family].size, dtype=torch.bfloat16))
     assert logits.dtype == torch.bfloat16
     assert logits.isfinite().all()
 
@@ -209,22 +226,28 @@ def test_a_bfloat16_conversion_runs_in_bfloat16(family):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_token_head_pools_as_the_models_head_pools_a_map(family):
-    """On a grid's tokens the head after SIA gives what the model's own head gives on the map."""
-    for pool in FAMILIES[family].pools:
-        converted = hafa.convert(base_model(family, global_pool=pool), stage_aggregation=("laa", "laa", "laa")).eval()
-        with torch.no_grad():
-            feature_map = converted.forward_features(torch.randn(2, 3, 64, 64))
-            expected = converted.forward_head(feature_map)
-            tokens = feature_map.flatten(2).transpose(1, 2)
-            got = converted.family.token_head(converted, tokens, pre_logits=False)
-        if not pool:  # a prediction per token, B x N x classes
-            expected = expected.flatten(2).transpose(1, 2)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    """On a grid's tokens the head after SIA gives what the model's own head gives on the map; without
+    pooling it predicts for each merged token."""
+    size = FAMILIES[family].size
+    for pool in ("avg", "max", ""):
+        if pool in FAMILIES[family].pools:
+            converted = hafa.convert(
+                base_model(family, global_pool=pool), stage_aggregation=("laa", "laa", "laa")
+            ).eval()
+            with torch.no_grad():
+                feature_map = converted.forward_features(torch.randn(2, 3, size, size))
+                expected = converted.forward_head(feature_map)
+                tokens = feature_map.flatten(2).transpose(1, 2)
+                got = converted.family.token_head(converted, tokens, pre_logits=False)
+            if not pool:  # a prediction per token, B x N x classes
+                expected = expected.flatten(2).transpose(1, 2)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         clustered = hafa.convert(base_model(family, global_pool=pool)).eval()
         with torch.no_grad():
-            logits = clustered(torch.randn(2, 3, 64, 64))
+            logits = clustered(torch.randn(2, 3, size, size))
+        assert logits.shape[0] == 2
         assert logits.shape[-1] == NUM_CLASSES
-        assert logits.dim() == (2 if pool else 3)
+        assert logits.dim() == (2 if pool else 3)  # without pooling B x merged tokens x classes
 
 
 @pytest.mark.slow
@@ -277,3 +300,42 @@ def _tiny_vit_one_window(model: torch.nn.Module) -> None:
 
 
 FAMILIES["tiny_vit"].extra["one_window"] = _tiny_vit_one_window
+
+
+def _gcvit_one_window(model: torch.nn.Module) -> None:
+    stage = model.stages[3]  # 3 x 3, one window: global queries unpooled
+    x = torch.randn(2, model.feature_info[2]["num_chs"], 6, 6)
+    with torch.no_grad():
+        for block in stage.blocks:
+            block.attn.rel_pos.relative_position_bias_table.zero_()
+        expected = stage(x).flatten(2).transpose(1, 2)
+        grid = stage.downsample(x)
+        layout = TokenLayout(grid.shape[-2:])
+        clustered = gcvit.ClusteredStage(sia=SIA(in_dim=1, out_dim=1), stage=stage)
+        tokens, queries = (
+            grid.flatten(2).transpose(1, 2),
+            clustered.global_queries(grid.flatten(2).transpose(1, 2), layout),
+        )
+        for block in clustered.blocks:
+            tokens = block(tokens, layout, None, queries)
+    torch.testing.assert_close(clustered.norm(tokens), expected, rtol=1e-5, atol=1e-5)
+    # where the global queries are pooled to a window (stage 2: 12 x 12 map, 6 x 6 windows), each position
+    # takes the query at its place in its window, as timm's windows do
+    stage = model.stages[1]
+    grid = stage.downsample(torch.randn(2, model.feature_info[0]["num_chs"], 24, 24))
+    clustered = gcvit.ClusteredStage(sia=SIA(in_dim=1, out_dim=1), stage=stage)
+    with torch.no_grad():
+        queries = clustered.global_queries(grid.flatten(2).transpose(1, 2), TokenLayout((12, 12)))
+        pooled = stage.global_block(grid)
+    assert pooled.shape[-2:] == (6, 6)
+    torch.testing.assert_close(queries.view(2, 12, 12, -1)[:, 6:, 6:], pooled.permute(0, 2, 3, 1))
+    torch.testing.assert_close(queries.view(2, 12, 12, -1)[:, :6, 6:], pooled.permute(0, 2, 3, 1))
+
+
+FAMILIES["gcvit"].extra["one_window"] = _gcvit_one_window
+
+
+def test_gcvit_refuses_another_input_size_in_one_line():
+    converted = hafa.convert(base_model("gcvit"))
+    with pytest.raises(ValueError, match=r"takes the input size it was built for \(96 x 96"):
+        converted(torch.randn(1, 3, 64, 64))

@@ -17,6 +17,7 @@ FAMILY_MODULES = (
     "convnext",
     "davit",
     "tiny_vit",
+    "gcvit",
 )
 
 TIMM_MODULES: dict[str, str] = {}
