@@ -544,13 +544,14 @@ def convert(
     laa_norm: str = "batch",
 ) -> HafaModel:
     """The HAFA form of `model` (timm's pvt_v2, swin, swinv2, twins, caformer / convformer /
-    poolformerv2, convnext, or our PVT v1), a new module that keeps every weight `model` has: LAA takes
-    each chosen transition's own strided conv (its offsets start at zero; laa_norm="baseline" keeps the
-    transition's own norm, so that with no SIA the model computes `model` exactly before training),
-    SIA projects with the family's own downsampling. `model` itself is left as it was (the new module
-    holds copies of its layers). What was kept, made new and left out is the result's
-    `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns). Each layer keeps its
-    training mode (a head in eval mode stays so); the new layers take the mode of the part they sit in."""
+    poolformerv2, convnext, davit, tiny_vit, gcvit, or our PVT v1), a new module that keeps every
+    weight `model` has: LAA takes each chosen transition's own strided conv (its offsets start at
+    zero; laa_norm="baseline" keeps the transition's own norm, so that with no SIA the model computes
+    `model` exactly before training), SIA projects with the family's own downsampling. `model` itself
+    is left as it was (the new module holds copies of its layers). What was kept, made new and left
+    out is the result's `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns). Each
+    layer keeps its training mode (a head in eval mode stays so); the new layers take the mode of the
+    part they sit in."""
     check_convertible(model)
     copied = copy.deepcopy(model)
     before = copied.state_dict()
