@@ -262,6 +262,20 @@ def subsampled_attention(attention: nn.Module) -> Attention:
     )
 
 
+def tokens_as_map(tokens: Tensor) -> Tensor:
+    """B x N x C tokens as a B x C x N x 1 map, whose positions channels-first layers (a head's pooling
+    and LayerNorm2d) treat as a map's."""
+    return tokens.transpose(1, 2).unsqueeze(-1)
+
+
+def map_head_on_tokens(head: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
+    """A timm head over NCHW maps with its own pooling layer (NormMlpClassifierHead, ClassifierHead) on
+    merged tokens B x N x C laid out as an N x 1 map: pooled as it pools a map's positions, whatever its
+    pool type; without pooling, a prediction per token (B x N x K)."""
+    x = head(tokens_as_map(tokens), pre_logits=pre_logits)
+    return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
+
+
 def run_blocks(
     blocks: nn.ModuleList, x: Tensor, layout: TokenLayout, kv: KeyValues | None, use_checkpoint: bool
 ) -> Tensor:
@@ -521,7 +535,9 @@ def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadRe
         newly_initialised=[name for name, t in after.items() if _storage(t) not in kept],
         unused=[name for name, t in before.items() if _storage(t) not in used],
         laa_norm=laa_norm,
-        laa_batch_norms_new=laa_norm == "batch",
+        # a family whose transition has BatchNorm after its conv keeps it in both modes (TinyViT)
+        laa_batch_norms_new=laa_norm == "batch"
+        and any(_storage(t) not in kept and name.endswith(".running_mean") for name, t in after.items()),
         source="the model it was converted from",
     )
 
@@ -535,15 +551,14 @@ def convert(
     cluster_qkv: bool = False,
     laa_norm: str = "batch",
 ) -> HafaModel:
-    """The HAFA form of `model` (timm's pvt_v2, swin, swinv2, twins, caformer / convformer /
-    poolformerv2, convnext, inception_next, mambaout, focalnet, or our PVT v1), a new module that keeps
-    every weight `model` has: LAA takes each chosen transition's own strided conv (its offsets start at
-    zero; laa_norm="baseline" keeps the transition's own norm, so that with no SIA the model computes
-    `model` exactly before training), SIA projects with the family's own downsampling. `model` itself
-    is left as it was (the new module holds copies of its layers). What was kept, made new and left out
-    is the result's `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns). Each layer
-    keeps its training mode (a head in eval mode stays so); the new layers take the mode of the part
-    they sit in."""
+    """The HAFA form of `model` (a timm model of a family hafa.models.families lists, see docs/plugin.md,
+    or our PVT v1), a new module that keeps every weight `model` has: LAA takes each chosen transition's
+    own strided conv (its offsets start at zero; laa_norm="baseline" keeps the transition's own norm, so
+    that with no SIA the model computes `model` exactly before training), SIA projects with the family's
+    own downsampling. `model` itself is left as it was (the new module holds copies of its layers). What
+    was kept, made new and left out is the result's `conversion_report` (a hafa.LoadReport, as
+    hafa.load_pretrained returns). Each layer keeps its training mode (a head in eval mode stays so); the
+    new layers take the mode of the part they sit in."""
     check_convertible(model)
     copied = copy.deepcopy(model)
     before = copied.state_dict()

@@ -19,6 +19,9 @@ FAMILY_MODULES = (
     "mambaout",
     "focalnet",
     "edgenext",
+    "davit",
+    "tiny_vit",
+    "gcvit",
 )
 
 TIMM_MODULES: dict[str, str] = {}
