@@ -85,6 +85,11 @@ class Family:
         """What forward_features returns after the last stage, a grid (the family's final norm)."""
         return x
 
+    def grid_output(self, model: nn.Module, features: Any) -> Any:
+        """What forward_features returns from grid_features' result, in the form the model's own
+        forward_head takes (default: as it is; MViTv2's stages pass maps, its head takes tokens)."""
+        return features
+
     def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """forward_features after a last stage that started with SIA: the final tokens, normalised."""
         return tokens
@@ -413,7 +418,16 @@ class HafaModel(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         check_images(x, self.in_chans)
         x, layout, _ = self._stages(x, self._num_stages() - 1, None, (), False)
-        return self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+        return self._final_features(x, layout)
+
+    def _final_features(self, x: Any, layout: TokenLayout | None) -> Tensor:
+        """forward_features' result from the last stage's output (and its layout, None for a grid)."""
+        family = self.family
+        return (
+            family.grid_output(self, family.grid_features(self, x))
+            if layout is None
+            else family.token_features(self, x)
+        )
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self._clustered(self._num_stages() - 1):
@@ -455,7 +469,7 @@ class HafaModel(nn.Module):
         if intermediates_only:
             return maps
         if last == num_stages - 1:
-            x = self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+            x = self._final_features(x, layout)
         return x, maps
 
     def prune_intermediate_layers(
@@ -528,7 +542,7 @@ def convert(
     laa_norm: str = "batch",
 ) -> HafaModel:
     """The HAFA form of `model` (timm's pvt_v2, swin, swinv2, twins, caformer / convformer /
-    poolformerv2, convnext, or our PVT v1), a new module that keeps every weight `model` has: LAA takes
+    poolformerv2, convnext, mvitv2, or our PVT v1), a new module that keeps every weight `model` has: LAA takes
     each chosen transition's own strided conv (its offsets start at zero; laa_norm="baseline" keeps the
     transition's own norm, so that with no SIA the model computes `model` exactly before training),
     SIA projects with the family's own downsampling. `model` itself is left as it was (the new module

@@ -13,11 +13,14 @@ from timm.models._builder import resolve_pretrained_cfg
 from ..pretrained import checkpoint_filter_fn
 from ._base import FROM_BASELINE_TAG, HAFA_AGGREGATION, HAFA_OPTIONS, MODEL_ARGUMENTS, hafa_cfgs
 from .convert import HafaModel, family_of
-from .families import FAMILIES, TIMM_MODULES
+from .families import FAMILIES, REFUSED, TIMM_MODULES
 
-# The families' models as timm (or hafa.models.pvt) names them.
+# The families' models as timm (or hafa.models.pvt) names them (those a family refuses left out).
 BASE_NAMES = {
-    **{family: timm.list_models(module=module) for family, module in TIMM_MODULES.items()},
+    **{
+        family: [name for name in timm.list_models(module=module) if name not in REFUSED]
+        for family, module in TIMM_MODULES.items()
+    },
     "pvt": ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"],
 }
 # Each HAFA model's baseline.
