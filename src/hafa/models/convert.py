@@ -88,6 +88,11 @@ class Family:
         """What forward_features returns after the last stage, a grid (the family's final norm)."""
         return x
 
+    def grid_output(self, model: nn.Module, features: Any) -> Any:
+        """What forward_features returns from grid_features' result, in the form the model's own
+        forward_head takes (default: as it is; MViTv2's stages pass maps, its head takes tokens)."""
+        return features
+
     def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """forward_features after a last stage that started with SIA: the final tokens, normalised."""
         return tokens
@@ -435,7 +440,16 @@ class HafaModel(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         check_images(x, self.in_chans)
         x, layout, _ = self._stages(x, self._num_stages() - 1, None, (), False)
-        return self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+        return self._final_features(x, layout)
+
+    def _final_features(self, x: Any, layout: TokenLayout | None) -> Tensor:
+        """forward_features' result from the last stage's output (and its layout, None for a grid)."""
+        family = self.family
+        return (
+            family.grid_output(self, family.grid_features(self, x))
+            if layout is None
+            else family.token_features(self, x)
+        )
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self._clustered(self._num_stages() - 1):
@@ -477,7 +491,7 @@ class HafaModel(nn.Module):
         if intermediates_only:
             return maps
         if last == num_stages - 1:
-            x = self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+            x = self._final_features(x, layout)
         return x, maps
 
     def prune_intermediate_layers(

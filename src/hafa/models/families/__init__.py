@@ -1,7 +1,8 @@
 """The families hafa.convert takes, one small adapter module each (docs/plugin.md walks through one).
 
 Each module defines FAMILY (its Family) and TIMM_MODULES (the timm modules whose models it converts:
-every model there is registered as hafa_<name> by hafa.models.registry)."""
+every model there is registered as hafa_<name> by hafa.models.registry, but those its family's
+refused_models names)."""
 
 import importlib
 
@@ -22,6 +23,7 @@ FAMILY_MODULES = (
     "davit",
     "tiny_vit",
     "gcvit",
+    "mvitv2",
 )
 
 TIMM_MODULES: dict[str, str] = {}
