@@ -1,6 +1,6 @@
-"""hafa.convert on the families the hand-written models used to cover (PVT v2, Swin, our PVT v1), and
-what every conversion shares: exactness without SIA, training, the four strides, timm checkpoints,
-the registered hafa_<name> models, the report, refusals."""
+"""hafa.convert beyond what each family's conformance rows check (tests/test_families.py): the model
+given is left as it is, the report, the registered names, refusals, training modes, the head on merged
+tokens, and Swin's shifted-window mask."""
 
 import pytest
 import timm
@@ -13,80 +13,10 @@ from hafa.models import HafaModel
 from hafa.models.families.swin import shifted_window_mask
 from hafa.models.registry import BASE_NAMES, BASELINE
 from hafa.models.table import PARAMS
+from test_families import CASES, base_model
 
-# (timm name, its constructor arguments, an input size it takes)
-FAMILIES = {
-    "pvt_v2": ("pvt_v2_b0", {}, (70, 90)),
-    "swin": ("swin_tiny_patch4_window7_224", dict(strict_img_size=False, embed_dim=48), (72, 88)),
-    "pvt": ("pvt_tiny", {}, (70, 90)),
-}
-
-
-def base_model(family: str, seed: int = 0) -> torch.nn.Module:
-    name, kwargs, _ = FAMILIES[family]
-    torch.manual_seed(seed)
-    return timm.create_model(name, num_classes=4, **kwargs).eval()
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_without_sia_the_conversion_computes_the_model(family):
-    model = base_model(family)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        expected = model(x)
-        conv = hafa.convert(model, stage_aggregation=("conv", "conv", "conv"), laa_norm="baseline").eval()
-        assert torch.equal(conv(x), expected)
-        laa = hafa.convert(model, stage_aggregation=("laa", "laa", "conv"), laa_norm="baseline").eval()
-        # LAA's matmul sums in another order than the conv: equal up to float rounding
-        torch.testing.assert_close(laa(x), expected, atol=1e-5, rtol=1e-5)
-    assert sum(isinstance(m, (LAA, LAAPatchMerging)) for m in laa.modules()) == 2
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_the_default_conversion_trains_and_gives_four_strides(family):
-    model = base_model(family)
-    converted = hafa.convert(model).train()
-    assert sum(isinstance(m, SIA) for m in converted.modules()) == 1
-    _, _, size = FAMILIES[family]
-    maps = converted.forward_intermediates(torch.randn(1, 3, *size), intermediates_only=True)
-    for feature_map, stride in zip(maps, (4, 8, 16, 32), strict=True):  # sizes rounded up or down
-        assert all(abs(n - s / stride) < 1 for n, s in zip(feature_map.shape[-2:], size)), (stride, feature_map.shape)
-    torch.manual_seed(1)
-    images, labels = torch.randn(8, 3, 64, 64), torch.arange(8) % 4
-    optimizer = torch.optim.AdamW(converted.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        loss = torch.nn.functional.cross_entropy(converted(images), labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    assert losses[-1] < 0.5 * losses[0]
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_saved_timm_state_dict_loads_as_the_conversion_keeps_it(family, tmp_path):
-    model = base_model(family, seed=3)
-    path = tmp_path / "baseline.pth"
-    torch.save(model.state_dict(), path)
-    converted = hafa.convert(model)
-    fresh = hafa.convert(base_model(family, seed=4))
-    report = hafa.load_pretrained(fresh, str(path), verbose=False)
-    kept = set(converted.conversion_report.copied)
-    assert kept <= set(report.copied)
-    expected, got = converted.state_dict(), fresh.state_dict()
-    for name in kept:
-        assert torch.equal(got[name], expected[name]), name
-    assert set(report.unused) <= set(converted.conversion_report.unused)
-
-
-@pytest.mark.parametrize("family", FAMILIES)
-def test_a_bfloat16_model_converts_to_a_bfloat16_model(family):
-    model = base_model(family).to(torch.bfloat16)
-    converted = hafa.convert(model)  # its offsets, BatchNorms and SIA's layers are new
-    assert {p.dtype for p in converted.parameters()} == {torch.bfloat16}
-    with torch.no_grad():
-        assert converted(torch.randn(2, 3, 64, 64, dtype=torch.bfloat16)).dtype == torch.bfloat16
+# The conformance rows whose models the tests here convert.
+FAMILIES = ("pvt_v2", "swin", "pvt")
 
 
 def test_the_model_given_is_left_as_it_was():
@@ -128,10 +58,6 @@ def test_every_model_of_a_family_is_registered_with_its_baseline():
         for name in names:
             assert f"hafa_{name}" in timm.list_models()
             assert BASELINE[f"hafa_{name}"] == name
-    features = timm.create_model("hafa_swin_tiny_patch4_window7_224", features_only=True)
-    maps = features(torch.randn(1, 3, 70, 90))
-    assert [m.shape[1] for m in maps] == [96, 192, 384, 768]
-    assert features.feature_info.reduction() == [4, 8, 16, 32]
 
 
 def test_a_model_of_another_family_is_refused_naming_the_families():
@@ -199,19 +125,6 @@ POOLED = {
 SMALL_SWIN = dict(img_size=64, embed_dim=24, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), num_classes=5)
 
 
-def small_caformer(global_pool: str) -> torch.nn.Module:
-    from timm.models import metaformer
-
-    return metaformer.MetaFormer(
-        token_mixers=[metaformer.SepConv, metaformer.SepConv, metaformer.Attention, metaformer.Attention],
-        norm_layers=[metaformer.LayerNorm2dNoBias] * 2 + [metaformer.LayerNormNoBias] * 2,
-        depths=(1, 1, 1, 1),
-        dims=(32, 64, 96, 128),
-        num_classes=5,
-        global_pool=global_pool,
-    )
-
-
 # family -> (a small model with a given global_pool, its head on pooled tokens B x C, the pool types it takes)
 HEADS = {
     "swin": (
@@ -225,7 +138,7 @@ HEADS = {
         ("avg", "max", "avgmax", "catavgmax"),
     ),
     "metaformer": (  # timm's MetaFormer refuses catavgmax itself
-        small_caformer,
+        lambda pool: CASES["caformer"].make(global_pool=pool, num_classes=5),
         lambda model, pooled: model.head.fc(model.head.norm(pooled[:, :, None, None]).flatten(1)),
         ("avg", "max", "avgmax"),
     ),

@@ -5,8 +5,9 @@
 """
 
 from . import models
+from .checkpoint import LoadReport
 from .models import convert
-from .pretrained import CheckpointMismatchError, LoadReport, load_pretrained
+from .pretrained import CheckpointMismatchError, load_pretrained
 
 __version__ = "0.1.0"
 __all__ = ["models", "convert", "load_pretrained", "LoadReport", "CheckpointMismatchError"]

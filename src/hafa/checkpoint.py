@@ -365,3 +365,55 @@ def pack_names(names: list[str]) -> Tensor:
 def unpack_names(packed: Tensor) -> list[str]:
     text = zlib.decompress(packed.numpy().tobytes()).decode()
     return text.split("\n") if text else []
+
+
+# How many names a LoadReport's summary (and a mismatch message) shows of a longer list.
+NAMES_SHOWN = 12
+
+
+@dataclass
+class LoadReport:
+    """What a load did: tensor names copied, newly initialised (the model's own init) and unused (the
+    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA); source:
+    where the tensors came from, as the summary names it."""
+
+    copied: list[str] = field(default_factory=list)
+    newly_initialised: list[str] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    source_prefix: str = ""
+    left_outside_prefix: int = 0
+    laa_norm: str | None = None
+    laa_batch_norms_new: bool = False
+    source: str = "the checkpoint"
+
+    @property
+    def new_layers(self) -> list[str]:
+        """The modules with at least one newly initialised tensor."""
+        return sorted({name.rpartition(".")[0] or name for name in self.newly_initialised})
+
+    def summary(self) -> str:
+        lines = [f"copied {len(self.copied)} tensors from {self.source}"]
+        if self.source_prefix:
+            lines[0] += f" (its keys under '{self.source_prefix}'; {self.left_outside_prefix} others left out)"
+        if self.laa_norm == "batch":
+            lines.append(
+                "LAA mode: laa_norm='batch' (BatchNorm + GELU, the paper's network)"
+                + (
+                    f"; its BatchNorms are new, so the model does not compute the function of {self.source} "
+                    "(laa_norm='baseline' would)"
+                    if self.laa_batch_norms_new
+                    else ""
+                )
+            )
+        elif self.laa_norm == "baseline":
+            lines.append("LAA mode: laa_norm='baseline' (the baseline's norm; with zero offsets LAA is its conv)")
+        if self.newly_initialised:
+            lines.append(f"new layers ({len(self.new_layers)}): {shorten(self.new_layers)}")
+        if self.unused:
+            lines.append(f"unused from {self.source} ({len(self.unused)}): {shorten(self.unused)}")
+        return "\n".join(lines)
+
+
+def shorten(names: list[str]) -> str:
+    shown = ", ".join(names[:NAMES_SHOWN])
+    return shown + (f", ... ({len(names) - NAMES_SHOWN} more)" if len(names) > NAMES_SHOWN else "")

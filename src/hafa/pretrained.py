@@ -1,140 +1,36 @@
-"""Load checkpoints into HAFA models: baselines (timm's pvt_v2 / swin, official PVT v1 and v2), HAFA
-checkpoints of the official code, and the backbone part of any checkpoint this project writes.
+"""Load checkpoints into HAFA models and their baselines: timm's state dicts, the official layouts a
+family knows (Family.checkpoint_names: e.g. the original PVT and Swin code's names, and the official
+HAFA code's), and the backbone part of any checkpoint this project writes.
 
 Every weight with a counterpart is copied: LAA takes the baseline's downsampling conv (offsets stay
-zero), SIA the baseline's last downsampling where its projection is that layer, Swin's fused qkv is
-split for the blocks that attend over SIA's merged tokens. What has no counterpart keeps its fresh
+zero), SIA the baseline's last downsampling where its projection is that layer, a fused qkv is split
+for the blocks that attend over SIA's merged tokens. What has no counterpart keeps its fresh
 initialisation and is reported by name, and so does a classifier sized for another number of
 classes (fine-tuning). The backbone is found inside a task's checkpoint by the key prefix that
 makes its names match the model (`backbone.model.`, `backbone.body.`, ...), not by a fixed list.
 """
 
 import logging
-import re
-from dataclasses import dataclass, field
 
 import torch
 from timm.models._features import FeatureGetterNet
 from torch import Tensor, nn
 
-from .checkpoint import CheckpointError, read_file, state_dict_of
-from .layers import SIA
+from .checkpoint import CheckpointError, LoadReport, read_file, shorten, state_dict_of
+from .layers import LAA_LAYERS, SIA
 from .layers.laa import BATCH_NORMS
+from .models.convert import family_of
 
 _logger = logging.getLogger(__name__)
 
 # A checkpoint matching less than this share of a model's parameters is taken for another model.
 MIN_MATCHED_FRACTION = 0.5
-NAMES_SHOWN = 12
-
-# Official PVT v1 / v2 top-level names (patch_embed1..4, block1..4, pos_embed1..4, norm1..4, cls_token).
-_OFFICIAL_ROOT = re.compile(r"^(patch_embed|block|pos_embed|norm)\d$|^cls_token$")
-# Inside the official HAFA's LAA (patch_embed2, patch_embed3: DeformablePatchMerging): the deformable conv
-# is mmcv's DeformConv2dPack `dconv`, which keeps its offset predictor as `conv_offset`, and the BatchNorm
-# is `norm_layer`. Renamed in this order.
-_OFFICIAL_LAA_NAMES = {"dconv.conv_offset.": "offset.", "dconv.": "proj.", "norm_layer.": "norm."}
-# Inside the official HAFA's SIA (patch_embed4: CTM): the token conv `conv` (a 3x3/s2 conv with its `skip`),
-# the keys/values path `Multiscale` (`skip`, `depth_conv`, `point_conv`) and its LayerNorm `norm1`.
-# Renamed in this order; CTM's score bias and unused `proj_q` have no counterpart and are reported unused.
-_OFFICIAL_SIA_NAMES = {
-    "conv.skip.": "skip.",
-    "conv.": "proj.",
-    "Multiscale.skip.": "kv_proj.",
-    "Multiscale.depth_conv.": "kv_dwconv.",
-    "Multiscale.point_conv.": "kv_pwconv.",
-    "norm1.": "kv_norm.",
-}
+# How deep inside a task's checkpoint a backbone's names may start ('backbone.body.' is 2 deep).
+MAX_PREFIX_DEPTH = 3
 
 
 class CheckpointMismatchError(CheckpointError):
     """The checkpoint does not belong to this model (another family or width)."""
-
-
-@dataclass
-class LoadReport:
-    """What a load did: tensor names copied, newly initialised (the model's own init) and unused (the
-    checkpoint's, under its backbone prefix); laa_norm: the model's LAA mode (None without LAA); source:
-    where the tensors came from, as the summary names it."""
-
-    copied: list[str] = field(default_factory=list)
-    newly_initialised: list[str] = field(default_factory=list)
-    unused: list[str] = field(default_factory=list)
-    source_prefix: str = ""
-    left_outside_prefix: int = 0
-    laa_norm: str | None = None
-    laa_batch_norms_new: bool = False
-    source: str = "the checkpoint"
-
-    @property
-    def new_layers(self) -> list[str]:
-        """The modules with at least one newly initialised tensor."""
-        return sorted({name.rpartition(".")[0] or name for name in self.newly_initialised})
-
-    def summary(self) -> str:
-        lines = [f"copied {len(self.copied)} tensors from {self.source}"]
-        if self.source_prefix:
-            lines[0] += f" (its keys under '{self.source_prefix}'; {self.left_outside_prefix} others left out)"
-        if self.laa_norm == "batch":
-            lines.append(
-                "LAA mode: laa_norm='batch' (BatchNorm + GELU, the paper's network)"
-                + (
-                    f"; its BatchNorms are new, so the model does not compute the function of {self.source} "
-                    "(laa_norm='baseline' would)"
-                    if self.laa_batch_norms_new
-                    else ""
-                )
-            )
-        elif self.laa_norm == "baseline":
-            lines.append("LAA mode: laa_norm='baseline' (the baseline's norm; with zero offsets LAA is its conv)")
-        if self.newly_initialised:
-            lines.append(f"new layers ({len(self.new_layers)}): {_shorten(self.new_layers)}")
-        if self.unused:
-            lines.append(f"unused from {self.source} ({len(self.unused)}): {_shorten(self.unused)}")
-        return "\n".join(lines)
-
-
-def _shorten(names: list[str]) -> str:
-    shown = ", ".join(names[:NAMES_SHOWN])
-    return shown + (f", ... ({len(names) - NAMES_SHOWN} more)" if len(names) > NAMES_SHOWN else "")
-
-
-def _official_pvt_to_staged(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Official PVT v1/v2 and HAFA names (patch_embed1..4, pos_embed1..4, block1..4, norm1..4, cls_token) -> ours."""
-    if not any(k.startswith(("patch_embed1.", "block1.")) for k in state_dict):
-        return state_dict
-    v1 = any(k.startswith("pos_embed1") for k in state_dict)
-    out = {}
-    for k, v in state_dict.items():
-        k = k.replace("dwconv.dwconv", "dwconv")
-        k = re.sub(r"^block(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.blocks.", k)
-        k = re.sub(r"^norm(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.norm.", k)
-        k = re.sub(r"^pos_embed(\d)$", lambda m: f"stages.{int(m.group(1)) - 1}.pos_embed", k)
-        if v1:
-            k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.patch_embed.", k)
-            k = "stages.3.cls_token" if k == "cls_token" else k
-        else:
-            k = k.replace("patch_embed1.", "patch_embed.")
-            k = re.sub(r"^patch_embed(\d)\.", lambda m: f"stages.{int(m.group(1)) - 1}.downsample.", k)
-        for official, ours in _OFFICIAL_LAA_NAMES.items():
-            k = re.sub(rf"^(stages\.[12]\.(?:patch_embed|downsample)\.){re.escape(official)}", rf"\g<1>{ours}", k)
-        for official, ours in _OFFICIAL_SIA_NAMES.items():
-            k = re.sub(rf"^(stages\.3\.(?:patch_embed|downsample)\.){re.escape(official)}", rf"\g<1>{ours}", k)
-        out[k] = v
-    return out
-
-
-def _original_swin_to_timm(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The original Swin layout (a downsampling ends a stage, the classifier is `head`) -> timm's."""
-    if "layers.0.downsample.reduction.weight" in state_dict:
-        state_dict = {
-            re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
-            for k, v in state_dict.items()
-        }
-        state_dict = {
-            ("head.fc." + k[5:] if k.startswith("head.") and not k.startswith("head.fc.") else k): v
-            for k, v in state_dict.items()
-        }
-    return {k: v for k, v in state_dict.items() if not k.endswith(("relative_position_index", "attn_mask"))}
 
 
 def _split_fused_qkv(state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -153,7 +49,7 @@ def _split_fused_qkv(state_dict: dict[str, Tensor], targets: dict[str, Tensor]) 
 
 def _into_sia_projection(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> dict[str, Tensor]:
     """A baseline's downsampling at a SIA transition fills SIA's projection where that is the same layer
-    (Swin's patch merging: `X.norm`, `X.reduction` -> `X.proj.norm`, `X.proj.reduction`)."""
+    (e.g. a patch merging: `X.norm`, `X.reduction` -> `X.proj.norm`, `X.proj.reduction`)."""
     prefixes = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, SIA))
     out = {}
     for k, v in state_dict.items():
@@ -183,13 +79,9 @@ def _same_up_to_unit_dims(a: torch.Size, b: torch.Size) -> bool:
 
 
 def _normalise_names(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> dict[str, Tensor]:
-    """A checkpoint's names as the model has them: official PVT and Swin layouts as timm's, the names a
-    HAFA model's family gives its converted layers (Family.checkpoint_names), fused qkv split, and a
-    baseline's downsampling into SIA's projection."""
-    state_dict = _official_pvt_to_staged(state_dict)
-    if any(k.startswith("layers.") for k in state_dict):
-        state_dict = _original_swin_to_timm(state_dict)
-    family = getattr(model, "family", None)  # a HAFA model (hafa.models.convert.HafaModel)
+    """A checkpoint's names as the model has them: its family's (official layouts, the names its
+    conversion gives), then a fused qkv split and a baseline's downsampling moved into SIA's projection."""
+    family = family_of(model)
     if family is not None:
         state_dict = family.checkpoint_names(state_dict, targets)
     return _into_sia_projection(_split_fused_qkv(state_dict, targets), model, targets)
@@ -198,14 +90,13 @@ def _normalise_names(state_dict: dict[str, Tensor], model: nn.Module, targets: d
 def _backbone_prefix(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> str:
     """The key prefix under which the checkpoint holds this model: '' for a classification or baseline
     checkpoint, e.g. 'backbone.model.' (Semantic FPN) or 'backbone.body.' (Mask R-CNN): the candidate
-    under which most names match the model."""
-    roots = {k.split(".", 1)[0] for k in targets}
+    (up to MAX_PREFIX_DEPTH names deep) under which most names match the model."""
     candidates = {""}
     for key in state_dict:
         parts = key.split(".")
-        for depth in range(1, min(len(parts) - 1, 4)):
-            if parts[depth] in roots or _OFFICIAL_ROOT.match(parts[depth]):
-                candidates.add(".".join(parts[:depth]) + ".")
+        candidates.update(
+            ".".join(parts[:depth]) + "." for depth in range(1, min(len(parts) - 1, MAX_PREFIX_DEPTH + 1))
+        )
 
     def matches(prefix: str) -> int:
         part = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
@@ -215,8 +106,8 @@ def _backbone_prefix(state_dict: dict[str, Tensor], model: nn.Module, targets: d
 
 
 def _laa_modules(model: nn.Module) -> dict[str, str]:
-    """name -> laa_norm of every LAA layer (LAA, Swin's LAA patch merging)."""
-    return {name: m.laa_norm for name, m in model.named_modules() if hasattr(m, "reset_offsets")}
+    """name -> laa_norm of every LAA layer."""
+    return {name: m.laa_norm for name, m in model.named_modules() if isinstance(m, LAA_LAYERS)}
 
 
 def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple[dict[str, Tensor], LoadReport]:
@@ -251,7 +142,7 @@ def adapt_state_dict(state_dict: dict[str, Tensor], model: nn.Module) -> tuple[d
     ]
     if other_mode:
         raise CheckpointMismatchError(
-            f"the checkpoint has BatchNorm statistics where {type(model).__name__} has none ({_shorten(other_mode)}): "
+            f"the checkpoint has BatchNorm statistics where {type(model).__name__} has none ({shorten(other_mode)}): "
             "it was trained with laa_norm='batch'; create the model with laa_norm='batch'"
         )
     adapted, mismatched = {}, []

@@ -3,6 +3,7 @@
 from .attention import Attention, Block, DepthwiseConvMlp, pvt_block, spatial_reduction_attention
 from .laa import (
     LAA,
+    LAA_LAYERS,
     LAA_NORMS,
     ConvDownsample,
     DeformableConv2d,
@@ -17,6 +18,7 @@ from .sia import SIA, SIAOutput
 
 __all__ = [
     "LAA",
+    "LAA_LAYERS",
     "LAA_NORMS",
     "DeformableConv2d",
     "LAAPatchMerging",

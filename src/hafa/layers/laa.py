@@ -478,3 +478,7 @@ class LAAPatchMerging(nn.Module):
         if self.laa_norm == "batch":
             out = batch_norm_act(out, self.out_norm, self.act)
         return (out, offsets) if return_offsets else out
+
+
+# Every LAA layer (each has its `laa_norm` and zero-initialised offsets).
+LAA_LAYERS = (LAA, DeformableConv2d, LAAPatchMerging)

@@ -3,7 +3,9 @@ every model of the supported families registered with timm as hafa_<name> on imp
 
 from . import pvt, registry
 from ._base import freeze_batch_norm_statistics
-from .convert import FAMILIES, Family, HafaModel, convert
+from .convert import HafaModel, convert
+from .families import FAMILIES
+from .family import Family
 from .pvt import PyramidVisionTransformer
 
 __all__ = [

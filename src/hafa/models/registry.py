@@ -1,55 +1,29 @@
 """Every model of the supported families as `hafa_<name>`, registered with timm: the HAFA conversion of
 timm's `<name>` (or of our PVT v1), so that `timm.create_model("hafa_convnext_tiny")` and every hafa
-command take it, and `--baseline` pairs it with `<name>`. A family whose last stage has attention gets
-LAA, LAA, SIA by default (the paper's network), a family of convolutions only LAA, LAA, LAA."""
+command take it, and `--baseline` pairs it with `<name>`. Each takes its family's default transitions
+(Family.default_stage_aggregation: LAA, LAA, SIA where the last stage attends, else LAA three times)."""
 
 import sys
 from functools import partial
 
-import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
 from ..pretrained import checkpoint_filter_fn
-from ._base import FROM_BASELINE_TAG, HAFA_AGGREGATION, HAFA_OPTIONS, MODEL_ARGUMENTS, hafa_cfgs
-from .convert import HafaModel, family_of
-from .families import FAMILIES, TIMM_MODULES
+from ._base import FROM_BASELINE_TAG, HAFA_OPTIONS, MODEL_ARGUMENTS, hafa_cfgs
+from .convert import HafaModel
+from .families import FAMILIES
 
-# The families' models as timm (or hafa.models.pvt) names them, but those their family refuses.
-_REFUSED = {name for family in FAMILIES for name in family.refused_models}
-BASE_NAMES = {
-    **{
-        family: [name for name in timm.list_models(module=module) if name not in _REFUSED]
-        for family, module in TIMM_MODULES.items()
-    },
-    "pvt": ["pvt_tiny", "pvt_small", "pvt_medium", "pvt_large"],
-}
+# The families' models as timm (or hafa.models.pvt) names them, by family.
+BASE_NAMES = {family.name: family.model_names for family in FAMILIES}
 # Each HAFA model's baseline.
 BASELINE = {f"hafa_{name}": name for names in BASE_NAMES.values() for name in names}
-# What the registered models pass to their base so that it takes any input size.
-ANY_SIZE = {"swin": dict(strict_img_size=False), "swinv2": dict(strict_img_size=False)}
-
-# The baseline ImageNet-1k weights the `in1k_from_baseline` tag loads (adapted, LAA in baseline mode).
-_OFFICIAL_PVT_URL = "https://github.com/whai362/PVT/releases/download/v2/pvt_{size}.pth"
-FROM_BASELINE_WEIGHTS = {
-    **{
-        f"hafa_pvt_{size}": dict(url=_OFFICIAL_PVT_URL.format(size=size))
-        for size in ("tiny", "small", "medium", "large")
-    },
-    **{
-        f"hafa_pvt_v2_{b}": dict(hf_hub_id=f"timm/pvt_v2_{b}.in1k")
-        for b in ("b0", "b1", "b2", "b3", "b4", "b5", "b2_li")
-    },
-    **{
-        f"hafa_swin_{size}_patch4_window7_224": dict(hf_hub_id=f"timm/swin_{size}_patch4_window7_224.ms_in1k")
-        for size in ("tiny", "small", "base")
-    },
-}
+_FAMILY_OF_NAME = {name: family for family in FAMILIES for name in family.model_names}
 
 
 def _cfgs(name: str) -> dict:
     """The pretrained configs of hafa_<name>: its base's input conventions, no weights (but the
-    in1k_from_baseline tag where FROM_BASELINE_WEIGHTS has them)."""
+    in1k_from_baseline tag where its family names the base's public weights)."""
     base = get_pretrained_cfg(name)
     conventions = {}
     if base is not None:
@@ -58,21 +32,17 @@ def _cfgs(name: str) -> dict:
             for key in ("input_size", "mean", "std", "crop_pct", "interpolation", "first_conv", "classifier")
             if getattr(base, key, None) is not None
         }
-    return hafa_cfgs(f"hafa_{name}", FROM_BASELINE_WEIGHTS.get(f"hafa_{name}"), **conventions)
+    return hafa_cfgs(f"hafa_{name}", _FAMILY_OF_NAME[name].baseline_weights.get(name), **conventions)
 
 
-default_cfgs = generate_default_cfgs(
-    {tagged: cfg for names in BASE_NAMES.values() for name in names for tagged, cfg in _cfgs(name).items()}
-)
+default_cfgs = generate_default_cfgs({tagged: cfg for name in BASELINE.values() for tagged, cfg in _cfgs(name).items()})
 
 
 def _converted(base_name: str, hafa_options: dict, **kwargs) -> HafaModel:
     """hafa_<base_name>: the base (any input size) converted with the HAFA options."""
-    family = next(f for f, names in BASE_NAMES.items() if base_name in names)
-    base = timm.create_model(base_name, **{**ANY_SIZE.get(family, {}), **kwargs})
-    adapter = family_of(base)
-    adapter.take_any_size(base)
-    default = HAFA_AGGREGATION if 3 in adapter.attention_stages(base) else ("laa", "laa", "laa")
+    family = _FAMILY_OF_NAME[base_name]
+    base = family.create(base_name, **kwargs)
+    default = family.default_stage_aggregation(base)
     return HafaModel(model=base, **{"stage_aggregation": default, **hafa_options})
 
 
@@ -113,4 +83,4 @@ def _entry_point(name: str):
 for _name in BASELINE:
     setattr(sys.modules[__name__], _name, register_model(_entry_point(_name)))
 
-__all__ = ["BASELINE", "BASE_NAMES", "FAMILIES", "create_hafa_model"]
+__all__ = ["BASELINE", "BASE_NAMES", "create_hafa_model"]

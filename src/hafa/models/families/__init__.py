@@ -1,35 +1,43 @@
-"""The families hafa.convert takes, one small adapter module each (docs/plugin.md walks through one).
+"""The families hafa.convert takes, one self-contained module each (docs/plugin.md walks through one).
 
-Each module defines FAMILY (its Family) and TIMM_MODULES (the timm modules whose models it converts:
-every model there is registered as hafa_<name> by hafa.models.registry, but those its family's
-refused_models names)."""
+Each module defines FAMILY, an instance of its hafa.models.family.Family subclass; FAMILIES holds them in
+the order a model's family is looked up and listed. hafa.models.registry registers every name in a
+family's `model_names` as hafa_<name>."""
 
-import importlib
-
-from ..convert import FAMILIES
-
-FAMILY_MODULES = (
-    "pvt_v2",
-    "swin",
-    "swinv2",
-    "twins",
-    "pvt",
-    "metaformer",
-    "convnext",
-    "inception_next",
-    "mambaout",
-    "focalnet",
-    "edgenext",
-    "davit",
-    "tiny_vit",
-    "gcvit",
-    "mvitv2",
+from . import (
+    convnext,
+    davit,
+    edgenext,
+    focalnet,
+    gcvit,
+    inception_next,
+    mambaout,
+    metaformer,
+    mvitv2,
+    pvt,
+    pvt_v2,
+    swin,
+    swinv2,
+    tiny_vit,
+    twins,
 )
 
-TIMM_MODULES: dict[str, str] = {}
-for _name in FAMILY_MODULES:
-    _module = importlib.import_module(f"{__name__}.{_name}")
-    FAMILIES.append(_module.FAMILY)
-    TIMM_MODULES.update(_module.TIMM_MODULES)
+FAMILIES = (
+    pvt_v2.FAMILY,
+    swin.FAMILY,
+    swinv2.FAMILY,
+    twins.FAMILY,
+    pvt.FAMILY,
+    metaformer.FAMILY,
+    convnext.FAMILY,
+    inception_next.FAMILY,
+    mambaout.FAMILY,
+    focalnet.FAMILY,
+    edgenext.FAMILY,
+    davit.FAMILY,
+    tiny_vit.FAMILY,
+    gcvit.FAMILY,
+    mvitv2.FAMILY,
+)
 
-__all__ = ["FAMILIES", "FAMILY_MODULES", "TIMM_MODULES"]
+__all__ = ["FAMILIES"]

@@ -8,11 +8,12 @@ norm before it stays. Stages take and give NCHW maps, so the Family defaults run
 none; a model built with output_stride < 32 has stride-1 dilated transitions, which LAA refuses.
 """
 
+import timm
 from timm.models.convnext import ConvNeXt
 from torch import Tensor, nn
 
 from ...layers import DeformableConv2d
-from ..convert import Family
+from ..family import Family
 
 
 def strided_conv(model: nn.Module, index: int, family: str = "convnext") -> nn.Conv2d:
@@ -38,6 +39,7 @@ class ConvNeXtFamily(Family):
     name = "convnext"
     final_norm_name = "norm_pre"
     model_classes = (ConvNeXt,)
+    model_names = tuple(timm.list_models(module="convnext"))
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.stem(images)
@@ -58,4 +60,3 @@ class ConvNeXtFamily(Family):
 
 
 FAMILY = ConvNeXtFamily()
-TIMM_MODULES = {"convnext": "convnext"}

@@ -19,6 +19,7 @@ norm_pre and a plain head) runs on the merged tokens as on a B x C x N x 1 map.
 
 from collections import OrderedDict
 
+import timm
 import torch
 from timm.models.davit import ChannelBlock, DaVit, Downsample, SpatialBlock
 from torch import Tensor, nn
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from ...layers import SIA, Attention, DeformableConv2d
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
-from ..convert import ClusteredStage, Family, map_head_on_tokens, split_qkv, tokens_as_map
+from ..family import ClusteredStage, Family, map_head_on_tokens, split_qkv, tokens_as_map
 
 
 class DictionaryPosConv(nn.Module):
@@ -106,6 +107,7 @@ def downsample(model: nn.Module, index: int) -> Downsample:
 
 class DaViTFamily(Family):
     name = "davit"
+    model_names = tuple(timm.list_models(module="davit"))
     final_norm_name = "norm_pre"
     model_classes = (DaVit,)
 
@@ -133,7 +135,7 @@ class DaViTFamily(Family):
         except ValueError as error:
             raise ValueError(f"davit's stages.{index}.downsample: {error}") from error
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         stage = model.stages[index]
         transition = downsample(model, index)
         first = next(iter(stage.blocks[0].children()))
@@ -150,4 +152,3 @@ class DaViTFamily(Family):
 
 
 FAMILY = DaViTFamily()
-TIMM_MODULES = {"davit": "davit"}

@@ -16,6 +16,7 @@ strided depthwise conv, which LAA does not deform (groups), so its LAA conversio
 not registered.
 """
 
+import timm
 from timm.models.edgenext import EdgeNeXt
 from torch import nn
 
@@ -25,7 +26,8 @@ from .convnext import ConvNeXtFamily
 class EdgeNeXtFamily(ConvNeXtFamily):
     name = "edgenext"
     model_classes = (EdgeNeXt,)
-    refused_models = ("edgenext_small_rw",)
+    # edgenext_small_rw downsamples inside its blocks (a strided depthwise conv): LAA refused, not registered
+    model_names = tuple(name for name in timm.list_models(module="edgenext") if name != "edgenext_small_rw")
 
     def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
         if isinstance(model.stages[index].downsample, nn.Identity):
@@ -42,4 +44,3 @@ class EdgeNeXtFamily(ConvNeXtFamily):
 
 
 FAMILY = EdgeNeXtFamily()
-TIMM_MODULES = {"edgenext": "edgenext"}

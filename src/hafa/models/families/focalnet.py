@@ -9,15 +9,17 @@ forward_features. Focal modulation aggregates context with depthwise convs and g
 so no stage takes SIA.
 """
 
+import timm
 from timm.models.focalnet import Downsample, FocalNet
 from torch import Tensor, nn
 
 from ...layers import DeformableConv2d
-from ..convert import Family
+from ..family import Family
 
 
 class FocalNetFamily(Family):
     name = "focalnet"
+    model_names = tuple(timm.list_models(module="focalnet"))
     model_classes = (FocalNet,)
     stages_name = "layers"
     final_norm_name = "norm"
@@ -49,4 +51,3 @@ class FocalNetFamily(Family):
 
 
 FAMILY = FocalNetFamily()
-TIMM_MODULES = {"focalnet": "focalnet"}

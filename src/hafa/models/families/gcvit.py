@@ -21,6 +21,7 @@ pooling (global_pool '') it predicts for each token.
 
 import math
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.gcvit import Downsample2d, GlobalContextVit, GlobalContextVitBlock
@@ -30,7 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from ...layers import SIA, DeformableConv2d
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
-from ..convert import Family, fused_qkv_attention, map_head_on_tokens, run_sia
+from ..family import Family, fused_qkv_attention, map_head_on_tokens, run_sia
 
 
 class GlobalQueryAttention(nn.Module):
@@ -124,6 +125,7 @@ def downsample(model: nn.Module, index: int) -> Downsample2d:
 
 class GCViTFamily(Family):
     name = "gcvit"
+    model_names = tuple(timm.list_models(module="gcvit"))
     model_classes = (GlobalContextVit,)
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
@@ -159,7 +161,7 @@ class GCViTFamily(Family):
         if laa_norm == "batch":
             transition.norm2 = nn.Identity()
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         transition = downsample(model, index)
         conv = transition.reduction
         with torch.device(conv.weight.device):
@@ -168,4 +170,3 @@ class GCViTFamily(Family):
 
 
 FAMILY = GCViTFamily()
-TIMM_MODULES = {"gcvit": "gcvit"}

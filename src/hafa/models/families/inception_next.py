@@ -8,6 +8,7 @@ own), so the Family defaults run them. No stage attends (depthwise inception mix
 none; a model built with output_stride < 32 has stride-1 dilated transitions, which LAA refuses.
 """
 
+import timm
 from timm.models.inception_next import MetaNeXt
 from torch import Tensor, nn
 
@@ -16,6 +17,7 @@ from .convnext import ConvNeXtFamily
 
 class InceptionNeXtFamily(ConvNeXtFamily):
     name = "inception_next"
+    model_names = tuple(timm.list_models(module="inception_next"))
     final_norm_name = None
     model_classes = (MetaNeXt,)
 
@@ -28,4 +30,3 @@ class InceptionNeXtFamily(ConvNeXtFamily):
 
 
 FAMILY = InceptionNeXtFamily()
-TIMM_MODULES = {"inception_next": "inception_next"}

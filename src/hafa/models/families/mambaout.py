@@ -9,15 +9,17 @@ maps; the head (pooling, norm, MLP) runs on the last one. No stage attends (gate
 blocks), so SIA starts none.
 """
 
+import timm
 from timm.models.mambaout import Downsample, DownsampleNormFirst, MambaOut
 from torch import Tensor, nn
 
 from ...layers import DeformableConv2d
-from ..convert import Family
+from ..family import Family
 
 
 class MambaOutFamily(Family):
     name = "mambaout"
+    model_names = tuple(timm.list_models(module="mambaout"))
     model_classes = (MambaOut,)
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
@@ -53,4 +55,3 @@ class MambaOutFamily(Family):
 
 
 FAMILY = MambaOutFamily()
-TIMM_MODULES = {"mambaout": "mambaout"}

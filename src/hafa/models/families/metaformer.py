@@ -12,12 +12,13 @@ broadcast over B x N x C tokens in attention stages). The head (pool, LayerNorm2
 merged tokens as on a B x C x N x 1 map.
 """
 
+import timm
 import torch
 from timm.models import metaformer
 from torch import Tensor, nn
 
 from ...layers import SIA, Block, DeformableConv2d
-from ..convert import ClusteredStage, Family, fused_qkv_attention
+from ..family import ClusteredStage, Family, fused_qkv_attention
 
 
 def clustered_block(block: metaformer.MetaFormerBlock) -> Block:
@@ -52,6 +53,7 @@ def downsampling(model: nn.Module, index: int) -> metaformer.Downsampling:
 class MetaFormerFamily(Family):
     name = "metaformer"
     model_classes = (metaformer.MetaFormer,)
+    model_names = tuple(timm.list_models(module="metaformer"))
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.stem(images)
@@ -73,7 +75,7 @@ class MetaFormerFamily(Family):
         transition = downsampling(model, index)
         transition.conv = DeformableConv2d.from_conv(transition.conv, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         stage = model.stages[index]
         transition = downsampling(model, index)
         conv = transition.conv
@@ -93,4 +95,3 @@ class MetaFormerFamily(Family):
 
 
 FAMILY = MetaFormerFamily()
-TIMM_MODULES = {"metaformer": "metaformer"}

@@ -28,6 +28,7 @@ its relative position tables for it). The class-token models are refused.
 
 import math
 
+import timm
 import torch
 from timm.models import mvitv2
 from timm.models.mvitv2 import MultiScaleAttention, MultiScaleBlock, MultiScaleVit
@@ -41,7 +42,7 @@ from ...layers.laa import check_geometry, check_laa_norm, check_map, deformable_
 from ...layers.sia import init_layer
 from ...ops import TokenLayout, cluster_dpc_knn, merge_tokens
 from .._base import padding_tokens
-from ..convert import Family
+from ..family import Family
 
 CLASS_TOKEN = (
     "a class token (a token with no cell) travels through the pooling of every stage, which HAFA's stages do "
@@ -227,7 +228,7 @@ class ClusteredStage(nn.Module):
 
 class MViTv2(Family):
     name = "mvitv2"
-    refused_models = tuple(REFUSED)
+    model_names = tuple(name for name in timm.list_models(module="mvitv2") if name not in REFUSED)
     model_classes = (MultiScaleVit,)
     final_norm_name = "norm"
 
@@ -241,12 +242,12 @@ class MViTv2(Family):
                 f"mode='conv', pool_first=False), not {type(attention).__name__} with mode={attention.mode!r}"
             )
 
-    def transition(self, model: nn.Module, index: int) -> nn.Module:
+    def first_block(self, model: nn.Module, index: int) -> nn.Module:
         return self.stages(model)[index].blocks[0]
 
     def pooling_block(self, model: nn.Module, index: int) -> MultiScaleBlock:
         """Stage `index`'s first block, where it downsamples (a strided query pooling and shortcut pool)."""
-        block = self.transition(model, index)
+        block = self.first_block(model, index)
         if block.shortcut_pool_attn is None or block.attn.pool_q.stride == (1, 1):
             raise ValueError(
                 f"mvitv2's stage {index + 1} does not downsample (its first block pools with stride 1: the model "
@@ -301,7 +302,7 @@ class MViTv2(Family):
                 block.shortcut_pool_attn, channels=channels, laa_norm=laa_norm
             )
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         if sia_args["cluster_qkv"]:
             raise ValueError(
                 "cluster_qkv=True: mvitv2's SIA clusters the queries only (its keys and values are pooled on the "
@@ -316,4 +317,3 @@ class MViTv2(Family):
 
 
 FAMILY = MViTv2()
-TIMM_MODULES = {"mvitv2": "mvitv2"}

@@ -5,7 +5,8 @@ keeps both names (hafa.layers.LAA). SIA is the authors' (their CTM): its own 3x3
 the stage's 2x2 embedding is left out. A model with SIA has no class token (it mean-pools the
 normalised merged tokens, as the authors' code) and no position embedding after SIA (paper Sec. 3.1):
 SIA's keys/values carry position through their convs. Stages pass tokens with their layout; PVT v1's
-blocks already run on tokens with any layout.
+blocks already run on tokens with any layout. Checkpoints of the official PVT v1 code (and of the
+official HAFA code) load with their names as ours.
 """
 
 import torch
@@ -13,9 +14,11 @@ from torch import Tensor, nn
 
 from ...layers import LAA, SIA
 from ...ops import TokenLayout
-from ..convert import ClusteredStage, Family
+from ..family import ClusteredStage, Family
 from ..pvt import PyramidVisionTransformer
+from .pvt_v2 import staged_names
 
+_OFFICIAL_URL = "https://github.com/whai362/PVT/releases/download/v2/{name}.pth"
 Native = tuple[Tensor, TokenLayout]  # a stage's tokens (the class token first, in the last stage) and layout
 
 
@@ -23,10 +26,8 @@ class Pvt(Family):
     name = "pvt"
     final_norm_name = "norm"
     model_classes = (PyramidVisionTransformer,)
-    transition_name = "patch_embed"
-
-    def transition_input(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
-        return feature_map
+    model_names = ("pvt_tiny", "pvt_small", "pvt_medium", "pvt_large")
+    baseline_weights = {name: dict(url=_OFFICIAL_URL.format(name=name)) for name in model_names}
 
     def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
         if "sia" not in stage_aggregation:
@@ -69,13 +70,15 @@ class Pvt(Family):
         stage = model.stages[index]
         stage.patch_embed = LAA.from_downsample(stage.patch_embed.proj, stage.patch_embed.norm, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         stage = model.stages[index]
         proj = stage.patch_embed.proj
         with torch.device(proj.weight.device):
             sia = SIA(in_dim=proj.in_channels, out_dim=proj.out_channels, **sia_args)
-        model.stages[index] = ClusteredStage(sia=sia, blocks=stage.blocks, transition_name=self.transition_name)
+        model.stages[index] = ClusteredStage(sia=sia, blocks=stage.blocks, transition_name="patch_embed")
+
+    def checkpoint_names(self, state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        return staged_names(state_dict)
 
 
 FAMILY = Pvt()
-TIMM_MODULES: dict[str, str] = {}  # ours, registered by hafa.models.pvt

@@ -7,11 +7,14 @@ Stages take and give NHWC maps; windows are padded by timm for any size. After S
 globally over the merged tokens (windows are squares of a grid, which merged tokens do not have; at
 224 x 224 the last stage is one 7 x 7 window, so global attention is what Swin computes there anyway):
 their fused qkv becomes separate q and kv (views of the same weights), the relative position bias
-(a bias of grid offsets) has no meaning there and is left out.
+(a bias of grid offsets) has no meaning there and is left out. Checkpoints of the original Swin code
+(a downsampling at the end of a stage, the classifier `head`) load with their names as timm's.
 """
 
+import re
 from functools import partial
 
+import timm
 import torch
 from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
@@ -20,7 +23,7 @@ from torch import Tensor, nn
 from ...layers import SIA, Block, LAAPatchMerging
 from ...ops import TokenLayout
 from ...ops.constants import shape_constant
-from ..convert import ClusteredStage, Family, adopt, fused_qkv_attention
+from ..family import ClusteredStage, Family, adopt, fused_qkv_attention
 
 
 class MapToMap:
@@ -120,6 +123,21 @@ def patch_merging_map(merging: PatchMerging) -> PatchMergingMap:
     return adopt(as_map, merging)
 
 
+def timm_names(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The original Swin (v1 and v2) layout's names as timm's: a stage's closing downsampling as the next
+    stage's opening one, the classifier `head` as `head.fc`; the buffers timm rebuilds left out."""
+    if "layers.0.downsample.reduction.weight" in state_dict:
+        state_dict = {
+            re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) + 1}.downsample", k): v
+            for k, v in state_dict.items()
+        }
+        state_dict = {
+            ("head.fc." + k[5:] if k.startswith("head.") and not k.startswith("head.fc.") else k): v
+            for k, v in state_dict.items()
+        }
+    return {k: v for k, v in state_dict.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+
+
 def any_size_stem(model: SwinTransformer) -> None:
     """The patch embedding padded to a multiple of the patch size, so that any input size works (timm's
     Swin takes sizes divisible by it), with its own layers."""
@@ -143,21 +161,24 @@ class Swin(Family):
     name = "swin"
     final_norm_name = "norm"
     model_classes = (SwinTransformer,)
+    model_names = tuple(timm.list_models(module="swin_transformer"))
+    baseline_weights = {
+        f"swin_{size}_patch4_window7_224": dict(hf_hub_id=f"timm/swin_{size}_patch4_window7_224.ms_in1k")
+        for size in ("tiny", "small", "base")
+    }
     stages_name = "layers"
     # Swin v1's patch merging normalises the 4C concatenation before its linear (v2's: the linear's output)
     norm_first = True
+    # v1's layers as a block that keeps its mask per size, a block on merged tokens, a patch merging from
+    # map to map (Swin v2 names its own)
+    cached_block = staticmethod(cached_mask_block)
+    clustered_block = staticmethod(clustered_block)
+    merging_map = staticmethod(patch_merging_map)
 
-    def cached_block(self, block: nn.Module) -> nn.Module:
-        return cached_mask_block(block)
-
-    def clustered_block(self, block: nn.Module) -> Block:
-        return clustered_block(block)
-
-    def merging_map(self, merging: nn.Module) -> nn.Module:
-        return patch_merging_map(merging)
-
-    def take_any_size(self, model: nn.Module) -> None:
+    def create(self, name: str, **kwargs) -> nn.Module:
+        model = timm.create_model(name, **{"strict_img_size": False, **kwargs})
         any_size_stem(model)
+        return model
 
     def prepare(self, model: nn.Module, stage_aggregation: tuple) -> None:
         for stage in model.layers:
@@ -198,7 +219,7 @@ class Swin(Family):
         stage = model.layers[index]
         stage.downsample = LAAPatchMerging.from_patch_merging(stage.downsample, laa_norm, norm_first=self.norm_first)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         stage = model.layers[index]
         merging = stage.downsample
         with torch.device(merging.reduction.weight.device):
@@ -206,6 +227,8 @@ class Swin(Family):
         blocks = nn.ModuleList(self.clustered_block(block) for block in stage.blocks)
         model.layers[index] = ClusteredStage(sia=sia, blocks=blocks)
 
+    def checkpoint_names(self, state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
+        return timm_names(state_dict)
+
 
 FAMILY = Swin()
-TIMM_MODULES = {"swin": "swin_transformer"}

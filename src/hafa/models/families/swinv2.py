@@ -15,6 +15,7 @@ another class with other layers, not this family.
 import math
 from functools import partial
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.swin_transformer_v2 import PatchMerging, SwinTransformerV2, SwinTransformerV2Block
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from ...layers import Block
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
-from ..convert import adopt, split_qkv
+from ..family import adopt, split_qkv
 from .swin import CachedMask, MapToMap, Swin
 
 # timm's clamp of the learned logit scale: exp(logit_scale) is at most 100.
@@ -147,22 +148,18 @@ def patch_merging_map(merging: PatchMerging) -> PatchMergingMap:
 class SwinV2(Swin):
     name = "swinv2"
     model_classes = (SwinTransformerV2,)
+    model_names = tuple(timm.list_models(module="swin_transformer_v2"))
+    baseline_weights = {}
     norm_first = False
-
-    def cached_block(self, block: nn.Module) -> nn.Module:
-        return cached_mask_block(block)
-
-    def clustered_block(self, block: nn.Module) -> Block:
-        return clustered_block(block)
-
-    def merging_map(self, merging: nn.Module) -> nn.Module:
-        return patch_merging_map(merging)
+    cached_block = staticmethod(cached_mask_block)
+    clustered_block = staticmethod(clustered_block)
+    merging_map = staticmethod(patch_merging_map)
 
     def checkpoint_names(self, state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
         """A baseline's patch merging at a SIA transition is SIA's projection, its norm included: that norm
         has the shape of SIA's own norm, so the generic move (by shape) would leave it there."""
         renamed = {}
-        for name, tensor in state_dict.items():
+        for name, tensor in super().checkpoint_names(state_dict, targets).items():
             owner, _, leaf = name.partition(".downsample.")
             inside = f"{owner}.downsample.proj.{leaf}"
             if leaf and inside in targets and inside not in state_dict:
@@ -172,4 +169,3 @@ class SwinV2(Swin):
 
 
 FAMILY = SwinV2()
-TIMM_MODULES = {"swinv2": "swin_transformer_v2"}

@@ -17,6 +17,7 @@ and MLP (its output replaces the tokens) paints them onto the map and reads them
 dictionary. The head (pool, LayerNorm2d, fc) runs on the merged tokens as on a B x C x N x 1 map.
 """
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.tiny_vit import PatchMerging, TinyVit, TinyVitBlock
@@ -27,7 +28,7 @@ from ...layers import SIA
 from ...layers.attention import KeyValues
 from ...layers.laa import check_laa_norm, deformable_columns, offset_predictor, zero_offsets_
 from ...ops import TokenLayout
-from ..convert import ClusteredStage, Family, map_head_on_tokens, run_blocks, run_sia
+from ..family import ClusteredStage, Family, map_head_on_tokens, run_blocks, run_sia
 
 
 class DepthwiseDeformableConv2d(nn.Conv2d):
@@ -122,6 +123,7 @@ def patch_merging(model: nn.Module, index: int) -> PatchMerging:
 
 class TinyViTFamily(Family):
     name = "tiny_vit"
+    model_names = tuple(timm.list_models(module="tiny_vit"))
     model_classes = (TinyVit,)
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
@@ -152,7 +154,7 @@ class TinyViTFamily(Family):
         merging = patch_merging(model, index)
         merging.conv2.conv = DepthwiseDeformableConv2d.from_conv(merging.conv2.conv, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         stage = model.stages[index]
         merging = patch_merging(model, index)
         in_dim, out_dim = merging.conv1.conv.in_channels, merging.conv3.conv.out_channels
@@ -163,4 +165,3 @@ class TinyViTFamily(Family):
 
 
 FAMILY = TinyViTFamily()
-TIMM_MODULES = {"tiny_vit": "tiny_vit"}

@@ -14,6 +14,7 @@ dictionary. timm refuses gradient checkpointing for Twins (set_grad_checkpointin
 so does its HAFA form.
 """
 
+import timm
 import torch
 import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, Twins
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 
 from ...layers import LAA, SIA, Attention, Block
 from ...ops import TokenLayout
-from ..convert import Family, fused_qkv_attention, run_blocks, run_sia, subsampled_attention
+from ..family import Family, fused_qkv_attention, run_blocks, run_sia, subsampled_attention
 
 
 class EvenPaddedConv2d(nn.Conv2d):
@@ -89,13 +90,11 @@ def embedded_tokens(embed: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, int
 class TwinsFamily(Family):
     name = "twins"
     model_classes = (Twins,)
+    model_names = tuple(timm.list_models(module="twins"))
     stage_parts = ("patch_embeds", "pos_drops", "blocks", "pos_block")
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return images  # patch_embeds.0 opens stage 0
-
-    def transition(self, model: nn.Module, index: int) -> nn.Module:
-        return model.patch_embeds[index]
 
     def run_stage(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
         tokens, size = embedded_tokens(model.patch_embeds[index], x)
@@ -133,7 +132,7 @@ class TwinsFamily(Family):
         embed = model.patch_embeds[index]
         model.patch_embeds[index] = LAA.from_downsample(embed.proj, embed.norm, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict, laa_norm: str) -> None:
+    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
         embed = model.patch_embeds[index]
         proj = EvenPaddedConv2d.from_conv(embed.proj)
         with torch.device(proj.weight.device):
@@ -158,4 +157,3 @@ class TwinsFamily(Family):
 
 
 FAMILY = TwinsFamily()
-TIMM_MODULES = {"twins": "twins"}

@@ -15,21 +15,36 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ...layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
+from ...layers import LAA, LAA_LAYERS, SIA, DeformableConv2d, LAAPatchMerging
 from ...models._base import BASELINE_AGGREGATION
-from ...models.convert import run_sia
-from ...ops import TokenLayout, cluster_dpc_knn, clustering, map2token, merge, merge_tokens, token2map, token_map
+from ...ops import cluster_dpc_knn, clustering, map2token, merge, merge_tokens, token2map, token_map
 from .report import ratio
 from .timing import DETECTION_BATCH, BenchConfig, interleaved_timings, synchronize
 
 
-def transition_call(model: nn.Module, index: int, tokens: torch.Tensor, layout: TokenLayout) -> Callable:
-    """A call of the layer that opens stage `index` of a HAFA model on the previous stage's tokens."""
-    family = model.family
-    module = family.transition(model, index)
-    if isinstance(module, SIA):
-        return partial(run_sia, module, tokens, layout, None)
-    return partial(module, family.transition_input(model, index, layout.to_map(tokens)))
+def transition_names(model: nn.Module) -> list[str]:
+    """The names of a HAFA model's LAA and SIA layers, transition 1->2 first (the baseline's downsampling
+    has the same name: a conversion keeps the model's names)."""
+    return [name for name, module in model.named_modules() if isinstance(module, (*LAA_LAYERS, SIA))]
+
+
+def layer_calls(model: nn.Module, names: list[str], images: torch.Tensor) -> dict[str, Callable]:
+    """name -> a call of that layer of `model` on the input a forward pass of `images` gives it."""
+    calls = {}
+
+    def keep(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls[name] = partial(module, *args, **kwargs)
+
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(keep(name), with_kwargs=True) for name in names]
+    try:
+        model.forward_intermediates(images, intermediates_only=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
 
 
 def stage_shapes(name: str, size: tuple[int, int]) -> list[tuple[int, int, int]]:
@@ -41,7 +56,8 @@ def stage_shapes(name: str, size: tuple[int, int]) -> list[tuple[int, int, int]]
 
 
 def measure_transitions(name: str, config: BenchConfig, bar) -> list[dict]:
-    """Each HAFA transition (LAA, LAA, SIA) against the baseline's downsampling, on random stage inputs."""
+    """Each HAFA transition (LAA, LAA, SIA) against the baseline's downsampling, on the stage inputs of
+    random images."""
     device = config.device
     torch.manual_seed(0)
     hafa = timm.create_model(name).to(device).eval()
@@ -50,17 +66,19 @@ def measure_transitions(name: str, config: BenchConfig, bar) -> list[dict]:
     settings_ = [(f"{size}x{size}", (size, size), b) for b in config.batch_sizes]
     height, width = config.detection_size
     settings_.append((f"{height}x{width}", (height, width), DETECTION_BATCH))
+    models = {"hafa": hafa, "baseline": baseline}
+    names = transition_names(hafa)
     rows = []
     for label, size, batch in settings_:
         shapes = stage_shapes(name, size)
-        for i in range(1, 4):
+        images = torch.randn(batch, 3, *size, device=device)
+        with torch.inference_mode(), config.autocast():
+            calls = {k: layer_calls(m, names, images) for k, m in models.items()}
+        for i, layer in enumerate(names, start=1):
             channels, height, width = shapes[i - 1]
-            tokens = torch.randn(batch, height * width, channels, device=device)
-            layout = TokenLayout((height, width))
-            models = {"hafa": hafa, "baseline": baseline}
             with torch.inference_mode(), config.autocast():
                 timings = interleaved_timings(
-                    {k: transition_call(m, i, tokens, layout) for k, m in models.items()},
+                    {k: calls[k][layer] for k in models},
                     device,
                     config.warmup,
                     config.reps,
@@ -73,8 +91,8 @@ def measure_transitions(name: str, config: BenchConfig, bar) -> list[dict]:
                     input=label,
                     batch=batch,
                     transition=f"{i}->{i + 1}",
-                    layer=type(hafa.family.transition(hafa, i)).__name__,
-                    baseline_layer=type(baseline.family.transition(baseline, i)).__name__,
+                    layer=type(hafa.get_submodule(layer)).__name__,
+                    baseline_layer=type(baseline.get_submodule(layer)).__name__,
                     tokens=f"{height}x{width}x{channels}",
                     hafa=asdict(timings["hafa"]),
                     baseline=asdict(timings["baseline"]),
