@@ -1,12 +1,12 @@
 """The conformance suite: what every family hafa.convert takes must do, run for each row of CASES.
 
 A row is a small model of the family (the named variant's configuration with fewer and narrower blocks,
-so that the whole table runs in about a minute on two cores) with what the shared tests expect of it.
+so that each test of a row runs in seconds on two cores) with what the shared tests expect of it.
 Every row: with laa_norm="baseline" and no SIA the conversion computes the model, the family's default
 conversion trains on MNIST digits, forward_intermediates gives strides 4 to 32 at an odd input size, a
 saved timm state dict loads as the conversion keeps it, the registered hafa_<name> is the conversion of
-its baseline and gives features at any size, the conversion compiles as one graph and runs in bfloat16.
-A new family adds a row; its particular tests go in a file of its own.
+its baseline and gives features at any size (or the one it is built for), the conversion compiles as
+one graph and runs in bfloat16. A new family adds a row; its particular tests go in a file of its own.
 """
 
 import copy
@@ -58,6 +58,7 @@ class Case:
     built_size: int | None = None
     lr: float = 1e-3  # the training test's AdamW learning rate (at 1e-3 MViTv2's loss zigzags, the baseline's too)
     sia_layer: type = SIA  # the layer SIA puts in a stage (MViTv2's clustering transition block)
+    slow_training: bool = False  # the training test runs for over ~10 s on two cores: with -m slow only
     # Another configuration of a family with a row before it: it runs the tests of what a configuration
     # changes (exactness, training, strides, checkpoints), not those of the family's code and
     # registration (compile, bfloat16, registered models), which the family's first row runs.
@@ -263,6 +264,7 @@ CASES = {
         odd_size=(96, 96),
         left_out=r"stages\.[12]\.downsample\.norm2\.|stages\.3\.blocks\.\d+\.attn\.rel_pos\.",
         built_size=96,
+        slow_training=True,  # eight steps at 96 px
     ),
     "mvitv2": Case(  # maps 24, 12, 6, 3 at 96 px
         "mvitv2",
@@ -276,6 +278,7 @@ CASES = {
         built_size=96,
         lr=3e-4,
         sia_layer=mvitv2.ClusteringBlock,
+        slow_training=True,  # eight steps at 96 px
     ),
 }
 
@@ -315,6 +318,9 @@ def matches(case: Case, field_name: str, names) -> set[str]:
 
 
 FIRST_ROWS = [name for name, case in CASES.items() if not case.variant]
+TRAINING_ROWS = [
+    pytest.param(name, marks=[pytest.mark.slow] if case.slow_training else []) for name, case in CASES.items()
+]
 
 
 def test_every_family_has_a_row():
@@ -354,7 +360,7 @@ def test_without_sia_the_conversion_computes_the_model(name):
     assert laa.state_dict().keys() >= model.state_dict().keys()  # the model's names, the offsets added
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", TRAINING_ROWS)
 def test_the_default_conversion_trains_on_mnist(name, digits):
     torch.manual_seed(0)  # SIA's and LAA's new layers
     converted = default_conversion(name, trained=False).train()
