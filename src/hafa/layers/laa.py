@@ -251,7 +251,11 @@ def deformable_conv(x: Tensor, offsets: Tensor, conv: nn.Conv2d) -> Tensor:
     """conv's weights applied to bilinear samples of x at its kernel points moved by offsets:
     x B x Cin x H x W, offsets B x 2K x Ho x Wo -> B x Ho x Wo x Cout (channels last)."""
     B, Ho, Wo = x.shape[0], offsets.shape[2], offsets.shape[3]
-    if use_triton("laa", x, x.numel()) or _bags_rows(x):
+    if conv.groups > 1:  # depthwise (check_deformable): each channel's K samples weighted by its own kernel
+        columns = deformable_columns(x, offsets, conv.kernel_size, conv.stride, conv.padding)
+        out = (columns * conv.weight.flatten(1).t()).sum(2)
+        out = out if conv.bias is None else out + conv.bias
+    elif use_triton("laa", x, x.numel()) or _bags_rows(x):
         columns = deformable_columns(x, offsets, conv.kernel_size, conv.stride, conv.padding)
         # the rows hold K x Cin samples: the weight read in that order; the output comes channels last
         out = F.linear(columns.flatten(2), conv.weight.permute(0, 2, 3, 1).flatten(1), conv.bias)
@@ -273,16 +277,18 @@ def offset_predictor(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 def check_deformable(conv: nn.Conv2d) -> None:
-    """LAA samples for plain strided convs: no groups, dilation or padding other than zeros."""
+    """LAA samples for plain or depthwise strided convs: no other groups, dilation or padding other than zeros."""
+    depthwise = conv.groups == conv.in_channels == conv.out_channels
     problems = [
-        f"groups={conv.groups}" if conv.groups != 1 else "",
+        f"groups={conv.groups}" if conv.groups != 1 and not depthwise else "",
         f"dilation={conv.dilation}" if conv.dilation != (1, 1) else "",
         f"padding_mode='{conv.padding_mode}'" if conv.padding_mode != "zeros" else "",
         f"padding='{conv.padding}'" if isinstance(conv.padding, str) else "",
     ]
     if any(problems):
         raise ValueError(
-            f"LAA takes a plain strided conv (groups 1, no dilation, zero padding given as numbers), not {conv} "
+            f"LAA takes a plain or depthwise strided conv (groups 1 or one per channel, no dilation, zero padding "
+            f"given as numbers), not {conv} "
             f"({', '.join(p for p in problems if p)}); keep this transition 'conv'"
         )
 
@@ -358,8 +364,9 @@ class LAA(nn.Module):
 
 
 class DeformableConv2d(nn.Conv2d):
-    """A strided conv read at learned offsets (zero at start): the LAA form of a transition whose norm
-    comes before its conv (ConvNeXt, MetaFormer), which stays where it is. Its weight and bias keep the
+    """A strided conv (plain or depthwise) read at learned offsets (zero at start): the LAA form of a
+    transition whose norm comes before its conv (ConvNeXt, MetaFormer), which stays where it is, or of
+    MViTv2's query pooling. Its weight and bias keep the
     conv's names; laa_norm="batch" adds BatchNorm and GELU after it. B x Cin x H x W -> B x Cout x Ho x Wo."""
 
     def __init__(self, *args, laa_norm: str = "baseline", **kwargs):
@@ -376,7 +383,7 @@ class DeformableConv2d(nn.Conv2d):
     def from_conv(cls, conv: nn.Conv2d, laa_norm: str) -> "DeformableConv2d":
         """conv's deformable form, holding conv's own weight and bias tensors."""
         check_deformable(conv)
-        geometry = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding)
+        geometry = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding, groups=conv.groups)
         with torch.device("meta"):
             deformable = cls(
                 conv.in_channels, conv.out_channels, bias=conv.bias is not None, **geometry, laa_norm=laa_norm

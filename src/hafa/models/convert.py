@@ -19,6 +19,7 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookN
 from torch import Tensor, nn
 
 from ..checkpoint import LoadReport
+from ..ops import TokenLayout
 from ._base import HAFA_AGGREGATION, HAFA_OPTIONS, check_images, keep_sizes_static
 from .families import FAMILIES
 from .family import Family
@@ -201,7 +202,16 @@ class HafaModel(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         check_images(x, self.in_chans)
         x, layout, _ = self._stages(x, self._num_stages() - 1, None, (), False)
-        return self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+        return self._final_features(x, layout)
+
+    def _final_features(self, x: Any, layout: TokenLayout | None) -> Tensor:
+        """forward_features' result from the last stage's output (and its layout, None for a grid)."""
+        family = self.family
+        return (
+            family.grid_output(self, family.grid_features(self, x))
+            if layout is None
+            else family.token_features(self, x)
+        )
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         if self._clustered(self._num_stages() - 1):
@@ -243,7 +253,7 @@ class HafaModel(nn.Module):
         if intermediates_only:
             return maps
         if last == num_stages - 1:
-            x = self.family.grid_features(self, x) if layout is None else self.family.token_features(self, x)
+            x = self._final_features(x, layout)
         return x, maps
 
     def prune_intermediate_layers(
@@ -258,7 +268,7 @@ class HafaModel(nn.Module):
         if prune_end:
             self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
         if prune_head or prune_end:
-            self.reset_classifier(0, "")
+            self.family.drop_head(self)
         return take
 
     @torch.jit.ignore
@@ -306,7 +316,9 @@ def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadRe
         newly_initialised=[name for name, t in after.items() if _storage(t) not in kept],
         unused=[name for name, t in before.items() if _storage(t) not in used],
         laa_norm=laa_norm,
-        laa_batch_norms_new=laa_norm == "batch",
+        # a family whose transition has BatchNorm after its conv keeps it in both modes (TinyViT)
+        laa_batch_norms_new=laa_norm == "batch"
+        and any(_storage(t) not in kept and name.endswith(".running_mean") for name, t in after.items()),
         sia_stages=sia_stages(converted.stage_aggregation),
         source="the model it was converted from",
     )

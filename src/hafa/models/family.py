@@ -75,6 +75,11 @@ class Family:
         """What forward_features returns after the last stage, a grid (the family's final norm)."""
         return x
 
+    def grid_output(self, model: nn.Module, features: Any) -> Any:
+        """What forward_features returns from grid_features' result, in the form the model's own
+        forward_head takes (default: as it is; MViTv2's stages pass maps, its head takes tokens)."""
+        return features
+
     def token_features(self, model: nn.Module, tokens: Tensor) -> Tensor:
         """forward_features after a last stage that started with SIA: the final tokens, normalised."""
         return tokens
@@ -133,6 +138,11 @@ class Family:
         """Keep stages 0..max_index only."""
         setattr(model, self.stages_name, self.stages(model)[: max_index + 1])
 
+    def drop_head(self, model: nn.Module) -> None:
+        """Remove the classifier and pooling (prune_intermediate_layers, features_only); a family whose
+        head reset needs more (timm's MLP heads: reset_other, a pool type they take) does it its own way."""
+        model.reset_classifier(0, "")
+
 
 def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     """new (built on the meta device, of old's structure) holding old's own tensors, the buffers that
@@ -187,6 +197,20 @@ def subsampled_attention(attention: nn.Module) -> Attention:
         attn_drop=attention.attn_drop.p,
         proj_drop=attention.proj_drop.p,
     )
+
+
+def tokens_as_map(tokens: Tensor) -> Tensor:
+    """B x N x C tokens as a B x C x N x 1 map, whose positions channels-first layers (a head's pooling
+    and LayerNorm2d) treat as a map's."""
+    return tokens.transpose(1, 2).unsqueeze(-1)
+
+
+def map_head_on_tokens(head: nn.Module, tokens: Tensor, pre_logits: bool) -> Tensor:
+    """A timm head over NCHW maps with its own pooling layer (NormMlpClassifierHead, ClassifierHead) on
+    merged tokens B x N x C laid out as an N x 1 map: pooled as it pools a map's positions, whatever its
+    pool type; without pooling, a prediction per token (B x N x K)."""
+    x = head(tokens_as_map(tokens), pre_logits=pre_logits)
+    return x.flatten(2).transpose(1, 2) if x.dim() == 4 else x
 
 
 def run_blocks(

@@ -4,7 +4,23 @@ Each module defines FAMILY, an instance of its hafa.models.family.Family subclas
 the order a model's family is looked up and listed. hafa.models.registry registers every name in a
 family's `model_names` as hafa_<name>."""
 
-from . import convnext, metaformer, pvt, pvt_v2, swin, swinv2, twins
+from . import (
+    convnext,
+    davit,
+    edgenext,
+    focalnet,
+    gcvit,
+    inception_next,
+    mambaout,
+    metaformer,
+    mvitv2,
+    pvt,
+    pvt_v2,
+    swin,
+    swinv2,
+    tiny_vit,
+    twins,
+)
 
 FAMILIES = (
     pvt_v2.FAMILY,
@@ -14,6 +30,14 @@ FAMILIES = (
     pvt.FAMILY,
     metaformer.FAMILY,
     convnext.FAMILY,
+    inception_next.FAMILY,
+    mambaout.FAMILY,
+    focalnet.FAMILY,
+    edgenext.FAMILY,
+    davit.FAMILY,
+    tiny_vit.FAMILY,
+    gcvit.FAMILY,
+    mvitv2.FAMILY,
 )
 
 __all__ = ["FAMILIES"]

@@ -16,18 +16,19 @@ from ...layers import DeformableConv2d
 from ..family import Family
 
 
-def strided_conv(model: nn.Module, index: int) -> nn.Conv2d:
-    """The conv of transition `index`, where it is a plain strided conv LAA can deform."""
+def strided_conv(model: nn.Module, index: int, family: str = "convnext") -> nn.Conv2d:
+    """The conv of transition `index` (a norm, then the conv: child `1`), where it is a plain strided conv
+    LAA can deform; `family` names the model in the refusals (InceptionNeXt's transitions are the same)."""
     path = f"stages.{index}.downsample"
     transition = model.stages[index].downsample
     conv = transition[1] if isinstance(transition, nn.Sequential) else None
     if not isinstance(conv, nn.Conv2d):
         raise ValueError(
-            f"convnext's {path} is {type(transition).__name__}, no downsampling conv for LAA; keep it 'conv'"
+            f"{family}'s {path} is {type(transition).__name__}, no downsampling conv for LAA; keep it 'conv'"
         )
     if conv.stride == (1, 1) or type(conv) is not nn.Conv2d:
         raise ValueError(
-            f"convnext's {path} does not downsample with a plain strided conv ({conv}): the model was built with "
+            f"{family}'s {path} does not downsample with a plain strided conv ({conv}): the model was built with "
             "output_stride < 32, which trades the stride for dilation and 'same' padding, and LAA deforms strided "
             "convs only; keep this transition 'conv'"
         )
@@ -50,11 +51,11 @@ class ConvNeXtFamily(Family):
         return set()
 
     def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
-        conv = strided_conv(model, index)
+        conv = strided_conv(model, index, self.name)
         try:
             deformable = DeformableConv2d.from_conv(conv, laa_norm)
         except ValueError as error:
-            raise ValueError(f"convnext's stages.{index}.downsample: {error}") from error
+            raise ValueError(f"{self.name}'s stages.{index}.downsample: {error}") from error
         model.stages[index].downsample[1] = deformable
 
 
