@@ -262,5 +262,6 @@ def test_models_families_lists_every_family_and_every_registered_model(capsys, t
     assert [r["family"] for r in rows] == [f.name for f in FAMILIES]
     assert sum(r["models"] for r in rows) == len(timm.list_models("hafa_*"))
     convnext = next(r for r in rows if r["family"] == "convnext")
-    assert convnext["default"] == ["laa", "laa", "laa"] and convnext["sia_stages"] == []
+    assert convnext["default"] == ["laa", "laa", "laa"]
+    assert convnext["sia_stages"] == []
     assert f"{len(FAMILIES)} families, {len(timm.list_models('hafa_*'))} registered models" in printed
