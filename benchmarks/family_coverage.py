@@ -43,16 +43,13 @@ def survey(name: str) -> dict | None:
             return dict(built=False, answer=f"timm cannot build it: {type(error).__name__}")
         if not hierarchical(model):
             return None
-        try:
-            family = family_of(model)
-        except ValueError as error:
-            return dict(built=True, family=None, kind=type(model).__name__, answer=str(error))
-        attending = family.attention_stages(model)
-        aggregation = ("laa", "laa", "sia") if 3 in attending else ("laa", "laa", "laa")
+        family = family_of(model)
+        attending = family.attention_stages(model) if family is not None else set()
+        aggregation = family.default_stage_aggregation(model) if family is not None else ("laa", "laa", "sia")
         try:
             hafa.convert(model, stage_aggregation=aggregation)
         except ValueError as error:
-            return dict(built=True, family=family.name, kind=type(model).__name__, answer=str(error))
+            return dict(built=True, family=family and family.name, kind=type(model).__name__, answer=str(error))
         sia_into = ", ".join(str(stage + 1) for stage in sorted(attending) if stage > 0) or "none"
         return dict(built=True, family=family.name, converted=True, aggregation=aggregation, sia_into=sia_into)
 
