@@ -144,6 +144,19 @@ class Family:
         model.reset_classifier(0, "")
 
 
+class ChannelsLastFamily(Family):
+    """A family whose stages pass NHWC maps (B x H x W x C): Swin, Swin v2, MambaOut, MViTv2."""
+
+    def to_nchw(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
+    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
+        return feature_map.permute(0, 2, 3, 1)
+
+    def tokens_of(self, model: nn.Module, index: int, x: Tensor) -> tuple[Tensor, TokenLayout]:
+        return x.flatten(1, 2), TokenLayout(x.shape[1:3])
+
+
 def adopt(new: nn.Module, old: nn.Module) -> nn.Module:
     """new (built on the meta device, of old's structure) holding old's own tensors, the buffers that
     state dicts leave out (relative position indices, masks) included."""

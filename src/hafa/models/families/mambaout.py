@@ -14,22 +14,16 @@ from timm.models.mambaout import Downsample, DownsampleNormFirst, MambaOut
 from torch import Tensor, nn
 
 from ...layers import DeformableConv2d
-from ..family import Family
+from ..family import ChannelsLastFamily
 
 
-class MambaOutFamily(Family):
+class MambaOutFamily(ChannelsLastFamily):
     name = "mambaout"
     model_names = tuple(timm.list_models(module="mambaout"))
     model_classes = (MambaOut,)
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.stem(images)  # NHWC, as the stages take it
-
-    def to_nchw(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
-
-    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
-        return feature_map.permute(0, 2, 3, 1)
 
     def attention_stages(self, model: nn.Module) -> set[int]:
         return set()

@@ -42,7 +42,7 @@ from ...layers.laa import check_geometry, check_laa_norm, check_map, deformable_
 from ...layers.sia import init_layer
 from ...ops import TokenLayout, cluster_dpc_knn, merge_tokens
 from .._base import padding_tokens
-from ..family import Family
+from ..family import ChannelsLastFamily
 
 CLASS_TOKEN = (
     "a class token (a token with no cell) travels through the pooling of every stage, which HAFA's stages do "
@@ -226,7 +226,7 @@ class ClusteredStage(nn.Module):
         return x, layout
 
 
-class MViTv2(Family):
+class MViTv2(ChannelsLastFamily):
     name = "mvitv2"
     model_names = tuple(name for name in timm.list_models(module="mvitv2") if name not in REFUSED)
     model_classes = (MultiScaleVit,)
@@ -264,15 +264,6 @@ class MViTv2(Family):
     def run_stage(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
         tokens, size = self.stages(model)[index](x.flatten(1, 2), x.shape[1:3])
         return tokens.unflatten(1, tuple(size))
-
-    def to_nchw(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
-
-    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
-        return feature_map.permute(0, 2, 3, 1)
-
-    def tokens_of(self, model: nn.Module, index: int, x: Tensor) -> tuple[Tensor, TokenLayout]:
-        return x.flatten(1, 2), TokenLayout(x.shape[1:3])
 
     def grid_features(self, model: nn.Module, x: Tensor) -> Tensor:
         return model.norm(x)

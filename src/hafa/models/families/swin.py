@@ -21,9 +21,8 @@ from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTran
 from torch import Tensor, nn
 
 from ...layers import SIA, Block, LAAPatchMerging
-from ...ops import TokenLayout
 from ...ops.constants import shape_constant
-from ..family import ClusteredStage, Family, adopt, fused_qkv_attention
+from ..family import ChannelsLastFamily, ClusteredStage, adopt, fused_qkv_attention
 
 
 class MapToMap:
@@ -157,7 +156,7 @@ def any_size_stem(model: SwinTransformer) -> None:
     model.patch_embed = padded
 
 
-class Swin(Family):
+class Swin(ChannelsLastFamily):
     name = "swin"
     final_norm_name = "norm"
     model_classes = (SwinTransformer,)
@@ -188,15 +187,6 @@ class Swin(Family):
 
     def stem(self, model: nn.Module, images: Tensor) -> Tensor:
         return model.patch_embed(images)
-
-    def to_nchw(self, model: nn.Module, index: int, x: Tensor) -> Tensor:
-        return x.permute(0, 3, 1, 2)
-
-    def from_nchw(self, model: nn.Module, index: int, feature_map: Tensor) -> Tensor:
-        return feature_map.permute(0, 2, 3, 1)
-
-    def tokens_of(self, model: nn.Module, index: int, x: Tensor) -> tuple[Tensor, TokenLayout]:
-        return x.flatten(1, 2), TokenLayout(x.shape[1:3])
 
     def grid_features(self, model: nn.Module, x: Tensor) -> Tensor:
         return model.norm(x)
