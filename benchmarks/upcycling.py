@@ -33,9 +33,11 @@ def hafa_command() -> str:
 
 
 def run(command: list[str], run_dir: str) -> dict:
-    """The command's result.json, running it unless a finished run is there."""
+    """The command's result.json, running it unless a finished run is there (an unfinished one is resumed)."""
     result_path = os.path.join(run_dir, "result.json")
     if not os.path.isfile(result_path):
+        if os.path.isfile(os.path.join(run_dir, "last.pth")):
+            command = [*command, "--resume"]
         print("$", " ".join(command), flush=True)
         subprocess.run(command, check=True)
     with open(result_path) as f:

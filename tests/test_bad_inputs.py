@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from hafa import HafaOptions
 from hafa.checkpoint import read_file, write_file
 from hafa.cli import main
 from hafa.errors import UserError, message_of
@@ -125,7 +126,7 @@ def test_extreme_images_are_drawn_and_segmented_at_a_bounded_size(tmp_path, caps
     shrunk, scale = shrink_to_draw(strip)
     assert shrunk.size == (DRAW_LONG_SIDE, 8)
     assert scale == pytest.approx(DRAW_LONG_SIDE / 5000)
-    args = segmenter_arguments("pvt_v2_b0", num_classes=3, hafa_options={}, drop_path_rate=0.0, dropout=0.0)
+    args = segmenter_arguments("pvt_v2_b0", num_classes=3, options=HafaOptions(), drop_path_rate=0.0, dropout=0.0)
     model: SemanticFPN = create_network("segmentation", "pvt_v2_b0", args).eval()
     with torch.no_grad():
         assert model(torch.rand(1, 3, 8, 300)).shape == (1, 3, 8, 300)  # padded up to what the backbone takes

@@ -15,6 +15,7 @@ import timm
 import torch
 from PIL import Image
 
+from hafa import HafaOptions
 from hafa.checkpoint import read_file
 from hafa.cli import main
 from hafa.data.coco import CocoInstances, collate_detection
@@ -117,7 +118,12 @@ def test_padding_mask_reaches_sia_as_tokens_outside_the_images():
 
 def small_detector(name: str) -> torch.nn.Module:
     args = detector_arguments(
-        name, num_classes=3, hafa_options={}, drop_path_rate=0.0, fpn_channels=32, rcnn=dict(min_size=72, max_size=120)
+        name,
+        num_classes=3,
+        options=HafaOptions(),
+        drop_path_rate=0.0,
+        fpn_channels=32,
+        rcnn=dict(min_size=72, max_size=120),
     )
     return create_network("detection", name, args)
 

@@ -30,7 +30,7 @@ from hafa.data.folder import ImageFolderDataset
 from hafa.data.mnist import prepare_mnist5k
 from hafa.layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
 from hafa.models import FAMILIES, HafaModel
-from hafa.models.families import mvitv2, tiny_vit
+from hafa.models.families import mvitv2
 
 NUM_CLASSES = 8
 LAA_ONLY = ("laa", "laa", "laa")
@@ -250,7 +250,7 @@ CASES = {
         timm_model("tiny_vit_5m_224", **TINY_VIT),
         "tiny_vit_5m_224",
         TINY_VIT,
-        laa_layer=tiny_vit.DepthwiseDeformableConv2d,
+        laa_layer=DeformableConv2d,
         left_out=r"stages\.3\.blocks\.\d+\.attn\.attention_biases",
     ),
     # gcvit_* fix the depths and heads; 96 px with these windows gives stage maps 24, 12, 6, 3, each a

@@ -15,9 +15,10 @@ ROWS = ["inception_next", "mambaout", "mambaout_rw", "focalnet", "focalnet_fl3",
 
 
 @pytest.mark.parametrize("name", ROWS)
-def test_sia_is_refused_where_no_stage_attends(name):
+def test_sia_is_refused_where_no_stage_attends_and_the_default_is_laa_three_times(name):
     with pytest.raises(ValueError, match=r"stage 4 has no attention \(its stages with attention: none\)"):
         hafa.convert(base_model(name), stage_aggregation=("laa", "laa", "sia"))
+    assert hafa.convert(base_model(name)).options.stage_aggregation == ("laa", "laa", "laa")
 
 
 def test_edgenext_small_rw_refuses_laa_where_a_block_downsamples():

@@ -3,6 +3,7 @@ import torch
 from torch import nn
 from torchvision.ops import deform_conv2d
 
+from hafa import HafaOptions
 from hafa.layers import LAA, SIA, ConvDownsample, pvt_block, spatial_reduction_attention
 from hafa.ops import TokenLayout
 
@@ -88,7 +89,7 @@ def test_laa_runs_under_bfloat16_autocast():
 )
 @pytest.mark.parametrize("cluster_qkv", [False, True])
 def test_sia_shapes(size, expected_map, cluster_qkv):
-    sia = SIA(32, 48, cluster_qkv=cluster_qkv)
+    sia = SIA(32, 48, options=HafaOptions(cluster_qkv=cluster_qkv))
     H, W = size
     x = torch.randn(2, H * W, 32)
     out = sia(x, TokenLayout(size))
@@ -164,11 +165,20 @@ def test_sia_runs_under_bfloat16_autocast():
     assert torch.isfinite(out.queries.float()).all()
 
 
-def test_sia_rejects_bad_settings():
-    with pytest.raises(ValueError, match="cluster_ratio"):
-        SIA(8, 8, cluster_ratio=0)
+def test_hafa_options_reject_bad_settings_and_sia_takes_only_them():
+    with pytest.raises(ValueError, match="cluster_ratio must be a number > 0"):
+        HafaOptions(cluster_ratio=0)
     with pytest.raises(ValueError, match="knn_k"):
-        SIA(8, 8, knn_k=0)
+        HafaOptions.of({"knn_k": 0})
+    with pytest.raises(ValueError, match="recipe: unknown HAFA option 'ratio'"):
+        HafaOptions.of({"ratio": 0.5}, where="recipe")
+    with pytest.raises(ValueError, match="options must be a hafa.HafaOptions, got dict"):
+        SIA(8, 8, options={"knn_k": 3})
+    options = HafaOptions(stage_aggregation=["laa", "conv", "sia"], cluster_ratio=0.5)
+    assert options.stage_aggregation == ("laa", "conv", "sia")
+    assert options.replace(knn_k=3) == HafaOptions.of(dict(options.keywords(), knn_k=3))
+    assert options.num_clusters(7) == 4
+    assert HafaOptions(cluster_ratio=0.01).num_clusters(7) == 1
 
 
 def test_attention_over_separate_keys_values_with_spatial_reduction():

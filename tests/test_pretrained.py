@@ -262,12 +262,12 @@ def test_from_baseline_tag_loads_the_hub_weights_in_baseline_mode(monkeypatch, c
     with caplog.at_level(logging.INFO, logger="hafa.pretrained"):
         model = timm.create_model(f"{name}.in1k_from_baseline", pretrained=True).eval()
     assert asked == [hub_id]
-    assert model.laa_norm == "baseline"
+    assert model.options.laa_norm == "baseline"
     assert "new layers" in caplog.text
     assert "offset" in caplog.text
     _assert_first_stages_equal(reference, model)
     # and the untagged name is the paper's network, without weights
-    assert timm.create_model(name).laa_norm == "batch"
+    assert timm.create_model(name).options.laa_norm == "batch"
 
 
 def test_pvt_v1_tag_loads_the_official_release_file(monkeypatch):

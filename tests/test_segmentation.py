@@ -15,6 +15,7 @@ import timm
 import torch
 from PIL import Image
 
+from hafa import HafaOptions
 from hafa.cli import main
 from hafa.data.segmentation import (
     IGNORE_INDEX,
@@ -111,7 +112,7 @@ def folder_args(root):
 
 
 def semantic_fpn(name: str, num_classes: int) -> torch.nn.Module:
-    args = segmenter_arguments(name, num_classes=num_classes, hafa_options={}, drop_path_rate=0.0, dropout=0.1)
+    args = segmenter_arguments(name, num_classes=num_classes, options=HafaOptions(), drop_path_rate=0.0, dropout=0.1)
     return create_network("segmentation", name, args)
 
 

@@ -15,8 +15,8 @@ import torch
 
 import hafa
 from hafa.cli import COMMANDS, CommandParser, _load, main
-from hafa.layers import LAA, SIA, DeformableConv2d, LAAPatchMerging
-from hafa.models._base import HAFA_OPTIONS, MODEL_ARGUMENTS
+from hafa.layers import LAA, SIA, DeformableConv2d, HafaOptions, LAAPatchMerging
+from hafa.models.common import MODEL_ARGUMENTS
 from hafa.ops import TokenLayout, cluster_dpc_knn, map2token, merge_tokens, token2map
 from hafa.spec import CheckedOption, Choice, Flag, Number, RecipeSpec, Relation, SettingError, Text, Values, Whole
 from hafa.tasks.job import TRAIN_STATE
@@ -184,7 +184,7 @@ def test_fuzz_every_checked_option_of_every_command(command, tmp_path, capsys):
 def test_fuzz_the_model_constructors_arguments(name):
     rng = random.Random(name)
     values = [math.nan, math.inf, -1, 0, 2.5, 1e9, "abc", True, [1, 2]]
-    settings = {**HAFA_OPTIONS, **{k: v for k, v in MODEL_ARGUMENTS.items() if k != "in_chans"}}
+    settings = {**HafaOptions.SETTINGS, **{k: v for k, v in MODEL_ARGUMENTS.items() if k != "in_chans"}}
     with torch.device("meta"):
         for argument, setting in settings.items():
             for value in rng.sample(values, 5):
@@ -328,7 +328,7 @@ def test_sia_checks_its_arguments_and_its_layout():
     with pytest.raises(ValueError, match="SIA in_dim must be a whole number >= 1, not 0"):
         SIA(in_dim=0, out_dim=16)
     with pytest.raises(ValueError, match="cluster_qkv must be true or false, not 'yes'"):
-        SIA(in_dim=8, out_dim=16, cluster_qkv="yes")
+        SIA(in_dim=8, out_dim=16, options=HafaOptions(cluster_qkv="yes"))
     sia = SIA(in_dim=8, out_dim=16)
     x = torch.randn(1, 64, 8)
     with pytest.raises(ValueError, match=r"SIA: layout must be a hafa.ops.TokenLayout .* got tuple \(8, 8\)"):

@@ -4,7 +4,6 @@ from .attention import Attention, Block, DepthwiseConvMlp, pvt_block, spatial_re
 from .laa import (
     LAA,
     LAA_LAYERS,
-    LAA_NORMS,
     ConvDownsample,
     DeformableConv2d,
     LAAPatchMerging,
@@ -14,9 +13,14 @@ from .laa import (
     deformable_samples,
     sampling_positions,
 )
+from .options import AGGREGATIONS, BASELINE_AGGREGATION, HAFA_AGGREGATION, LAA_NORMS, HafaOptions
 from .sia import SIA, SIAOutput
 
 __all__ = [
+    "HafaOptions",
+    "AGGREGATIONS",
+    "BASELINE_AGGREGATION",
+    "HAFA_AGGREGATION",
     "LAA",
     "LAA_LAYERS",
     "LAA_NORMS",

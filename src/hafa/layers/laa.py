@@ -18,6 +18,7 @@ from torch.nn.modules.utils import _pair
 
 from ..ops.constants import batch_offsets, shape_constant
 from ..ops.kernels import laa_columns, use_triton
+from .options import HafaOptions
 
 IntPair = int | tuple[int, int]
 
@@ -195,17 +196,13 @@ def zero_offsets_(offset_predictor: nn.Conv2d) -> None:
     nn.init.zeros_(offset_predictor.bias)
 
 
-# "batch": BatchNorm2d and GELU after the deformable conv, as in the authors' code (the paper's network).
-# "baseline": the baseline downsampling's own norm, so that an LAA with zero offsets is that layer exactly.
-LAA_NORMS = ("batch", "baseline")
 # What LAA's BatchNorm2d can be, also after torch.nn.SyncBatchNorm.convert_sync_batchnorm.
 BATCH_NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
 
 def check_laa_norm(laa_norm: str) -> str:
-    if laa_norm not in LAA_NORMS:
-        raise ValueError(f"laa_norm must be one of {LAA_NORMS}, got {laa_norm!r}")
-    return laa_norm
+    """laa_norm, one of LAA_NORMS (see HafaOptions), or a ValueError naming it."""
+    return HafaOptions.SETTINGS["laa_norm"].check(laa_norm, "laa_norm")
 
 
 def batch_norm_act(x: Tensor, norm: nn.Module, act: nn.Module) -> Tensor:

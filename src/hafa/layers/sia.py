@@ -8,11 +8,10 @@ from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from ..ops import TokenLayout, cluster_dpc_knn, merge_tokens
-from ..spec import Flag, Number, Whole
+from ..spec import Whole
 from .attention import KeyValues
+from .options import HafaOptions
 
-CLUSTER_RATIO = Number(0.25, low=0, low_open=True, high=1, note="clusters per token")
-KNN_K = Whole(5, low=1, note="neighbours for the density")
 WIDTH = Whole(low=1)
 
 
@@ -48,13 +47,13 @@ class SIA(nn.Module):
        3x3/s2 conv; a converted model passes its family's own downsampling) and brought back to
        the tokens, plus a token-wise linear without bias (`skip`); normalise.
     2. Score each token's importance with a linear layer.
-    3. DPC-KNN into M = ceil(cluster_ratio * N) clusters (no gradient).
+    3. DPC-KNN into M = ceil(cluster_ratio * N) clusters (no gradient; options.cluster_ratio, knn_k).
     4. Merge each cluster, weighted by the softmax of its scores (Eq. 5): the queries.
     5. Keys/values keep the spatial layout (Eq. 6, the authors' implicit positional encoding): a
        token-wise linear to the new width without bias (`kv_proj`), a depthwise 5x5/s2 conv on the
        map (`kv_dwconv`), a 1x1 conv (`kv_pwconv`), plus the `proj` map of step 1, normalised by a
        LayerNorm of their own (`kv_norm`): the H/2 x W/2 grid as tokens.
-    cluster_qkv=True clusters queries, keys and values alike (paper Table 5, first row).
+    options.cluster_qkv clusters queries, keys and values alike (paper Table 5, first row).
     """
 
     def __init__(
@@ -62,9 +61,7 @@ class SIA(nn.Module):
         in_dim: int,
         out_dim: int,
         proj: nn.Module | None = None,
-        cluster_ratio: float = 0.25,
-        knn_k: int = 5,
-        cluster_qkv: bool = False,
+        options: HafaOptions = HafaOptions(),
         norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
         norm: nn.Module | None = None,
     ):
@@ -73,9 +70,9 @@ class SIA(nn.Module):
         super().__init__()
         WIDTH.check(in_dim, "SIA in_dim")
         WIDTH.check(out_dim, "SIA out_dim")
-        self.cluster_ratio = CLUSTER_RATIO.check(cluster_ratio, "cluster_ratio")
-        self.knn_k = KNN_K.check(knn_k, "knn_k")
-        self.cluster_qkv = Flag().check(cluster_qkv, "cluster_qkv")
+        if not isinstance(options, HafaOptions):
+            raise ValueError(f"SIA: options must be a hafa.HafaOptions, got {type(options).__name__}")
+        self.options = options
         # B x Cin x H x W -> B x Cout x ceil(H/2) x ceil(W/2)
         self.proj = proj if proj is not None else nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.skip = nn.Linear(in_dim, out_dim, bias=False)
@@ -83,7 +80,7 @@ class SIA(nn.Module):
         # No bias: the softmax inside each cluster ignores a constant shift, so a bias would get only
         # rounding noise as gradient (which Adam would then amplify).
         self.score = nn.Linear(out_dim, 1, bias=False)
-        if not cluster_qkv:
+        if not options.cluster_qkv:
             self.kv_proj = nn.Linear(in_dim, out_dim, bias=False)
             self.kv_dwconv = nn.Conv2d(out_dim, out_dim, kernel_size=5, stride=2, padding=2, groups=out_dim)
             self.kv_pwconv = nn.Conv2d(out_dim, out_dim, kernel_size=1)
@@ -91,13 +88,10 @@ class SIA(nn.Module):
         own_layers = [self.skip, self.score]
         if proj is None:
             own_layers.append(self.proj)
-        if not cluster_qkv:
+        if not options.cluster_qkv:
             own_layers += [self.kv_proj, self.kv_dwconv, self.kv_pwconv]
         for layer in own_layers:
             init_layer(layer)
-
-    def num_clusters(self, num_tokens: int) -> int:
-        return max(1, math.ceil(self.cluster_ratio * num_tokens))
 
     def forward(self, x: Tensor, layout: TokenLayout, mask: Tensor | None = None) -> SIAOutput:
         """x: B x N x Cin tokens with their layout (a TokenLayout: TokenLayout((H, W)) for a grid); mask:
@@ -115,12 +109,12 @@ class SIA(nn.Module):
         conv_map = self.proj(layout.to_map(x))
         tokens = self.norm(self.skip(x) + layout.to_tokens(conv_map))
         scores = self.score(tokens).squeeze(-1)
-        num_clusters = self.num_clusters(tokens.shape[1])
-        cluster_ids, _ = cluster_dpc_knn(tokens, num_clusters, self.knn_k, mask)
+        num_clusters = self.options.num_clusters(tokens.shape[1])
+        cluster_ids, _ = cluster_dpc_knn(tokens, num_clusters, self.options.knn_k, mask)
         queries = merge_tokens(tokens, cluster_ids, num_clusters, scores)
         new_layout = layout.compose(cluster_ids, num_clusters, conv_map.shape[-2:])
         kv = None
-        if not self.cluster_qkv:
+        if not self.options.cluster_qkv:
             kv_map = self.kv_pwconv(self.kv_dwconv(layout.to_map(self.kv_proj(x)))) + conv_map
             kv = (self.kv_norm(kv_map.flatten(2).transpose(1, 2)), TokenLayout(kv_map.shape[-2:]))
         return SIAOutput(queries, new_layout, kv, scores, cluster_ids)

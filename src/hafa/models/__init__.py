@@ -2,7 +2,7 @@
 every model of the supported families registered with timm as hafa_<name> on import."""
 
 from . import pvt, registry
-from ._base import freeze_batch_norm_statistics
+from .common import freeze_batch_norm_statistics
 from .convert import HafaModel, convert
 from .families import FAMILIES
 from .family import Family

@@ -19,8 +19,9 @@ from timm.models._features import FeatureDictNet, FeatureGetterNet, FeatureHookN
 from torch import Tensor, nn
 
 from ..checkpoint import LoadReport
+from ..layers import HafaOptions
 from ..ops import TokenLayout
-from ._base import HAFA_AGGREGATION, HAFA_OPTIONS, check_images, keep_sizes_static
+from .common import check_images, keep_sizes_static
 from .families import FAMILIES
 from .family import Family
 
@@ -79,9 +80,10 @@ def family_of(model: nn.Module) -> Family | None:
     return next((family for family in FAMILIES if isinstance(model, family.model_classes)), None)
 
 
-def check_stage_aggregation(family: Family, model: nn.Module, stage_aggregation: Sequence[str]) -> tuple:
-    """stage_aggregation as a tuple of 3 kinds, checked: "sia" only into a stage whose blocks attend."""
-    choice = tuple(HAFA_OPTIONS["stage_aggregation"].check(stage_aggregation, "stage_aggregation"))
+def check_stage_aggregation(family: Family, model: nn.Module, options: HafaOptions) -> tuple[str, str, str]:
+    """The transitions of `model` with `options`: theirs, else the family's default, "sia" only into a
+    stage whose blocks attend."""
+    choice = options.stage_aggregation or family.default_stage_aggregation(model)
     attending = family.attention_stages(model)
     for index, kind in enumerate(choice, start=1):
         if kind == "sia" and index not in attending:
@@ -104,19 +106,13 @@ class HafaModel(nn.Module):
     positions of a map (its global_pool: 'avg', 'max', ...; '' gives a prediction per token).
     """
 
-    def __init__(
-        self,
-        *,
-        model: nn.Module,
-        stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
-        cluster_ratio: float = 0.25,
-        knn_k: int = 5,
-        cluster_qkv: bool = False,
-        laa_norm: str = "batch",
-    ):
+    def __init__(self, *, model: nn.Module, options: HafaOptions = HafaOptions()):
         """model: the model to convert (its layers are taken over, not copied: see `convert`). Every layer
-        keeps its training mode; a new one (LAA's offsets, SIA) takes the mode of the part it sits in."""
+        keeps its training mode; a new one (LAA's offsets, SIA) takes the mode of the part it sits in.
+        self.options: `options` with the transitions chosen (the family's default where they were None)."""
         check_convertible(model)
+        if not isinstance(options, HafaOptions):
+            raise ValueError(f"HafaModel: options must be a hafa.HafaOptions, got {type(options).__name__}")
         super().__init__()
         family = family_of(model)
         if family is None:
@@ -125,13 +121,7 @@ class HafaModel(nn.Module):
                 f"hafa.convert takes models of these families: {names}; {type(model).__name__} is none of them"
             )
         modes = {id(module): (module, module.training) for module in model.modules()}
-        self.stage_aggregation = check_stage_aggregation(family, model, stage_aggregation)
-        self.laa_norm = HAFA_OPTIONS["laa_norm"].check(laa_norm, "laa_norm")
-        self.sia_args = dict(
-            cluster_ratio=HAFA_OPTIONS["cluster_ratio"].check(cluster_ratio, "cluster_ratio"),
-            knn_k=HAFA_OPTIONS["knn_k"].check(knn_k, "knn_k"),
-            cluster_qkv=HAFA_OPTIONS["cluster_qkv"].check(cluster_qkv, "cluster_qkv"),
-        )
+        self.options = options.replace(stage_aggregation=check_stage_aggregation(family, model, options))
         self.family = family
         self.base_class = type(model)
         for name, child in model.named_children():
@@ -149,9 +139,9 @@ class HafaModel(nn.Module):
         family.prepare(self, self.stage_aggregation)
         for index, kind in enumerate(self.stage_aggregation, start=1):
             if kind == "laa":
-                family.convert_laa(self, index, self.laa_norm)
+                family.convert_laa(self, index, self.options.laa_norm)
             elif kind == "sia":
-                family.convert_sia(self, index, self.sia_args)
+                family.convert_sia(self, index, self.options)
         if self._clustered(self._num_stages() - 1):
             family.check_token_pool(getattr(self, "global_pool", ""))
         if len(dtypes) == 1:  # the new layers (offsets, BatchNorms, SIA's) in the model's precision
@@ -160,16 +150,8 @@ class HafaModel(nn.Module):
         keep_modes(self, modes)
 
     @property
-    def cluster_ratio(self) -> float:
-        return self.sia_args["cluster_ratio"]
-
-    @property
-    def knn_k(self) -> int:
-        return self.sia_args["knn_k"]
-
-    @property
-    def cluster_qkv(self) -> bool:
-        return self.sia_args["cluster_qkv"]
+    def stage_aggregation(self) -> tuple[str, str, str]:
+        return self.options.stage_aggregation
 
     def _clustered(self, index: int) -> bool:
         """Whether stage `index` starts with SIA."""
@@ -310,7 +292,7 @@ def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadRe
     kept = {_storage(t) for t in before.values()}
     after = converted.state_dict()
     used = {_storage(t) for t in after.values()}
-    laa_norm = converted.laa_norm if "laa" in converted.stage_aggregation else None
+    laa_norm = converted.options.laa_norm if "laa" in converted.stage_aggregation else None
     return LoadReport(
         copied=[name for name, t in after.items() if _storage(t) in kept],
         newly_initialised=[name for name, t in after.items() if _storage(t) not in kept],
@@ -324,34 +306,24 @@ def conversion_report(before: dict[str, Tensor], converted: HafaModel) -> LoadRe
     )
 
 
-def convert(
-    model: nn.Module,
-    *,
-    stage_aggregation: Sequence[str] = HAFA_AGGREGATION,
-    cluster_ratio: float = 0.25,
-    knn_k: int = 5,
-    cluster_qkv: bool = False,
-    laa_norm: str = "batch",
-) -> HafaModel:
+def convert(model: nn.Module, options: HafaOptions | None = None, **keywords) -> HafaModel:
     """The HAFA form of `model` (of a family in hafa.models.FAMILIES: timm's pvt_v2, swin, swinv2, twins,
-    caformer / convformer / poolformerv2, convnext, or our PVT v1), a new module that keeps every weight
+    caformer / convformer / poolformerv2, convnext, ... or our PVT v1), a new module that keeps every weight
     `model` has: LAA takes each chosen transition's own strided conv (its offsets start at zero;
     laa_norm="baseline" keeps the transition's own norm, so that with no SIA the model computes `model`
     exactly before training), SIA projects with the family's own downsampling. `model` itself is left as
     it was (the new module holds copies of its layers). What was kept, made new and left out is the
     result's `conversion_report` (a hafa.LoadReport, as hafa.load_pretrained returns). Each layer keeps
     its training mode (a head in eval mode stays so); the new layers take the mode of the part they sit
-    in."""
+    in.
+
+    options: a hafa.HafaOptions; keywords: its fields (stage_aggregation, cluster_ratio, knn_k,
+    cluster_qkv, laa_norm) over it. The transitions default to the family's: LAA, LAA, SIA where the
+    last stage attends, else LAA three times."""
     check_convertible(model)
+    options = HafaOptions.of(options, **keywords)
     copied = copy.deepcopy(model)
     before = copied.state_dict()
-    converted = HafaModel(
-        model=copied,
-        stage_aggregation=stage_aggregation,
-        cluster_ratio=cluster_ratio,
-        knn_k=knn_k,
-        cluster_qkv=cluster_qkv,
-        laa_norm=laa_norm,
-    )
+    converted = HafaModel(model=copied, options=options)
     converted.conversion_report = conversion_report(before, converted)
     return converted

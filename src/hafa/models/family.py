@@ -15,10 +15,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ..layers import SIA, Attention
+from ..layers import HAFA_AGGREGATION, SIA, Attention, HafaOptions
 from ..layers.attention import KeyValues
 from ..ops import TokenLayout
-from ._base import HAFA_AGGREGATION, padding_tokens
+from .common import padding_tokens
 
 
 class Family:
@@ -117,7 +117,7 @@ class Family:
         """Replace transition `index` (1-3) by its LAA form, with the transition's contract."""
         raise NotImplementedError
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         """Replace stage `index` (1-3) by one that starts with SIA (projecting with the family's own
         downsampling) and whose blocks run on merged tokens."""
         raise NotImplementedError

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import ConvDownsample, pvt_block
 from ..ops import TokenLayout
-from ._base import MODEL_ARGUMENTS, check_images, hafa_cfg
+from .common import MODEL_ARGUMENTS, check_images, hafa_cfg
 
 __all__ = ["PyramidVisionTransformer"]
 

@@ -4,13 +4,15 @@ command take it, and `--baseline` pairs it with `<name>`. Each takes its family'
 (Family.default_stage_aggregation: LAA, LAA, SIA where the last stage attends, else LAA three times)."""
 
 import sys
-from functools import partial
+from functools import cache, partial
 
+import torch
 from timm.models import build_model_with_cfg, generate_default_cfgs, get_pretrained_cfg, register_model
 from timm.models._builder import resolve_pretrained_cfg
 
+from ..layers import HafaOptions
 from ..pretrained import checkpoint_filter_fn
-from ._base import FROM_BASELINE_TAG, HAFA_OPTIONS, MODEL_ARGUMENTS, hafa_cfgs
+from .common import FROM_BASELINE_TAG, MODEL_ARGUMENTS, hafa_cfgs
 from .convert import HafaModel
 from .families import FAMILIES
 
@@ -38,12 +40,20 @@ def _cfgs(name: str) -> dict:
 default_cfgs = generate_default_cfgs({tagged: cfg for name in BASELINE.values() for tagged, cfg in _cfgs(name).items()})
 
 
-def _converted(base_name: str, hafa_options: dict, **kwargs) -> HafaModel:
+def _converted(base_name: str, options: HafaOptions, **kwargs) -> HafaModel:
     """hafa_<base_name>: the base (any input size) converted with the HAFA options."""
+    return HafaModel(model=_FAMILY_OF_NAME[base_name].create(base_name, **kwargs), options=options)
+
+
+@cache
+def default_stage_aggregation(name: str) -> tuple[str, str, str]:
+    """The transitions HAFA model `name` takes by default: its family's rule on its base model (built on
+    the meta device: no memory, no computation)."""
+    base_name = BASELINE[name]
     family = _FAMILY_OF_NAME[base_name]
-    base = family.create(base_name, **kwargs)
-    default = family.default_stage_aggregation(base)
-    return HafaModel(model=base, **{"stage_aggregation": default, **hafa_options})
+    with torch.device("meta"):
+        base = family.create(base_name)
+    return family.default_stage_aggregation(base)
 
 
 def create_hafa_model(variant: str, pretrained: bool = False, **kwargs) -> HafaModel:
@@ -51,17 +61,18 @@ def create_hafa_model(variant: str, pretrained: bool = False, **kwargs) -> HafaM
     features_only wrapper over forward_intermediates. The in1k_from_baseline tag loads the baseline's
     weights through hafa.pretrained and puts LAA in baseline mode (unless laa_norm is given), so that
     the model starts as the baseline whose weights it loads."""
-    hafa_options = {key: kwargs.pop(key) for key in list(kwargs) if key in HAFA_OPTIONS}
+    chosen = {key: kwargs.pop(key) for key in list(kwargs) if key in HafaOptions.SETTINGS}
     for key in MODEL_ARGUMENTS.keys() & kwargs.keys():  # timm's models take these unchecked
         MODEL_ARGUMENTS[key].check(kwargs[key], key)
     tag = kwargs.get("pretrained_cfg")
     if pretrained and not isinstance(tag, dict):
         tag = resolve_pretrained_cfg(variant, pretrained_cfg=tag).tag
     if tag == FROM_BASELINE_TAG:
-        hafa_options.setdefault("laa_norm", "baseline")
+        chosen.setdefault("laa_norm", "baseline")
+    options = HafaOptions.of(chosen)
     out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
     return build_model_with_cfg(
-        partial(_converted, variant.removeprefix("hafa_"), hafa_options),
+        partial(_converted, variant.removeprefix("hafa_"), options),
         variant,
         pretrained,
         pretrained_filter_fn=checkpoint_filter_fn,

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torchvision.ops import Conv2dNormActivation, FeaturePyramidNetwork
 
 from ..errors import UserError, unknown_name
-from ._base import SMALLEST_INPUT
+from .common import SMALLEST_INPUT
 
 PATCH_SIZE = 4
 

@@ -6,7 +6,7 @@ become (the recipe, the HAFA options, norm_eval)."""
 import argparse
 import os
 
-from ..models._base import HAFA_OPTIONS
+from ..layers import HafaOptions
 from ..spec import Device, OutputDir, RecipeSpec, add_setting
 from .run_settings import RUN_OPTIONS, load_recipe, override_recipe
 from .task import Task
@@ -66,18 +66,20 @@ def add_model_options(parser) -> None:
     add_setting(
         group,
         "--stage-aggregation",
-        setting=HAFA_OPTIONS["stage_aggregation"],
+        setting=HafaOptions.SETTINGS["stage_aggregation"],
         default=None,
         metavar=("T12", "T23", "T34"),
         help="'conv', 'laa' or 'sia' for the transitions 1->2, 2->3, 3->4",
     )
     group.add_argument("--cluster-qkv", action="store_true", help="cluster keys and values too (paper Table 5)")
-    add_setting(group, "--cluster-ratio", setting=HAFA_OPTIONS["cluster_ratio"], default=None, help="SIA's clusters")
-    add_setting(group, "--knn-k", setting=HAFA_OPTIONS["knn_k"], default=None, help="DPC-KNN's density")
+    add_setting(
+        group, "--cluster-ratio", setting=HafaOptions.SETTINGS["cluster_ratio"], default=None, help="SIA's clusters"
+    )
+    add_setting(group, "--knn-k", setting=HafaOptions.SETTINGS["knn_k"], default=None, help="DPC-KNN's density")
     add_setting(
         group,
         "--laa-norm",
-        setting=HAFA_OPTIONS["laa_norm"],
+        setting=HafaOptions.SETTINGS["laa_norm"],
         default=None,
         help="LAA's norm: BatchNorm as the authors (batch), or the baseline's own (the baseline at step 0)",
     )

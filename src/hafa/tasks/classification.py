@@ -20,6 +20,7 @@ from ..data.checks import check_image_folder
 from ..data.folder import ImageFolderDataset, collate_skipping, read_rgb
 from ..data.mnist import default_data_root, prepare_mnist5k
 from ..errors import UserError
+from ..layers import HafaOptions
 from ..pretrained import load_pretrained
 from ..spec import Whole, add_json_option, add_setting
 from .arguments import (
@@ -98,7 +99,7 @@ class Classification(Task):
         return classifier_arguments(
             settings.model,
             num_classes=len(data.classes),
-            hafa_options=settings.hafa_options,
+            options=settings.hafa,
             img_size=settings.recipe["img_size"],
             drop_path_rate=settings.recipe["drop_path"],
             drop_rate=settings.recipe["drop_rate"],
@@ -287,7 +288,7 @@ def _evaluate_checkpoint(args, processes: ProcessContext) -> dict:
         if num_classes != len(dataset.classes):
             raise UserError(f"--num-classes {num_classes}, but {data} has {len(dataset.classes)} classes")
         model = build_classifier_from_state_dict(
-            source, args.checkpoint, args.model, num_classes, hafa_options_of(args), recipe["img_size"]
+            source, args.checkpoint, args.model, num_classes, HafaOptions.of(hafa_options_of(args)), recipe["img_size"]
         )
         name = args.model
     model.to(processes.device)

@@ -25,7 +25,7 @@ from ..data.coco import CocoInstances, collate_detection, find_split
 from ..data.folder import read_rgb
 from ..data.scenes import prepare_scenes
 from ..errors import UserError
-from ..models._base import SMALLEST_INPUT
+from ..models.common import SMALLEST_INPUT
 from ..models.mask_rcnn import side_buckets
 from ..pretrained import load_pretrained
 from ..spec import Whole, add_json_option, add_setting
@@ -126,7 +126,7 @@ class Detection(Task):
         return detector_arguments(
             settings.model,
             num_classes=len(data.classes),
-            hafa_options=settings.hafa_options,
+            options=settings.hafa,
             drop_path_rate=recipe["drop_path"],
             fpn_channels=recipe["fpn_channels"],
             rcnn={k: recipe[k] for k in RCNN_OPTIONS},

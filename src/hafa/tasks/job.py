@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models.table import BASELINE
 from ..spec import Mapping, Number, SettingError, Whole, write_json
 from .arguments import DEMO_MODELS, hafa_options_of, recipe_from_args
-from .networks import backbone_arguments, backbone_of, build_model, create_network
+from .networks import backbone_of, build_model, check_hafa_options, create_network
 from .processes import ProcessContext, barrier, close_processes, init_processes
 from .run_log import setup_console_logging
 from .run_settings import RunSettings
@@ -110,7 +110,7 @@ def train_models(
     match) is found before the first one trains."""
     runs = [settings_for(name).check() for name in models]
     for settings in runs:
-        backbone_arguments(settings.model, settings.hafa_options)
+        check_hafa_options(settings.model, settings.hafa)
         check_run_dir(settings.run_dir, settings.resume)
         if settings.resume:
             check_resumable(settings)

@@ -14,17 +14,16 @@ from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint, CheckpointError, check_finite, load_exactly, names_shown
 from ..errors import UserError, unknown_name
-from ..models._base import HAFA_OPTIONS as MODEL_HAFA_OPTIONS
-from ..models._base import MODEL_ARGUMENTS
+from ..layers import HafaOptions
+from ..models.common import MODEL_ARGUMENTS
 from ..models.mask_rcnn import create_mask_rcnn
+from ..models.registry import default_stage_aggregation
 from ..models.semantic_fpn import create_semantic_fpn
 from ..models.table import BASELINE
 from ..pretrained import adapt_state_dict
 from ..spec import Flag, Mapping, Setting, SettingError, Whole, shown
 from .run_settings import DETECTION_RECIPE, MAX_CHANNELS, image_side
 
-# The HAFA constructor options a user may choose (a model takes those its constructor names).
-HAFA_OPTIONS = tuple(MODEL_HAFA_OPTIONS)
 # torchvision MaskRCNN settings a recipe may set (the image sizes, proposals and sampled RoIs).
 RCNN_OPTIONS = (
     "min_size",
@@ -101,35 +100,40 @@ def constructor_parameters(name: str) -> frozenset[str]:
     return frozenset(inspect.signature(constructor).parameters)
 
 
-def backbone_arguments(name: str, hafa_options: dict, **common) -> dict:
+def backbone_arguments(name: str, options: HafaOptions, **common) -> dict:
     """Complete timm keywords for `name`: the `common` ones its constructor takes (img_size,
     strict_img_size ... are left out where it does not; a HAFA model passes them to the model it
-    converts) and, for a HAFA model, every HAFA option, as chosen or else the model's own value.
-    HAFA options are ignored for baselines."""
+    converts) and, for a HAFA model, every HAFA option, its transitions resolved to its default where
+    `options` leaves them to it. HAFA options are ignored for baselines."""
     parameters = constructor_parameters(name)
     args = {key: value for key, value in common.items() if key in parameters}
     if name not in BASELINE:
         return args
-    resolved = _on_meta_device(name, **hafa_options)
-    for option in HAFA_OPTIONS:
-        value = hafa_options.get(option, getattr(resolved, option))
-        args[option] = list(value) if isinstance(value, tuple) else value
-    return args
+    if options.stage_aggregation is None:
+        options = options.replace(stage_aggregation=default_stage_aggregation(name))
+    return {**args, **options.keywords()}
 
 
-def sized_model(name: str, img_size: int, hafa_options: dict | None = None, **kwargs) -> nn.Module:
+def check_hafa_options(name: str, options: HafaOptions) -> None:
+    """A UserError unless timm's `name` can be built with `options` (e.g. SIA only before a stage that
+    attends), found on the meta device before any work."""
+    if name in BASELINE:
+        _on_meta_device(name, **backbone_arguments(name, options))
+
+
+def sized_model(name: str, img_size: int, options: HafaOptions = HafaOptions(), **kwargs) -> nn.Module:
     """timm's `name` built for img_size x img_size inputs where its constructor takes a size (Swin's
     windows are laid out for it: a baseline Swin refuses another size), with kwargs; what the
     measurements (bench, models, ablate) compare a HAFA model and its baseline on."""
-    return timm.create_model(name, **backbone_arguments(name, hafa_options or {}, img_size=img_size, **kwargs))
+    return timm.create_model(name, **backbone_arguments(name, options, img_size=img_size, **kwargs))
 
 
 def classifier_arguments(
-    name: str, *, num_classes: int, hafa_options: dict, img_size: int, drop_path_rate: float = 0.0, drop_rate=0.0
+    name: str, *, num_classes: int, options: HafaOptions, img_size: int, drop_path_rate: float = 0.0, drop_rate=0.0
 ) -> dict:
     return backbone_arguments(
         name,
-        hafa_options,
+        options,
         num_classes=num_classes,
         img_size=img_size,
         drop_path_rate=drop_path_rate,
@@ -138,18 +142,16 @@ def classifier_arguments(
 
 
 def segmenter_arguments(
-    name: str, *, num_classes: int, hafa_options: dict, drop_path_rate: float, dropout: float
+    name: str, *, num_classes: int, options: HafaOptions, drop_path_rate: float, dropout: float
 ) -> dict:
-    backbone = backbone_arguments(name, hafa_options, drop_path_rate=drop_path_rate, strict_img_size=False)
+    backbone = backbone_arguments(name, options, drop_path_rate=drop_path_rate, strict_img_size=False)
     return dict(num_classes=num_classes, backbone=backbone, dropout=dropout, fpn_channels=256, head_channels=128)
 
 
 def detector_arguments(
-    name: str, *, num_classes: int, hafa_options: dict, drop_path_rate: float, fpn_channels: int, rcnn: dict
+    name: str, *, num_classes: int, options: HafaOptions, drop_path_rate: float, fpn_channels: int, rcnn: dict
 ) -> dict:
-    backbone = backbone_arguments(
-        name, hafa_options, num_classes=0, drop_path_rate=drop_path_rate, strict_img_size=False
-    )
+    backbone = backbone_arguments(name, options, num_classes=0, drop_path_rate=drop_path_rate, strict_img_size=False)
     return dict(num_classes=num_classes, backbone=backbone, fpn_channels=fpn_channels, rcnn=dict(rcnn))
 
 
@@ -179,7 +181,7 @@ def _check_backbone_arguments(name: str, args: object, where: str, dense: bool) 
     if dense and "num_classes" in settings:
         settings["num_classes"] = DENSE_BACKBONE_CLASSES
     if name in BASELINE:
-        settings.update(MODEL_HAFA_OPTIONS)
+        settings.update(HafaOptions.SETTINGS)
     checked = _check_keywords(args, settings, where)
     try:
         _on_meta_device(name, **checked)
@@ -252,7 +254,7 @@ def build_classifier_from_state_dict(
     path: str,
     model_name: str | None,
     num_classes: int | None,
-    hafa_options: dict | None = None,
+    options: HafaOptions = HafaOptions(),
     img_size: int = 224,
 ) -> nn.Module:
     """A classifier for a plain state dict (timm or official names), which must hold all its weights:
@@ -262,7 +264,7 @@ def build_classifier_from_state_dict(
             f"{path} is a plain state dict: say which model it holds with --model and how many classes its "
             "classifier has with --num-classes"
         )
-    args = classifier_arguments(model_name, num_classes=num_classes, hafa_options=hafa_options or {}, img_size=img_size)
+    args = classifier_arguments(model_name, num_classes=num_classes, options=options, img_size=img_size)
     model = create_network("classification", model_name, args)
     adapted, report = adapt_state_dict(state_dict, model)
     problems = []

@@ -16,7 +16,8 @@ from timm.optim import list_optimizers
 
 from ..data.segmentation import IGNORE_INDEX
 from ..errors import UserError
-from ..models._base import HAFA_OPTIONS, SMALLEST_INPUT
+from ..layers import HafaOptions
+from ..models.common import SMALLEST_INPUT
 from ..spec import (
     Choice,
     Flag,
@@ -323,7 +324,7 @@ class RunSettings:
     recipe: dict[str, Any]
     run_dir: str
     resume: bool = False
-    hafa_options: dict[str, Any] = field(default_factory=dict)  # HAFA constructor options (ignored by baselines)
+    hafa_options: dict[str, Any] = field(default_factory=dict)  # the HAFA options chosen (ignored by baselines)
     amp: str = "none"
     workers: int = 2
     device: str | None = None
@@ -353,7 +354,8 @@ class RunSettings:
 
     def check(self: Settings, where: str | None = None) -> Settings:
         """Every setting allowed: the recipe (each key's type and range, and the rules between keys),
-        the run options and the HAFA options. -> self, with values in their settings' types. where:
+        the run options and the HAFA options. -> self, with values in their settings' types and `hafa`,
+        the HafaOptions that hafa_options make. where:
         what the messages name (settings read back from a file), else the command line's names."""
         prefix = "" if where is None else f"{where}."
         if where is None:
@@ -362,17 +364,7 @@ class RunSettings:
             self.recipe = self.RECIPE.check(self.recipe, f"{where}.recipe", name_relations=True)
         for name, setting in RUN_OPTIONS.items():
             setattr(self, name, setting.check(getattr(self, name), prefix + name))
-        options = "" if where is None else f"{where}.hafa_options"
-        unknown = sorted(set(self.hafa_options) - set(HAFA_OPTIONS))
-        if unknown:
-            raise SettingError(
-                f"{options + ': ' if options else ''}unknown HAFA options: {', '.join(unknown)} "
-                f"(known: {', '.join(HAFA_OPTIONS)})"
-            )
-        for name, value in self.hafa_options.items():
-            HAFA_OPTIONS[name].check(
-                list(value) if isinstance(value, tuple) else value, f"{options}.{name}".lstrip(".")
-            )
+        self.hafa = HafaOptions.of(self.hafa_options, where="" if where is None else f"{where}.hafa_options")
         return self
 
 

@@ -121,7 +121,7 @@ class Segmentation(Task):
         return segmenter_arguments(
             settings.model,
             num_classes=settings.num_classes,
-            hafa_options=settings.hafa_options,
+            options=settings.hafa,
             drop_path_rate=settings.recipe["drop_path"],
             dropout=settings.recipe["head_dropout"],
         )

@@ -32,7 +32,7 @@ from functools import partial
 import torch
 
 from ..errors import UserError, unknown_name
-from ..models._base import BASELINE_AGGREGATION
+from ..layers import BASELINE_AGGREGATION, HafaOptions
 from ..models.registry import BASE_NAMES, BASELINE
 from ..spec import Number, OutputDir, Values, Whole
 from ..tasks.arguments import DEMO_MODELS
@@ -276,7 +276,8 @@ def row_costs(model: str, rows: list[Row], img_size: int, device: torch.device, 
     options = {row.name: row.options for row in rows}
     options.setdefault(BASELINE_ROW, dict(stage_aggregation=list(BASELINE_AGGREGATION)))
     models = {
-        name: sized_model(model, img_size, chosen, num_classes=0).to(device).eval() for name, chosen in options.items()
+        name: sized_model(model, img_size, HafaOptions.of(chosen), num_classes=0).to(device).eval()
+        for name, chosen in options.items()
     }
     images = torch.randn(1, 3, img_size, img_size, device=device)
 

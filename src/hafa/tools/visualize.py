@@ -20,9 +20,9 @@ from PIL import Image
 
 from ..checkpoint import Checkpoint, check_model_options, check_task
 from ..errors import UserError, unknown_name
-from ..layers import LAA, SIA, DeformableConv2d, LAAPatchMerging, SIAOutput
+from ..layers import LAA, SIA, DeformableConv2d, HafaOptions, LAAPatchMerging, SIAOutput
 from ..layers.laa import sampling_positions
-from ..models._base import HAFA_OPTIONS, SMALLEST_INPUT
+from ..models.common import SMALLEST_INPUT
 from ..models.table import BASELINE
 from ..spec import OutputFile, Values, Whole, add_setting
 from ..tasks.networks import build_classifier_from_state_dict
@@ -54,7 +54,7 @@ def add_arguments(parser):
     add_setting(
         parser,
         "--cluster-ratio",
-        setting=HAFA_OPTIONS["cluster_ratio"],
+        setting=HafaOptions.SETTINGS["cluster_ratio"],
         default=None,
         help="SIA's clusters per token (default: the model's or the checkpoint's; it has no weights, so a "
         "checkpoint can be drawn at another ratio)",
@@ -240,7 +240,9 @@ def build_model(args) -> tuple[torch.nn.Module, str]:
         if args.cluster_ratio is None or trained is None or args.cluster_ratio == trained:
             return build_model_of(source), Path(args.checkpoint).name
         return build_model_of(source, options), f"{Path(args.checkpoint).name}, trained at cluster ratio {trained:g}"
-    model = build_classifier_from_state_dict(source, args.checkpoint, args.model, args.num_classes, options)
+    model = build_classifier_from_state_dict(
+        source, args.checkpoint, args.model, args.num_classes, HafaOptions.of(options)
+    )
     return model, Path(args.checkpoint).name
 
 
@@ -256,7 +258,7 @@ def run(args) -> int:
     model, weights = build_model(args)
     name = model.pretrained_cfg["architecture"]
     sia = [module for module in model.modules() if isinstance(module, SIA)]
-    cluster_ratio = sia[0].cluster_ratio if sia else 0.0
+    cluster_ratio = sia[0].options.cluster_ratio if sia else 0.0
     resized = image.resize((size[1], size[0]), Image.BICUBIC)
     pixels = np.asarray(resized, dtype=np.float32) / 255.0
     cfg = model.pretrained_cfg

@@ -24,7 +24,7 @@ import torch
 from timm.models.davit import ChannelBlock, DaVit, Downsample, SpatialBlock
 from torch import Tensor, nn
 
-from ...layers import SIA, Attention, DeformableConv2d
+from ...layers import SIA, Attention, DeformableConv2d, HafaOptions
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
 from ..family import ClusteredStage, Family, map_head_on_tokens, split_qkv, tokens_as_map
@@ -135,7 +135,7 @@ class DaViTFamily(Family):
         except ValueError as error:
             raise ValueError(f"davit's stages.{index}.downsample: {error}") from error
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         stage = model.stages[index]
         transition = downsample(model, index)
         first = next(iter(stage.blocks[0].children()))
@@ -146,7 +146,7 @@ class DaViTFamily(Family):
             )
         conv = transition.conv
         with torch.device(conv.weight.device):
-            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, **sia_args)
+            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, options=options)
         blocks = nn.ModuleList(clustered_dual_block(dual) for dual in stage.blocks)
         model.stages[index] = ClusteredStage(sia=sia, blocks=blocks)
 

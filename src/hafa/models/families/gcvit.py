@@ -28,7 +28,7 @@ from timm.models.gcvit import Downsample2d, GlobalContextVit, GlobalContextVitBl
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ...layers import SIA, DeformableConv2d
+from ...layers import SIA, DeformableConv2d, HafaOptions
 from ...layers.attention import KeyValues
 from ...ops import TokenLayout
 from ..family import Family, fused_qkv_attention, map_head_on_tokens, run_sia
@@ -161,11 +161,11 @@ class GCViTFamily(Family):
         if laa_norm == "batch":
             transition.norm2 = nn.Identity()
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         transition = downsample(model, index)
         conv = transition.reduction
         with torch.device(conv.weight.device):
-            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, **sia_args)
+            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, options=options)
         model.stages[index] = ClusteredStage(sia=sia, stage=model.stages[index])
 
 

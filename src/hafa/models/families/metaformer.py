@@ -17,7 +17,7 @@ import torch
 from timm.models import metaformer
 from torch import Tensor, nn
 
-from ...layers import SIA, Block, DeformableConv2d
+from ...layers import SIA, Block, DeformableConv2d, HafaOptions
 from ..family import ClusteredStage, Family, fused_qkv_attention
 
 
@@ -75,12 +75,12 @@ class MetaFormerFamily(Family):
         transition = downsampling(model, index)
         transition.conv = DeformableConv2d.from_conv(transition.conv, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         stage = model.stages[index]
         transition = downsampling(model, index)
         conv = transition.conv
         with torch.device(conv.weight.device):
-            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, **sia_args)
+            sia = SIA(in_dim=conv.in_channels, out_dim=conv.out_channels, proj=transition, options=options)
         blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
         model.stages[index] = ClusteredStage(sia=sia, blocks=blocks)
 

@@ -26,8 +26,6 @@ timm's normalised tokens. A model takes the square input size it was built for (
 its relative position tables for it). The class-token models are refused.
 """
 
-import math
-
 import timm
 import torch
 from timm.models import mvitv2
@@ -37,11 +35,11 @@ from torch.nn import functional as F
 from torch.nn.modules.utils import _pair
 from torch.utils.checkpoint import checkpoint
 
-from ...layers import DeformableConv2d
+from ...layers import DeformableConv2d, HafaOptions
 from ...layers.laa import check_geometry, check_laa_norm, check_map, deformable_columns, zero_offsets_
 from ...layers.sia import init_layer
 from ...ops import TokenLayout, cluster_dpc_knn, merge_tokens
-from .._base import padding_tokens
+from ..common import padding_tokens
 from ..family import ChannelsLastFamily
 
 CLASS_TOKEN = (
@@ -176,22 +174,19 @@ class ClusteringBlock(ClusteredBlock):
     """The transition block as SIA: its queries clustered, keys and values on the grid (module docstring).
     New layer: `score` (the importance of each token). -> (merged tokens B x M x dim_out, their layout)."""
 
-    def __init__(self, *, block: MultiScaleBlock, cluster_ratio: float, knn_k: int):
+    def __init__(self, *, block: MultiScaleBlock, options: HafaOptions):
         super().__init__(block=block)
         self.shortcut_pool_attn = block.shortcut_pool_attn
-        self.cluster_ratio, self.knn_k = cluster_ratio, knn_k
+        self.options = options
         self.score = nn.Linear(block.dim, 1, bias=False)  # no bias: a cluster's softmax ignores a shift
         init_layer(self.score)
-
-    def num_clusters(self, num_tokens: int) -> int:
-        return max(1, math.ceil(self.cluster_ratio * num_tokens))
 
     def forward(self, x: Tensor, layout: TokenLayout, mask: Tensor | None = None) -> tuple[Tensor, TokenLayout]:
         """x: B x N x C tokens with their layout; mask: B x N, True for padding (never a centre)."""
         x_norm = self.norm1(x)
         shortcut = x if self.shortcut_proj_attn is None else self.shortcut_proj_attn(x_norm)
-        num_clusters = self.num_clusters(x.shape[1])
-        cluster_ids, _ = cluster_dpc_knn(x_norm, num_clusters, self.knn_k, mask)
+        num_clusters = self.options.num_clusters(x.shape[1])
+        cluster_ids, _ = cluster_dpc_knn(x_norm, num_clusters, self.options.knn_k, mask)
         q, k, v = self.attn.project(x_norm, layout)
         pooled_q = self.attn.pool_queries(layout, q)
         pooled_shortcut = layout.to_tokens(self.shortcut_pool_attn(layout.to_map(shortcut)))
@@ -293,8 +288,8 @@ class MViTv2(ChannelsLastFamily):
                 block.shortcut_pool_attn, channels=channels, laa_norm=laa_norm
             )
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
-        if sia_args["cluster_qkv"]:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
+        if options.cluster_qkv:
             raise ValueError(
                 "cluster_qkv=True: mvitv2's SIA clusters the queries only (its keys and values are pooled on the "
                 "grid inside the attention); use cluster_qkv=False"
@@ -302,7 +297,7 @@ class MViTv2(ChannelsLastFamily):
         stage = model.stages[index]
         first = self.pooling_block(model, index)
         with torch.device(first.norm1.weight.device):
-            clustering = ClusteringBlock(block=first, cluster_ratio=sia_args["cluster_ratio"], knn_k=sia_args["knn_k"])
+            clustering = ClusteringBlock(block=first, options=options)
         blocks = nn.ModuleList([clustering, *(ClusteredBlock(block=block) for block in stage.blocks[1:])])
         model.stages[index] = ClusteredStage(blocks=blocks)
 

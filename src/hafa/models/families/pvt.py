@@ -12,7 +12,7 @@ official HAFA code) load with their names as ours.
 import torch
 from torch import Tensor, nn
 
-from ...layers import LAA, SIA
+from ...layers import LAA, SIA, HafaOptions
 from ...ops import TokenLayout
 from ..family import ClusteredStage, Family
 from ..pvt import PyramidVisionTransformer
@@ -70,11 +70,11 @@ class Pvt(Family):
         stage = model.stages[index]
         stage.patch_embed = LAA.from_downsample(stage.patch_embed.proj, stage.patch_embed.norm, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         stage = model.stages[index]
         proj = stage.patch_embed.proj
         with torch.device(proj.weight.device):
-            sia = SIA(in_dim=proj.in_channels, out_dim=proj.out_channels, **sia_args)
+            sia = SIA(in_dim=proj.in_channels, out_dim=proj.out_channels, options=options)
         model.stages[index] = ClusteredStage(sia=sia, blocks=stage.blocks, transition_name="patch_embed")
 
     def checkpoint_names(self, state_dict: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ import torch
 from timm.models.pvt_v2 import PyramidVisionTransformerV2
 from torch import Tensor, nn
 
-from ...layers import LAA, SIA, Block, DepthwiseConvMlp
+from ...layers import LAA, SIA, Block, DepthwiseConvMlp, HafaOptions
 from ..family import ClusteredStage, Family, subsampled_attention
 
 # Inside the official HAFA's LAA (patch_embed2, patch_embed3: DeformablePatchMerging): the deformable conv
@@ -97,12 +97,16 @@ class PvtV2(Family):
         stage = model.stages[index]
         stage.downsample = LAA.from_downsample(stage.downsample.proj, stage.downsample.norm, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         stage = model.stages[index]
         proj = stage.downsample.proj
         with torch.device(proj.weight.device):
             sia = SIA(
-                in_dim=proj.in_channels, out_dim=proj.out_channels, proj=proj, norm=stage.downsample.norm, **sia_args
+                in_dim=proj.in_channels,
+                out_dim=proj.out_channels,
+                proj=proj,
+                norm=stage.downsample.norm,
+                options=options,
             )
         blocks = nn.ModuleList(clustered_block(block) for block in stage.blocks)
         model.stages[index] = ClusteredStage(sia=sia, blocks=blocks, norm=stage.norm)

@@ -20,7 +20,7 @@ from timm.layers import PatchEmbed
 from timm.models.swin_transformer import PatchMerging, SwinTransformer, SwinTransformerBlock
 from torch import Tensor, nn
 
-from ...layers import SIA, Block, LAAPatchMerging
+from ...layers import SIA, Block, HafaOptions, LAAPatchMerging
 from ...ops.constants import shape_constant
 from ..family import ChannelsLastFamily, ClusteredStage, adopt, fused_qkv_attention
 
@@ -209,11 +209,11 @@ class Swin(ChannelsLastFamily):
         stage = model.layers[index]
         stage.downsample = LAAPatchMerging.from_patch_merging(stage.downsample, laa_norm, norm_first=self.norm_first)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         stage = model.layers[index]
         merging = stage.downsample
         with torch.device(merging.reduction.weight.device):
-            sia = SIA(in_dim=merging.dim, out_dim=merging.out_dim, proj=self.merging_map(merging), **sia_args)
+            sia = SIA(in_dim=merging.dim, out_dim=merging.out_dim, proj=self.merging_map(merging), options=options)
         blocks = nn.ModuleList(self.clustered_block(block) for block in stage.blocks)
         model.layers[index] = ClusteredStage(sia=sia, blocks=blocks)
 

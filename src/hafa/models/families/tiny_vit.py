@@ -3,10 +3,10 @@
 Stage 1 is convolutions (MBConv blocks), stages 2-4 attend in windows. Transitions `stages.{1,2,3}.
 downsample`: PatchMerging, a 1x1 conv, a depthwise 3x3/s2/p1 conv `conv2.conv` and a 1x1 conv, each
 followed by BatchNorm (and GELU after the first two), NCHW in and out. Its LAA form reads the depthwise
-strided conv at learned offsets (DepthwiseDeformableConv2d, the conv's names); the BatchNorm and GELU
-after it stay in both LAA modes: they are the norm and activation laa_norm="batch" would add, and the
-model's own (so "baseline" is the model exactly). Stages take and give NCHW maps, so the Family
-defaults run them.
+strided conv at learned offsets (hafa.layers.DeformableConv2d, the conv's names, always in its
+"baseline" mode); the BatchNorm and GELU after it stay in both LAA modes: they are the norm and
+activation laa_norm="batch" would add, and the model's own (so the conversion is the model exactly).
+Stages take and give NCHW maps, so the Family defaults run them.
 
 SIA projects with the whole PatchMerging, map to map, and normalises the merged tokens with a
 LayerNorm of its own. After SIA each block keeps its layers: its windowed attention (a LayerNorm inside,
@@ -24,49 +24,10 @@ from timm.models.tiny_vit import PatchMerging, TinyVit, TinyVitBlock
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from ...layers import SIA
+from ...layers import SIA, DeformableConv2d, HafaOptions
 from ...layers.attention import KeyValues
-from ...layers.laa import check_laa_norm, deformable_columns, offset_predictor, zero_offsets_
 from ...ops import TokenLayout
 from ..family import ClusteredStage, Family, map_head_on_tokens, run_blocks, run_sia
-
-
-class DepthwiseDeformableConv2d(nn.Conv2d):
-    """A depthwise strided conv read at learned offsets (zero at start), the same for every channel of
-    an output position: the LAA form of TinyViT's depthwise downsampling conv, keeping its names (weight,
-    bias; the offset predictor is `offset`). B x C x H x W -> B x C x Ho x Wo."""
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, laa_norm: str) -> "DepthwiseDeformableConv2d":
-        """conv's deformable form, holding conv's own weight and bias tensors. laa_norm is recorded only:
-        the norm after the conv is the model's in both modes."""
-        if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels or conv.dilation != (1, 1):
-            raise ValueError(f"DepthwiseDeformableConv2d takes a depthwise conv without dilation, not {conv}")
-        geometry = dict(kernel_size=conv.kernel_size, stride=conv.stride, padding=conv.padding)
-        with torch.device("meta"):
-            deformable = cls(
-                conv.in_channels, conv.out_channels, groups=conv.groups, bias=conv.bias is not None, **geometry
-            )
-        deformable.weight, deformable.bias = conv.weight, conv.bias
-        deformable.offset = offset_predictor(conv)
-        deformable.laa_norm = check_laa_norm(laa_norm)
-        return deformable
-
-    def reset_offsets(self) -> None:
-        zero_offsets_(self.offset)
-
-    def sampling_geometry(self) -> tuple[tuple, tuple, tuple]:
-        return self.kernel_size, self.stride, self.padding
-
-    def forward(self, x: Tensor, return_offsets: bool = False):
-        offsets = self.offset(x)
-        B, Ho, Wo = x.shape[0], offsets.shape[2], offsets.shape[3]
-        columns = deformable_columns(x, offsets, self.kernel_size, self.stride, self.padding)  # B x HoWo x K x C
-        out = (columns * self.weight.flatten(1).t()).sum(2)
-        if self.bias is not None:
-            out = out + self.bias
-        out = out.transpose(1, 2).reshape(B, -1, Ho, Wo)
-        return (out, offsets) if return_offsets else out
 
 
 class GlobalAttention(nn.Module):
@@ -152,14 +113,14 @@ class TinyViTFamily(Family):
 
     def convert_laa(self, model: nn.Module, index: int, laa_norm: str) -> None:
         merging = patch_merging(model, index)
-        merging.conv2.conv = DepthwiseDeformableConv2d.from_conv(merging.conv2.conv, laa_norm)
+        merging.conv2.conv = DeformableConv2d.from_conv(merging.conv2.conv, "baseline")  # its norm follows
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         stage = model.stages[index]
         merging = patch_merging(model, index)
         in_dim, out_dim = merging.conv1.conv.in_channels, merging.conv3.conv.out_channels
         with torch.device(merging.conv1.conv.weight.device):
-            sia = SIA(in_dim=in_dim, out_dim=out_dim, proj=merging, **sia_args)
+            sia = SIA(in_dim=in_dim, out_dim=out_dim, proj=merging, options=options)
         blocks = nn.ModuleList(ClusteredBlock(block=block) for block in stage.blocks)
         model.stages[index] = ClusteredStage(sia=sia, blocks=blocks)
 

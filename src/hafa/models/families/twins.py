@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.models.twins import GlobalSubSampleAttn, Twins
 from torch import Tensor, nn
 
-from ...layers import LAA, SIA, Attention, Block
+from ...layers import LAA, SIA, Attention, Block, HafaOptions
 from ...ops import TokenLayout
 from ..family import Family, fused_qkv_attention, run_blocks, run_sia, subsampled_attention
 
@@ -132,11 +132,11 @@ class TwinsFamily(Family):
         embed = model.patch_embeds[index]
         model.patch_embeds[index] = LAA.from_downsample(embed.proj, embed.norm, laa_norm)
 
-    def convert_sia(self, model: nn.Module, index: int, sia_args: dict) -> None:
+    def convert_sia(self, model: nn.Module, index: int, options: HafaOptions) -> None:
         embed = model.patch_embeds[index]
         proj = EvenPaddedConv2d.from_conv(embed.proj)
         with torch.device(proj.weight.device):
-            sia = SIA(in_dim=proj.in_channels, out_dim=proj.out_channels, proj=proj, norm=embed.norm, **sia_args)
+            sia = SIA(in_dim=proj.in_channels, out_dim=proj.out_channels, proj=proj, norm=embed.norm, options=options)
         model.patch_embeds[index] = sia
         model.blocks[index] = nn.ModuleList(clustered_block(block) for block in model.blocks[index])
         model.pos_block[index] = DictionaryPosConv(proj=model.pos_block[index].proj)

@@ -15,8 +15,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from ...layers import LAA, LAA_LAYERS, SIA, DeformableConv2d, LAAPatchMerging
-from ...models._base import BASELINE_AGGREGATION
+from ...layers import BASELINE_AGGREGATION, LAA, LAA_LAYERS, SIA, DeformableConv2d, LAAPatchMerging
 from ...ops import cluster_dpc_knn, clustering, map2token, merge, merge_tokens, token2map, token_map
 from .report import ratio
 from .timing import DETECTION_BATCH, BenchConfig, interleaved_timings, synchronize

@@ -1,30 +1,14 @@
-"""What the HAFA models share: the per-transition choices and the HAFA options with their ranges, the
-other constructor arguments' ranges, the input check, BatchNorm freezing, padding tokens, and the
-pretrained configs."""
+"""What the HAFA models share besides their options (hafa.layers.HafaOptions): the other constructor
+arguments' ranges, the input check, BatchNorm freezing, padding tokens, and the pretrained configs."""
 
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
-from ..layers import LAA_NORMS
 from ..layers.laa import BATCH_NORMS
-from ..layers.sia import CLUSTER_RATIO, KNN_K
 from ..ops import TokenLayout
-from ..spec import Choice, Flag, Number, Values, Whole
+from ..spec import Number, Whole
 
-AGGREGATIONS = ("conv", "laa", "sia")
-HAFA_AGGREGATION = ("laa", "laa", "sia")
-BASELINE_AGGREGATION = ("conv", "conv", "conv")
-# The HAFA options of every HAFA model: their types, ranges and defaults.
-HAFA_OPTIONS = {
-    "stage_aggregation": Values(
-        list(HAFA_AGGREGATION), item=Choice(choices=AGGREGATIONS), length=3, note="transitions 1->2, 2->3, 3->4"
-    ),
-    "cluster_ratio": CLUSTER_RATIO,
-    "knn_k": KNN_K,
-    "cluster_qkv": Flag(False),
-    "laa_norm": Choice("batch", choices=LAA_NORMS),
-}
 # The other constructor arguments every HAFA model checks.
 MODEL_ARGUMENTS = {
     "num_classes": Whole(1000, low=0, note="0: no classifier"),
