@@ -346,7 +346,8 @@ def _train_command(data, out, epochs):
     ]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+# SIGTERM's resume is also tested in the default suite by test_segmentation's resume after SIGTERM
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, marks=pytest.mark.slow), signal.SIGKILL])
 def test_resume_after_a_kill_is_exact(tmp_path, sig):
     data = write_dataset(tmp_path / "data", per_class=(12, 2))
     reference = subprocess.run(_train_command(data, tmp_path / "ref", 3), capture_output=True, text=True)
@@ -503,7 +504,10 @@ def _stop_at_compiled_call(monkeypatch, number: int) -> None:
     monkeypatch.setattr(SizedCompile, "__call__", call)
 
 
-@pytest.mark.parametrize(("stopped_call", "during"), [(3, "the third step"), (7, "the first evaluation")])
+@pytest.mark.parametrize(
+    ("stopped_call", "during"),
+    [pytest.param(3, "the third step", marks=pytest.mark.slow), (7, "the first evaluation")],  # the same path
+)
 def test_a_stop_while_compiling_saves_the_state_before_it_and_resumes_exactly(
     tmp_path, monkeypatch, stopped_call, during
 ):
