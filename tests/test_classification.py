@@ -1,5 +1,6 @@
 import csv
 import json
+import logging
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import timm
 import torch
 from PIL import Image
 
+from hafa.checkpoint import read_checkpoint_or_state_dict
 from hafa.cli import main
 from hafa.compiled import SizedCompile
 from hafa.errors import UserError
@@ -564,7 +566,7 @@ def test_compiled_eval_at_another_resolution_than_training_gives_eager_numbers(t
     assert results[1]["loss"] == pytest.approx(results[0]["loss"], rel=1e-5)
 
 
-def test_a_run_from_weights_logs_them_as_epoch_0_beside_the_source_model(tmp_path, capsys):
+def test_a_run_from_weights_logs_them_as_epoch_0_beside_the_source_model(tmp_path, capsys, caplog):
     data = write_dataset(tmp_path / "data")
     out = tmp_path / "runs"
     assert (
@@ -576,7 +578,8 @@ def test_a_run_from_weights_logs_them_as_epoch_0_beside_the_source_model(tmp_pat
     capsys.readouterr()
     again = tmp_path / "again"
     command = ["train", "--model", "pvt_v2_b0", "hafa_pvt_v2_b0", "--data", str(data), "--epochs", "1"]
-    assert main([*command, "--init-from", str(source), "--output", str(again), *QUICK]) == 0
+    with caplog.at_level(logging.INFO, logger="hafa"):
+        assert main([*command, "--init-from", str(source), "--output", str(again), *QUICK]) == 0
     printed = capsys.readouterr().out
     assert "| model | before training top-1 (%) | best val top-1 (%) |" in printed
     for name in ("pvt_v2_b0", "hafa_pvt_v2_b0"):
@@ -592,3 +595,8 @@ def test_a_run_from_weights_logs_them_as_epoch_0_beside_the_source_model(tmp_pat
     assert same["loss"] == pytest.approx(evaluated["loss"], rel=1e-5)
     # a run from scratch has no epoch 0
     assert [int(r["epoch"]) for r in read_log(out / "pvt_v2_b0")] == [1]
+    # from a baseline's weights LAA starts in baseline mode; --laa-norm still chooses
+    assert (
+        read_checkpoint_or_state_dict(str(again / "hafa_pvt_v2_b0" / "best.pth")).model_args["laa_norm"] == "baseline"
+    )
+    assert "hafa_pvt_v2_b0: LAA in 'baseline' mode, as the weights it starts from" in caplog.text

@@ -7,6 +7,7 @@ evaluation handed to the training loop (hafa.tasks.training). Both jobs run in o
 each of torchrun's.
 """
 
+import logging
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -32,6 +33,8 @@ from .sampling import EpochSampler
 from .saved import read_saved_or_state_dict
 from .task import Task
 from .training import Training, TrainState, plain_numbers, train
+
+_logger = logging.getLogger("hafa")
 
 # recipe settings that may change on --resume without breaking exactness
 RESUME_FREE = ("workers", "device", "keep", "compile", "epochs", "iterations")
@@ -64,7 +67,7 @@ def train_job(task: Task, args, processes: ProcessContext) -> int:
     data = task.prepare_data(chosen, processes, check_files=not args.skip_data_check)
 
     def settings_for(name: str) -> RunSettings:
-        return task.settings_class(
+        settings = task.settings_class(
             **data,
             model=name,
             recipe=recipe,
@@ -77,9 +80,30 @@ def train_job(task: Task, args, processes: ProcessContext) -> int:
             workers=args.workers,
             device=args.device,
         )
+        choose_laa_norm_for_the_start(task, settings)
+        return settings
 
     results = train_models(models, settings_for, partial(train_model, task), processes)
     return finish_training(results, processes, task.print_summary, args.continue_with)
+
+
+def choose_laa_norm_for_the_start(task: Task, settings: RunSettings) -> None:
+    """A HAFA model that starts from weights and whose --laa-norm is not given takes the LAA mode of
+    those weights: a hafa checkpoint's own, and "baseline" for a baseline's (a checkpoint, or a state
+    dict without LAA offsets): its transitions then start as the baseline's, the start that kept the
+    most in docs/upcycling.md's study. From scratch the default stays the paper's "batch"."""
+    start = task.starting_checkpoint(settings)
+    if start is None or settings.model not in BASELINE or "laa_norm" in settings.hafa_options:
+        return
+    source = read_saved_or_state_dict(start)
+    if isinstance(source, Checkpoint):
+        laa_norm = source.model_args.get("backbone", source.model_args).get("laa_norm", "baseline")
+    elif any(".offset." in name for name in source):
+        return  # a HAFA model's plain state dict does not say its LAA mode
+    else:
+        laa_norm = "baseline"
+    settings.hafa_options["laa_norm"] = laa_norm
+    _logger.info(f"{settings.model}: LAA in {laa_norm!r} mode, as the weights it starts from (--laa-norm to choose)")
 
 
 def prepare_on_main(prepare: Callable[[], str], processes: ProcessContext) -> str:
