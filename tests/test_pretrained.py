@@ -202,6 +202,24 @@ def test_backbone_of_any_tasks_checkpoint(tmp_path, prefix, extra):
         torch.testing.assert_close(model(x), trained(x))
 
 
+@pytest.mark.parametrize("name", ["pvt_v2_b0", "swin_tiny_patch4_window7_224"])
+def test_a_baseline_checkpoint_loads_into_timms_flattened_features_only_wrapper(tmp_path, name):
+    # seg-train --backbone-checkpoint with a baseline: timm's FeatureListNet names stages.0 as stages_0
+    torch.manual_seed(0)
+    trained = timm.create_model(name, num_classes=3).eval()
+    path = tmp_path / "baseline.pth"
+    torch.save(trained.state_dict(), path)
+    features = timm.create_model(name, features_only=True).eval()
+    assert isinstance(features, timm.models._features.FeatureDictNet)
+    report = hafa.load_pretrained(features, str(path), verbose=False)
+    assert not report.newly_initialised
+    assert all(n.startswith(("head.", "norm.")) for n in report.unused)  # the classifier, the final norm
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        for a, b in zip(features(x), trained.forward_intermediates(x, intermediates_only=True)):
+            torch.testing.assert_close(a if a.shape == b.shape else a.permute(0, 3, 1, 2), b)  # Swin's NHWC
+
+
 def test_features_only_model_as_the_target(tmp_path):
     torch.manual_seed(0)
     trained = timm.create_model("hafa_pvt_v2_b0").eval()

@@ -13,7 +13,7 @@ makes its names match the model (`backbone.model.`, `backbone.body.`, ...), not 
 import logging
 
 import torch
-from timm.models._features import FeatureGetterNet
+from timm.models._features import FeatureDictNet, FeatureGetterNet
 from torch import Tensor, nn
 
 from .checkpoint import CheckpointError, LoadReport, read_file, shorten, state_dict_of
@@ -78,12 +78,26 @@ def _same_up_to_unit_dims(a: torch.Size, b: torch.Size) -> bool:
     return strip(a) == strip(b)
 
 
+def _flattened_names(state_dict: dict[str, Tensor], wrapper: FeatureDictNet) -> dict[str, Tensor]:
+    """A checkpoint's names as timm's features_only FeatureListNet / FeatureDictNet has them: it names
+    the model's module 'stages.0' as its own child 'stages_0'."""
+    dotted = {child.replace("_", ".") + ".": child + "." for child, _ in wrapper.named_children() if "_" in child}
+
+    def renamed(key: str) -> str:
+        prefix = next((p for p in dotted if key.startswith(p)), None)
+        return key if prefix is None else dotted[prefix] + key[len(prefix) :]
+
+    return {renamed(key): value for key, value in state_dict.items()}
+
+
 def _normalise_names(state_dict: dict[str, Tensor], model: nn.Module, targets: dict) -> dict[str, Tensor]:
     """A checkpoint's names as the model has them: its family's (official layouts, the names its
     conversion gives), then a fused qkv split and a baseline's downsampling moved into SIA's projection."""
     family = family_of(model)
     if family is not None:
         state_dict = family.checkpoint_names(state_dict, targets)
+    if isinstance(model, FeatureDictNet):
+        state_dict = _flattened_names(state_dict, model)
     return _into_sia_projection(_split_fused_qkv(state_dict, targets), model, targets)
 
 
@@ -205,7 +219,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Tensor], model: nn.Module) -> dic
 def load_pretrained(model: nn.Module, path: str, verbose: bool = True) -> LoadReport:
     """Load a checkpoint file into `model` (weights_only, never unpickling code).
 
-    model: a HAFA or baseline network, or timm's features_only wrapper around a HAFA model. The file:
+    model: a HAFA or baseline network, or timm's features_only wrapper around one. The file:
     a timm or official state dict, or any `hafa` checkpoint (its backbone part for a dense task).
     Returns a LoadReport (copied / newly initialised / unused names, LAA mode). Raises CheckpointError
     when the file is missing or unreadable, CheckpointMismatchError when it belongs to another model.
