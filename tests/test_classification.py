@@ -600,3 +600,7 @@ def test_a_run_from_weights_logs_them_as_epoch_0_beside_the_source_model(tmp_pat
         read_checkpoint_or_state_dict(str(again / "hafa_pvt_v2_b0" / "best.pth")).model_args["laa_norm"] == "baseline"
     )
     assert "hafa_pvt_v2_b0: LAA in 'baseline' mode, as the weights it starts from" in caplog.text
+    # resuming it keeps that mode (--resume compares the saved HAFA options)
+    hafa_only = ["train", "--model", "hafa_pvt_v2_b0", "--data", str(data), "--init-from", str(source)]
+    assert main([*hafa_only, "--epochs", "2", "--output", str(again), "--resume", *QUICK]) == 0
+    assert [int(r["epoch"]) for r in read_log(again / "hafa_pvt_v2_b0")] == [0, 1, 2]

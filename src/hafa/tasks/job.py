@@ -91,9 +91,16 @@ def choose_laa_norm_for_the_start(task: Task, settings: RunSettings) -> None:
     """A HAFA model that starts from weights and whose --laa-norm is not given takes the LAA mode of
     those weights: a hafa checkpoint's own, and "baseline" for a baseline's (a checkpoint, or a state
     dict without LAA offsets): its transitions then start as the baseline's, the start that kept the
-    most in docs/upcycling.md's study. From scratch the default stays the paper's "batch"."""
+    most in docs/upcycling.md's study. From scratch the default stays the paper's "batch". A resumed
+    run keeps the mode it was started with (a run started before this rule recorded none)."""
     start = task.starting_checkpoint(settings)
     if start is None or settings.model not in BASELINE or "laa_norm" in settings.hafa_options:
+        return
+    last = os.path.join(settings.run_dir, "last.pth")
+    if settings.resume and os.path.isfile(last):
+        saved = read_saved_or_state_dict(last)
+        if isinstance(saved, Checkpoint) and "laa_norm" in saved.settings.get("hafa_options", {}):
+            settings.hafa_options["laa_norm"] = saved.settings["hafa_options"]["laa_norm"]
         return
     source = read_saved_or_state_dict(start)
     if isinstance(source, Checkpoint):
